@@ -1,0 +1,282 @@
+//! Training data: MNIST-style IDX files, CIFAR-10 binary batches and folders of images, held in memory
+//! as 8-bit pixels and turned into batches scaled to [-1, 1].
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use ddpm_core::NoiseRng;
+
+/// A dataset of equally sized images, kept as 8-bit pixels in (N, C, H, W) order.
+#[derive(Debug, Clone)]
+pub struct ImageSet {
+    /// Pixel values, image after image, each in C, H, W order.
+    pub pixels: Vec<u8>,
+    /// Number of images.
+    pub len: usize,
+    /// Channels per image (1 or 3).
+    pub channels: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Width in pixels.
+    pub width: usize,
+    /// Where the images came from, for messages.
+    pub source: String,
+}
+
+/// Which split of a named dataset to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The training images.
+    Train,
+    /// The held-out test images.
+    Test,
+}
+
+impl ImageSet {
+    /// Number of values in one image.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// The pixels of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.image_len();
+        &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// Images `indices` as an f32 (B, C, H, W) tensor on `device`, scaled from [0, 255] to [-1, 1]
+    /// (x = p / 127.5 - 1), each flipped left-right where `flips[k]` is true.
+    pub fn batch(&self, indices: &[usize], flips: &[bool], device: &Device) -> Result<Tensor> {
+        let (c, h, w) = (self.channels, self.height, self.width);
+        let mut out = Vec::with_capacity(indices.len() * self.image_len());
+        for (k, &i) in indices.iter().enumerate() {
+            let img = self.image(i);
+            let flip = flips.get(k).copied().unwrap_or(false);
+            for ch in 0..c {
+                for y in 0..h {
+                    let row = &img[(ch * h + y) * w..(ch * h + y + 1) * w];
+                    for x in 0..w {
+                        let p = if flip { row[w - 1 - x] } else { row[x] };
+                        out.push(p as f32 / 127.5 - 1.0);
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (indices.len(), c, h, w), device)?)
+    }
+
+    /// Keeps the first `n` images (all of them when `n` is larger).
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len {
+            self.len = n;
+            self.pixels.truncate(n * self.image_len());
+        }
+    }
+}
+
+/// A permutation of 0..n drawn from `rng` (Fisher-Yates).
+pub fn permutation(n: usize, rng: &mut NoiseRng) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// Reads a whole file, un-gzipping it when its name ends in `.gz`.
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: not a valid gzip file", path.display()))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parses an IDX image file (magic 0x00000803: unsigned bytes, 3 dimensions N, H, W).
+pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<ImageSet> {
+    let be = |o: usize| -> Result<usize> {
+        let b = bytes
+            .get(o..o + 4)
+            .with_context(|| format!("{}: truncated IDX header", path.display()))?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let magic = be(0)?;
+    if magic != 0x0803 {
+        bail!("{}: IDX magic is {magic:#010x}, expected 0x00000803 (u8 images, 3 dimensions)", path.display());
+    }
+    let (n, h, w) = (be(4)?, be(8)?, be(12)?);
+    let need = 16 + n * h * w;
+    if bytes.len() < need {
+        bail!("{}: truncated: header says {n} images of {h}x{w} ({need} bytes), file has {}", path.display(), bytes.len());
+    }
+    Ok(ImageSet {
+        pixels: bytes[16..need].to_vec(),
+        len: n,
+        channels: 1,
+        height: h,
+        width: w,
+        source: path.display().to_string(),
+    })
+}
+
+/// Finds the IDX image file of `split` in `dir` (`train-images-idx3-ubyte[.gz]` or `t10k-...`).
+fn find_idx(dir: &Path, split: Split) -> Option<PathBuf> {
+    let stem = match split {
+        Split::Train => "train-images-idx3-ubyte",
+        Split::Test => "t10k-images-idx3-ubyte",
+    };
+    [format!("{stem}.gz"), stem.to_string(), stem.replace("-idx3", ".idx3")]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}
+
+/// The CIFAR-10 binary batch files of `split` in `dir` (`data_batch_{1..5}.bin` or `test_batch.bin`,
+/// also inside a `cifar-10-batches-bin/` subfolder).
+fn find_cifar(dir: &Path, split: Split) -> Vec<PathBuf> {
+    let names: Vec<String> = match split {
+        Split::Train => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
+        Split::Test => vec!["test_batch.bin".into()],
+    };
+    for d in [dir.to_path_buf(), dir.join("cifar-10-batches-bin")] {
+        let files: Vec<PathBuf> = names.iter().map(|n| d.join(n)).filter(|p| p.is_file()).collect();
+        if !files.is_empty() {
+            return files;
+        }
+    }
+    Vec::new()
+}
+
+/// Reads CIFAR-10 binary batches: records of 1 label byte then 3x32x32 pixels in C, H, W order.
+pub fn load_cifar_batches(files: &[PathBuf]) -> Result<ImageSet> {
+    const REC: usize = 1 + 3 * 32 * 32;
+    let mut pixels = Vec::new();
+    for f in files {
+        let b = std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?;
+        if b.len() % REC != 0 {
+            bail!("{}: size {} is not a whole number of {REC}-byte CIFAR-10 records", f.display(), b.len());
+        }
+        for rec in b.chunks_exact(REC) {
+            pixels.extend_from_slice(&rec[1..]);
+        }
+    }
+    let len = pixels.len() / (REC - 1);
+    Ok(ImageSet { pixels, len, channels: 3, height: 32, width: 32, source: format!("{} CIFAR-10 batch file(s)", files.len()) })
+}
+
+/// Image file extensions that the `image` crate reads here.
+const IMAGE_EXTS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif", "tiff"];
+
+/// Loads every image under `dir` (recursively, in sorted order), converted to `channels` (1 or 3),
+/// resized so the short side is `size` and centre-cropped to `size` x `size`. Unreadable files are
+/// skipped with a warning and counted; a folder with no usable image is an error.
+pub fn load_image_folder(dir: &Path, size: usize, channels: usize) -> Result<ImageSet> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files)?;
+    files.sort();
+    let mut pixels = Vec::new();
+    let (mut ok, mut skipped) = (0usize, 0usize);
+    for f in files.iter().filter(|f| {
+        f.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTS.contains(&e.to_ascii_lowercase().as_str()))
+    }) {
+        match image::open(f) {
+            Ok(img) => {
+                pixels.extend(crate::imageio::to_chw(&img, size, channels));
+                ok += 1;
+            }
+            Err(e) => {
+                eprintln!("warning: skipping {}: {e}", f.display());
+                skipped += 1;
+            }
+        }
+    }
+    if skipped > 0 {
+        eprintln!("warning: {skipped} unreadable image file(s) skipped in {}", dir.display());
+    }
+    if ok == 0 {
+        bail!("{}: no usable image found (looked recursively for {})", dir.display(), IMAGE_EXTS.join(", "));
+    }
+    Ok(ImageSet { pixels, len: ok, channels, height: size, width: size, source: dir.display().to_string() })
+}
+
+/// Lists the files below `dir`, recursively.
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("{}: cannot list folder", dir.display()))?;
+    for e in entries {
+        let p = e.with_context(|| format!("{}: cannot list folder", dir.display()))?.path();
+        if p.is_dir() {
+            collect_files(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The folder that holds the project's shipped data: `./data` when it exists, else the `data/` of the
+/// source tree this binary was built from.
+pub fn data_root() -> PathBuf {
+    let local = PathBuf::from("data");
+    if local.is_dir() {
+        return local;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
+}
+
+/// Loads a dataset by name (`mnist`, `fashion-mnist`, `cifar10`, from `data/NAME/`) or by path (a folder
+/// of IDX files, CIFAR-10 binary batches or images). `size` and `channels` apply to image folders.
+pub fn load(spec: &str, split: Split, size: usize, channels: usize) -> Result<ImageSet> {
+    let named = matches!(spec, "mnist" | "fashion-mnist" | "cifar10");
+    let dir = if named { data_root().join(spec) } else { PathBuf::from(spec) };
+    if !dir.is_dir() {
+        if named {
+            bail!(
+                "dataset `{spec}`: folder {} not found; put the {spec} files there (IDX or CIFAR-10 binary) or pass --data PATH",
+                dir.display()
+            );
+        }
+        bail!("--data {spec}: no such folder (expected a dataset name: mnist, fashion-mnist, cifar10, or a folder of IDX files, CIFAR-10 batches or images)");
+    }
+    if let Some(f) = find_idx(&dir, split) {
+        return parse_idx_images(&read_maybe_gz(&f)?, &f);
+    }
+    let cifar = find_cifar(&dir, split);
+    if !cifar.is_empty() {
+        return load_cifar_batches(&cifar);
+    }
+    load_image_folder(&dir, size, channels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idx_roundtrip_and_errors() {
+        let mut b = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3];
+        b.extend([0u8, 255, 10, 20, 30, 40, 1, 2, 3, 4, 5, 6]);
+        let s = parse_idx_images(&b, Path::new("x.idx")).unwrap();
+        assert_eq!((s.len, s.height, s.width, s.channels), (2, 2, 3, 1));
+        let t = s.batch(&[0], &[true], &Device::Cpu).unwrap();
+        // Row 0 of image 0 is [0, 255, 10]; flipped it reads [10, 255, 0], scaled p / 127.5 - 1.
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!((v[0] - (10.0 / 127.5 - 1.0)).abs() < 1e-7 && v[1] == 1.0 && v[2] == -1.0);
+        let err = parse_idx_images(&b[..20], Path::new("x.idx")).unwrap_err().to_string();
+        assert!(err.contains("x.idx") && err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn permutation_is_a_permutation() {
+        let mut p = permutation(100, &mut NoiseRng::new(3));
+        p.sort();
+        assert_eq!(p, (0..100).collect::<Vec<_>>());
+    }
+}

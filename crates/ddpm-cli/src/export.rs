@@ -1,0 +1,76 @@
+//! `ddpm export`: a folder that diffusers loads as it is with `DDPMPipeline.from_pretrained(DIR)`:
+//! `model_index.json`, `unet/` (config.json, diffusion_pytorch_model.safetensors) and
+//! `scheduler/scheduler_config.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::checkpoint::{write_json, WEIGHTS_FILE};
+use crate::model::model_dir_of;
+
+/// Options of `ddpm export`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
+    /// A training checkpoint folder (its EMA weights are exported) or a model folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The pipeline folder to write; must not exist yet.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs `ddpm export`.
+pub fn run(a: ExportArgs) -> Result<()> {
+    export(&a.checkpoint, &a.out)?;
+    eprintln!("wrote {}: load it with DDPMPipeline.from_pretrained({:?})", a.out.display(), a.out.display().to_string());
+    Ok(())
+}
+
+/// Copies a model (checkpoint or model folder) into a diffusers pipeline folder at `out`, through a
+/// temporary folder renamed at the end.
+pub fn export(src: &Path, out: &Path) -> Result<()> {
+    let model = model_dir_of(src);
+    let config = model.join("config.json");
+    let weights = model.join(WEIGHTS_FILE);
+    for f in [&config, &weights] {
+        if !f.is_file() {
+            bail!("{}: missing; --checkpoint must be a training checkpoint or a model folder with config.json and {WEIGHTS_FILE}", f.display());
+        }
+    }
+    if out.exists() {
+        bail!("{}: already exists; choose a new --out folder", out.display());
+    }
+    // Check that the weights fit the config before writing anything.
+    ddpm_unet::load_dir(&model, &candle_core::Device::Cpu, candle_core::DType::F32)
+        .with_context(|| format!("{}: weights do not load", model.display()))?;
+    let sched = match model.join("scheduler_config.json") {
+        p if p.is_file() => ddpm_core::SchedulerConfig::from_file(&p)?,
+        _ => ddpm_core::SchedulerConfig::default(),
+    };
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "export".into());
+    let tmp = out.with_file_name(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = (|| -> Result<()> {
+        std::fs::create_dir_all(tmp.join("unet")).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        std::fs::create_dir_all(tmp.join("scheduler"))?;
+        write_json(
+            &tmp.join("model_index.json"),
+            &json!({
+                "_class_name": "DDPMPipeline",
+                "_diffusers_version": "0.42.1",
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "unet": ["diffusers", "UNet2DModel"]
+            }),
+        )?;
+        std::fs::copy(&config, tmp.join("unet/config.json")).with_context(|| format!("{}: cannot copy", config.display()))?;
+        std::fs::copy(&weights, tmp.join("unet").join(WEIGHTS_FILE)).with_context(|| format!("{}: cannot copy", weights.display()))?;
+        sched.to_file(tmp.join("scheduler/scheduler_config.json"))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot move into place", out.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}

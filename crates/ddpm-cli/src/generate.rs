@@ -1,0 +1,105 @@
+//! Running the reverse process for the commands: choosing a sampler, generating batches, and denoising
+//! from an intermediate step (interpolation).
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use ddpm_core::ddpm::{DdpmScheduler, StepOutput};
+use ddpm_core::sampling::{self, Sampler, Scheduler};
+use ddpm_core::{NoisePredictor, NoiseRng, NoiseSchedule, SchedulerConfig};
+
+/// The sampler a command uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplerKind {
+    /// Ancestral sampling of the DDPM paper (all T steps by default).
+    Ddpm,
+    /// DDIM (50 steps by default), deterministic with eta 0.
+    Ddim,
+}
+
+/// Builds the sampler: DDPM with `steps` (default all training steps) or DDIM with `steps` (default 50).
+pub fn make_sampler(kind: SamplerKind, config: &SchedulerConfig, steps: Option<usize>, eta: f64, device: &Device) -> Result<Sampler> {
+    if steps == Some(0) {
+        bail!("--steps 0: sampling needs at least one denoising step");
+    }
+    if let Some(n) = steps.filter(|&n| n > config.num_train_timesteps) {
+        bail!("--steps {n}: the model was trained with {} diffusion steps; use at most that many", config.num_train_timesteps);
+    }
+    Ok(match kind {
+        SamplerKind::Ddpm => Sampler::ddpm(config, steps, device)?,
+        SamplerKind::Ddim => Sampler::ddim(config, steps.unwrap_or(50), eta, device)?,
+    })
+}
+
+/// Generates one batch of `shape` from noise drawn from `rng`; `on_step(i, x)` sees the sample after
+/// each step i (progress, animation frames) and may fail.
+pub fn generate<P: NoisePredictor + ?Sized>(
+    model: &P,
+    sampler: &Sampler,
+    shape: impl Into<Shape>,
+    dtype: DType,
+    device: &Device,
+    rng: &mut NoiseRng,
+    mut on_step: impl FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let mut failure = None;
+    let x = sampling::sample_from_shape(model, sampler, shape, dtype, device, rng, |i, _t, x| {
+        if failure.is_none() {
+            if let Err(e) = on_step(i, x) {
+                failure = Some(e);
+            }
+        }
+    })?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(x),
+    }
+}
+
+/// A grid's worth of DDIM samples (eta 0, `steps` steps) from a fixed seed, so that the grids of one
+/// training run are comparable step to step.
+pub fn ddim_grid<P: NoisePredictor + ?Sized>(
+    model: &P,
+    config: &SchedulerConfig,
+    shape: impl Into<Shape>,
+    steps: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Tensor> {
+    let sampler = make_sampler(SamplerKind::Ddim, config, Some(steps.min(config.num_train_timesteps)), 0.0, device)?;
+    generate(model, &sampler, shape, DType::F32, device, &mut NoiseRng::new(seed), |_, _| Ok(()))
+}
+
+/// The ancestral sampler restricted to the timesteps t_start, t_start - 1, ..., 0.
+struct FromStep {
+    inner: DdpmScheduler,
+    timesteps: Vec<usize>,
+}
+
+impl Scheduler for FromStep {
+    fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+    fn step(&self, model_output: &Tensor, t: usize, sample: &Tensor, noise: Option<&Tensor>) -> ddpm_core::Result<StepOutput> {
+        self.inner.step(model_output, t, sample, noise)
+    }
+    fn step_with_rng(&self, model_output: &Tensor, t: usize, sample: &Tensor, rng: &mut NoiseRng) -> ddpm_core::Result<StepOutput> {
+        self.inner.step_with_rng(model_output, t, sample, rng)
+    }
+    fn schedule(&self) -> &NoiseSchedule {
+        self.inner.schedule()
+    }
+}
+
+/// Denoises `x_t` (already at step `t_start`) down to x_0 with every ancestral step t_start, ..., 0.
+pub fn denoise_from<P: NoisePredictor + ?Sized>(
+    model: &P,
+    config: &SchedulerConfig,
+    x_t: Tensor,
+    t_start: usize,
+    rng: &mut NoiseRng,
+    mut on_step: impl FnMut(),
+) -> Result<Tensor> {
+    let inner = DdpmScheduler::new(config, x_t.device())?;
+    let sched = FromStep { inner, timesteps: (0..=t_start).rev().collect() };
+    Ok(sampling::sample(model, &sched, x_t, rng, |_, _, _| on_step())?)
+}

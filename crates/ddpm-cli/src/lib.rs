@@ -1,0 +1,48 @@
+//! The `ddpm` command line: train, sample, interpolate, export, eval and bench, as a library so that the
+//! workspace tests can drive each command in process.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod imageio;
+pub mod init;
+pub mod interpolate;
+pub mod model;
+pub mod optim;
+pub mod progress;
+pub mod sample;
+pub mod train;
+
+/// The `ddpm` subcommands.
+#[derive(Debug, clap::Parser)]
+#[command(name = "ddpm", version, about = "Denoising diffusion probabilistic models on candle")]
+pub enum Cli {
+    /// Train a UNet on a dataset (MNIST from data/mnist by default).
+    Train(train::TrainArgs),
+    /// Generate images from a model folder, a training checkpoint or a Hub repo id.
+    Sample(sample::SampleArgs),
+    /// Interpolate between two images in the noisy space, as in the DDPM paper's section 4.3.
+    Interpolate(interpolate::InterpolateArgs),
+    /// Write a folder that diffusers loads with DDPMPipeline.from_pretrained.
+    Export(export::ExportArgs),
+    /// The variational bound (NLL in bits/dim) of a model on a dataset's test split.
+    Eval(eval::EvalArgs),
+    /// Training and inference throughput and peak memory, as the PyTorch peer prints them.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli {
+        Cli::Train(a) => train::run(a),
+        Cli::Sample(a) => sample::run(a),
+        Cli::Interpolate(a) => interpolate::run(a),
+        Cli::Export(a) => export::run(a),
+        Cli::Eval(a) => eval::run(a),
+        Cli::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,408 @@
+//! `ddpm train`: trains a UNet on a dataset with L_simple, AdamW, warm-up, gradient clipping and EMA,
+//! writing sample grids, checkpoints and `metrics.jsonl`, and resuming exactly where it stopped.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ddpm_core::{NoiseRng, NoiseSchedule, SchedulerConfig};
+use ddpm_unet::{UNet2DModel, UNetConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::data::{self, ImageSet, Split};
+use crate::device::{device_name, parse_device};
+use crate::optim::{clip_scale, ema_decay, ema_update, warmup_lr, AdamW, AdamWParams};
+use crate::{generate, imageio, init, progress};
+
+/// Options of `ddpm train`; saved in every checkpoint and compared on resume.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct TrainArgs {
+    /// Dataset: mnist, fashion-mnist, cifar10 (from data/NAME), or a folder of IDX files, CIFAR-10
+    /// binary batches or images.
+    #[arg(long, default_value = "mnist")]
+    pub data: String,
+    /// Use only the first N training images.
+    #[arg(long)]
+    pub max_images: Option<usize>,
+    /// UNet preset: mnist-small, labml or ddpm-cifar10.
+    #[arg(long, default_value = "mnist-small")]
+    pub preset: String,
+    /// A diffusers UNet2DModel config.json to use instead of a preset.
+    #[arg(long)]
+    pub unet_config: Option<PathBuf>,
+    /// A diffusers scheduler_config.json for the noise schedule (the flags below override its fields).
+    #[arg(long)]
+    pub scheduler_config: Option<PathBuf>,
+    /// Beta schedule: linear, scaled_linear, squaredcos_cap_v2 or sigmoid.
+    #[arg(long)]
+    pub beta_schedule: Option<String>,
+    /// Number of diffusion steps T.
+    #[arg(long)]
+    pub num_train_timesteps: Option<usize>,
+    /// beta_1 of the schedule.
+    #[arg(long)]
+    pub beta_start: Option<f64>,
+    /// beta_T of the schedule.
+    #[arg(long)]
+    pub beta_end: Option<f64>,
+    /// What the network predicts: epsilon, sample or v_prediction.
+    #[arg(long)]
+    pub prediction_type: Option<String>,
+    /// Variance of the reverse process used for sampling: fixed_small, fixed_large, ...
+    #[arg(long)]
+    pub variance_type: Option<String>,
+    /// Images per optimizer step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Peak learning rate (the paper's 2e-4).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Linear learning-rate warm-up steps (the paper uses 5000); default min(5000, steps / 10).
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Clip the global gradient norm to this value (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Largest EMA decay; the decay warms up as min(decay, (1 + k) / (10 + k)).
+    #[arg(long, default_value_t = 0.9999)]
+    pub ema_decay: f64,
+    /// Flip training images left-right at random (off for digits).
+    #[arg(long, default_value_t = false)]
+    pub random_flip: bool,
+    /// Total optimizer steps (default 4000, or what --epochs gives).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Train for this many passes over the data instead of --steps.
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<f64>,
+    /// Seed of the weights, the data order and the noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Parameter dtype; training supports f32.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    #[serde(skip)]
+    pub device: String,
+    /// Output folder (default runs/PRESET).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Save a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 500)]
+    pub save_every: u64,
+    /// Write a grid of EMA samples every N steps (0: only at the end).
+    #[arg(long, default_value_t = 1000)]
+    pub sample_every: u64,
+    /// Images in each sample grid.
+    #[arg(long, default_value_t = 16)]
+    pub num_samples: usize,
+    /// DDIM steps for the sample grids.
+    #[arg(long, default_value_t = 50)]
+    pub sample_steps: usize,
+    /// Keep only the newest N checkpoints (0 keeps all).
+    #[arg(long, default_value_t = 3)]
+    pub keep_last: usize,
+    /// Continue from a checkpoint folder, or `auto` for the newest one under --out.
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<String>,
+}
+
+/// Everything fixed at the start of a run.
+struct Setup {
+    unet_config: UNetConfig,
+    sched_config: SchedulerConfig,
+    total_steps: u64,
+    warmup: u64,
+    out: PathBuf,
+}
+
+/// Reads the UNet config from --unet-config or the preset.
+pub fn unet_config_from(args: &TrainArgs) -> Result<UNetConfig> {
+    match &args.unet_config {
+        Some(p) => Ok(UNetConfig::from_file(p)?),
+        None => Ok(ddpm_unet::presets::preset(&args.preset)?),
+    }
+}
+
+/// Builds the scheduler config: a file or diffusers' defaults, with the command-line fields on top.
+pub fn scheduler_config_from(args: &TrainArgs) -> Result<SchedulerConfig> {
+    let base = match &args.scheduler_config {
+        Some(p) => SchedulerConfig::from_file(p)?,
+        None => SchedulerConfig::default(),
+    };
+    let mut json = serde_json::to_value(&base)?;
+    let obj = json.as_object_mut().context("scheduler config is not a JSON object")?;
+    let mut set = |k: &str, v: serde_json::Value| {
+        obj.insert(k.to_string(), v);
+    };
+    if let Some(v) = &args.beta_schedule {
+        set("beta_schedule", v.clone().into());
+    }
+    if let Some(v) = args.num_train_timesteps {
+        set("num_train_timesteps", v.into());
+    }
+    if let Some(v) = args.beta_start {
+        set("beta_start", v.into());
+    }
+    if let Some(v) = args.beta_end {
+        set("beta_end", v.into());
+    }
+    if let Some(v) = &args.prediction_type {
+        set("prediction_type", v.clone().into());
+    }
+    if let Some(v) = &args.variance_type {
+        set("variance_type", v.clone().into());
+    }
+    Ok(SchedulerConfig::from_json_value(&json)?)
+}
+
+/// Validates the options against the data and the model.
+fn setup(args: &TrainArgs, set: &ImageSet) -> Result<Setup> {
+    if args.batch_size == 0 {
+        bail!("--batch-size 0: a batch needs at least one image");
+    }
+    if args.dtype != "f32" {
+        bail!("--dtype {}: training keeps f32 weights for now; sample with --dtype f16/bf16 instead", args.dtype);
+    }
+    let unet_config = unet_config_from(args)?;
+    let sched_config = scheduler_config_from(args)?;
+    let size = crate::model::sample_size(&unet_config)?;
+    if set.height != size || set.width != size {
+        bail!("dataset {} holds {}x{} images but the model's sample_size is {size}; pick a matching --preset or --unet-config", set.source, set.height, set.width);
+    }
+    if set.channels != unet_config.in_channels {
+        bail!("dataset {} has {} channel(s) but the model's in_channels is {}", set.source, set.channels, unet_config.in_channels);
+    }
+    let div = unet_config.size_divisor();
+    if size % div != 0 {
+        bail!("image size {size} is not divisible by {div} (2^(levels-1)) as this UNet's down-sampling needs");
+    }
+    let batches_per_epoch = (set.len / args.batch_size) as u64;
+    if batches_per_epoch == 0 {
+        bail!("--batch-size {} is larger than the dataset ({} images)", args.batch_size, set.len);
+    }
+    let total_steps = match (args.steps, args.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => (e * batches_per_epoch as f64).ceil() as u64,
+        (None, None) => 4000,
+    };
+    let warmup = args.warmup_steps.unwrap_or((total_steps / 10).min(5000));
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&args.preset));
+    Ok(Setup { unet_config, sched_config, total_steps, warmup, out })
+}
+
+/// The indices of the batch at optimizer step `step` (0-based): epoch e = step / batches_per_epoch is a
+/// permutation seeded by (seed, e), so the order is a function of the step and resuming replays it.
+fn batch_indices(n: usize, batch: usize, seed: u64, step: u64, cache: &mut Option<(u64, Vec<usize>)>) -> Vec<usize> {
+    let per_epoch = (n / batch) as u64;
+    let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
+    if cache.as_ref().map(|c| c.0) != Some(epoch) {
+        let mut rng = NoiseRng::new(seed ^ 0x5EED_DA7A ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        *cache = Some((epoch, data::permutation(n, &mut rng)));
+    }
+    let perm = &cache.as_ref().expect("set above").1;
+    perm[k * batch..(k + 1) * batch].to_vec()
+}
+
+/// The state of a run in memory.
+struct Trainer {
+    varmap: VarMap,
+    model: UNet2DModel,
+    opt: AdamW,
+    ema: HashMap<String, Tensor>,
+    rng: NoiseRng,
+}
+
+impl Trainer {
+    /// Named tensors of the current weights.
+    fn weights(&self) -> HashMap<String, Tensor> {
+        self.opt.vars().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+}
+
+/// Compares a checkpoint's config with the current one, field by field.
+fn check_same(what: &str, ckpt: &serde_json::Value, now: &serde_json::Value, dir: &Path) -> Result<()> {
+    let (Some(a), Some(b)) = (ckpt.as_object(), now.as_object()) else { return Ok(()) };
+    for (k, v) in b {
+        if k.starts_with('_') {
+            continue;
+        }
+        if a.get(k) != Some(v) {
+            bail!(
+                "{}: checkpoint from another config: {what} field `{k}` is {} there but {} now; resume with the same options or start a new --out",
+                dir.display(),
+                a.get(k).map(|x| x.to_string()).unwrap_or("missing".into()),
+                v
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `ddpm train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    run_with_hook(args, &|_| Ok(()))
+}
+
+/// Runs `ddpm train`; `before_write` is called before each checkpoint file is written (tests inject
+/// faults there).
+pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let cfg = unet_config_from(&args)?;
+    let mut set = data::load(&args.data, Split::Train, crate::model::sample_size(&cfg)?, cfg.in_channels)?;
+    if let Some(n) = args.max_images {
+        set.truncate(n);
+    }
+    let s = setup(&args, &set)?;
+    let schedule = NoiseSchedule::new(&s.sched_config, &device)?;
+    let ckpt_dir = s.out.join("checkpoints");
+    let samples_dir = s.out.join("samples");
+    std::fs::create_dir_all(&samples_dir).with_context(|| format!("{}: cannot create folder", samples_dir.display()))?;
+
+    // Build the model on a variable map, then give it seeded initial weights.
+    let varmap = VarMap::new();
+    let model = UNet2DModel::new_trainable(&s.unet_config, &varmap, DType::F32, &device)?;
+    let mut rng = NoiseRng::new(args.seed);
+    init::seeded_init(&varmap, &mut rng)?;
+    let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let params = AdamWParams { lr: args.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay };
+    let opt = AdamW::new(vars, params)?;
+    let ema = opt.vars().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect::<Result<HashMap<_, _>>>()?;
+    let mut tr = Trainer { varmap, model, opt, ema, rng };
+
+    let unet_json = s.unet_config.to_json_value();
+    let sched_json = serde_json::to_value(&s.sched_config)?;
+    let mut step = 0u64;
+    if let Some(r) = &args.resume {
+        let dir = if r == "auto" {
+            match checkpoint::list(&ckpt_dir).pop() {
+                Some((_, d)) => Some(d),
+                None => {
+                    eprintln!("--resume auto: no checkpoint under {}, starting from scratch", ckpt_dir.display());
+                    None
+                }
+            }
+        } else {
+            Some(PathBuf::from(r))
+        };
+        if let Some(dir) = dir {
+            let ck = checkpoint::load(&dir, &device)?;
+            check_same("UNet config", &ck.unet_config, &unet_json, &dir)?;
+            check_same("scheduler config", &ck.scheduler_config, &sched_json, &dir)?;
+            for (name, var) in tr.opt.vars() {
+                let t = ck.weights.get(name).with_context(|| format!("{}: checkpoint lacks weight `{name}`", dir.display()))?;
+                if t.dims() != var.dims() {
+                    bail!("{}: weight `{name}` has shape {:?}, the model needs {:?}", dir.display(), t.dims(), var.dims());
+                }
+                var.set(t)?;
+            }
+            tr.opt.load_state(&ck.optimizer, ck.step, &dir.display().to_string())?;
+            tr.ema = ck.ema;
+            tr.rng = NoiseRng::from_state(ck.rng);
+            step = ck.step;
+            eprintln!("resumed from {} at step {step}", dir.display());
+        }
+    }
+    let _ = &tr.varmap;
+
+    eprintln!(
+        "training {} ({} parameters) on {} images from {} for {} steps, batch {}, on {}",
+        if args.unet_config.is_some() { "custom UNet" } else { args.preset.as_str() },
+        tr.opt.vars().iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
+        set.len,
+        set.source,
+        s.total_steps,
+        args.batch_size,
+        device_name(&device)
+    );
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(s.out.join("metrics.jsonl"))
+        .with_context(|| format!("{}: cannot open", s.out.join("metrics.jsonl").display()))?;
+    let bar = progress::bar(s.total_steps, "train");
+    bar.set_position(step);
+    let mut order_cache = None;
+    let mut last_saved: Option<PathBuf> = checkpoint::list(&ckpt_dir).pop().map(|x| x.1);
+    let t_start = Instant::now();
+    let start_step = step;
+    while step < s.total_steps {
+        let idx = batch_indices(set.len, args.batch_size, args.seed, step, &mut order_cache);
+        let flips: Vec<bool> = (0..idx.len()).map(|_| args.random_flip && tr.rng.uniform() < 0.5).collect();
+        let x0 = set.batch(&idx, &flips, &device)?;
+        let t = tr.rng.randint(idx.len(), s.sched_config.num_train_timesteps, &device)?;
+        let noise = tr.rng.randn(x0.shape(), DType::F32, &device)?;
+        let x_t = schedule.q_sample(&x0, &t, &noise)?;
+        let pred = tr.model.forward_train(&x_t, &t, &mut tr.rng)?;
+        let loss = ddpm_core::loss::simple_loss(&schedule, ddpm_core::loss::LossWeighting::None, &pred, &x0, &noise, &t)?;
+        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !loss_v.is_finite() {
+            bail!(
+                "loss is {loss_v} at step {}; lower --lr (now {}) or raise --warmup-steps; the last good checkpoint is {}",
+                step + 1,
+                args.lr,
+                last_saved.as_ref().map(|p| p.display().to_string()).unwrap_or("none (nothing saved yet)".into())
+            );
+        }
+        let grads = loss.backward()?;
+        let norm = tr.opt.grad_norm(&grads)?;
+        let lr = warmup_lr(args.lr, step + 1, s.warmup);
+        tr.opt.step(&grads, lr, clip_scale(norm, args.grad_clip))?;
+        step += 1;
+        ema_update(&mut tr.ema, tr.opt.vars(), ema_decay(args.ema_decay, step))?;
+
+        let done = step - start_step;
+        let ips = (done as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64();
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss_v:.4}  {ips:.1} img/s"));
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::json!({"step": step, "loss": loss_v, "lr": lr, "grad_norm": norm, "images_per_s": (ips * 100.0).round() / 100.0})
+        )?;
+
+        let last = step == s.total_steps;
+        if last || (args.save_every > 0 && step % args.save_every == 0) {
+            let ck = Checkpoint {
+                step,
+                rng: tr.rng.state(),
+                options: serde_json::to_value(&args)?,
+                unet_config: unet_json.clone(),
+                scheduler_config: sched_json.clone(),
+                ema: tr.ema.clone(),
+                weights: tr.weights(),
+                optimizer: tr.opt.state_tensors(),
+            };
+            let dir = checkpoint::save(&ckpt_dir, &ck, before_write)?;
+            checkpoint::prune(&ckpt_dir, args.keep_last)?;
+            last_saved = Some(dir);
+        }
+        if (last && args.num_samples > 0) || (args.sample_every > 0 && step % args.sample_every == 0) {
+            let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.clone(), DType::F32, &device))?;
+            let size = crate::model::sample_size(&s.unet_config)?;
+            let shape = (args.num_samples, s.unet_config.in_channels, size, size);
+            let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, args.sample_steps, args.seed, &device)?;
+            let path = samples_dir.join(format!("step-{step:06}.png"));
+            imageio::save_grid(&grid, &path)?;
+            bar.println(format!("step {step}: wrote {}", path.display()));
+        }
+    }
+    bar.finish();
+    eprintln!(
+        "done: {} steps in {:.1} s; model at {}",
+        step - start_step,
+        t_start.elapsed().as_secs_f64(),
+        last_saved.map(|p| p.join(checkpoint::MODEL_DIR).display().to_string()).unwrap_or_default()
+    );
+    Ok(())
+}

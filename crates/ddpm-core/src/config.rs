@@ -1,0 +1,331 @@
+//! diffusers' `scheduler_config.json` for `DDPMScheduler`, read and written as diffusers does.
+//!
+//! Every field that a file omits (or sets to `null`) takes the default of diffusers'
+//! `DDPMScheduler.__init__`, not serde's zero; fields that this crate does not know (`_class_name`,
+//! `tensor_format`, `set_alpha_to_one`, ...) are ignored. A value of the wrong type or an unknown
+//! enum variant is an error that names the field, and [`SchedulerConfig::validate`] rejects values
+//! that parse but cannot be used.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// The `_class_name` written into saved configs.
+pub const CLASS_NAME: &str = "DDPMScheduler";
+/// The `_diffusers_version` written into saved configs (the version the fixtures were made with).
+pub const DIFFUSERS_VERSION: &str = "0.42.1";
+
+/// Implements `as_str`, `Display`, `FromStr` and the list of names for a config enum.
+macro_rules! config_enum {
+    ($(#[$m:meta])* $name:ident, $field:literal { $($(#[$vm:meta])* $variant:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $s)] $variant),+
+        }
+
+        impl $name {
+            /// Every accepted spelling, as diffusers writes it.
+            pub const NAMES: &'static [&'static str] = &[$($s),+];
+
+            /// The name as diffusers spells it in `scheduler_config.json`.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    other => Err(Error::config(
+                        $field,
+                        format!("unknown value `{other}`, expected one of {}", Self::NAMES.join(", ")),
+                    )),
+                }
+            }
+        }
+    };
+}
+
+config_enum!(
+    /// How the betas beta_1..beta_T are laid out (`beta_schedule`).
+    BetaSchedule, "beta_schedule" {
+        /// beta_t evenly spaced from `beta_start` to `beta_end` (the DDPM paper).
+        Linear => "linear",
+        /// sqrt(beta_t) evenly spaced from sqrt(beta_start) to sqrt(beta_end) (latent diffusion).
+        ScaledLinear => "scaled_linear",
+        /// The cosine schedule of Improved DDPM, alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
+        /// s = 0.008, betas capped at 0.999.
+        SquaredcosCapV2 => "squaredcos_cap_v2",
+        /// beta_start + (beta_end - beta_start) sigmoid(x), x evenly spaced in [-6, 6] (GeoDiff).
+        Sigmoid => "sigmoid",
+    }
+);
+
+config_enum!(
+    /// The variance of the reverse step p(x_{t-1} | x_t) (`variance_type`).
+    VarianceType, "variance_type" {
+        /// sigma_t^2 = beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t, the posterior variance.
+        FixedSmall => "fixed_small",
+        /// beta-tilde_t, computed through its logarithm.
+        FixedSmallLog => "fixed_small_log",
+        /// sigma_t^2 = beta_t.
+        FixedLarge => "fixed_large",
+        /// beta_t, computed through its logarithm (exp(0.5 log beta_t) z; not diffusers' NaN, #14569).
+        FixedLargeLog => "fixed_large_log",
+        /// The network predicts the variance (Improved DDPM); not supported here.
+        Learned => "learned",
+        /// The network interpolates log beta-tilde and log beta (Improved DDPM); not supported here.
+        LearnedRange => "learned_range",
+    }
+);
+
+config_enum!(
+    /// What the network predicts (`prediction_type`).
+    PredictionType, "prediction_type" {
+        /// The noise epsilon that was added (the DDPM paper).
+        Epsilon => "epsilon",
+        /// The clean sample x_0 directly.
+        Sample => "sample",
+        /// v = sqrt(alpha_bar_t) epsilon - sqrt(1 - alpha_bar_t) x_0 (progressive distillation).
+        VPrediction => "v_prediction",
+    }
+);
+
+config_enum!(
+    /// How inference timesteps are picked from the training timesteps (`timestep_spacing`).
+    TimestepSpacing, "timestep_spacing" {
+        /// 0, r, 2r, ... with r = T / n (integer division), plus `steps_offset`, descending.
+        Leading => "leading",
+        /// round(T - i T / n) - 1 for i = 0..n: always includes T - 1.
+        Trailing => "trailing",
+        /// round of n evenly spaced values in [0, T - 1], descending.
+        Linspace => "linspace",
+    }
+);
+
+/// diffusers' `DDPMScheduler` configuration (`scheduler_config.json`).
+///
+/// [`Default`] gives diffusers' defaults: the linear schedule of the DDPM paper with T = 1000,
+/// beta from 1e-4 to 0.02, `fixed_small` variance, epsilon prediction and x_0 clipped to [-1, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// Number of diffusion steps T used in training (default 1000).
+    pub num_train_timesteps: usize,
+    /// beta at the first timestep (default 0.0001).
+    pub beta_start: f64,
+    /// beta at the last timestep (default 0.02).
+    pub beta_end: f64,
+    /// The layout of the betas (default linear).
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas, one per training timestep; when set they replace `beta_schedule`.
+    pub trained_betas: Option<Vec<f64>>,
+    /// The variance of the reverse step (default fixed_small).
+    pub variance_type: VarianceType,
+    /// Clip the predicted x_0 to [-clip_sample_range, clip_sample_range] (default true).
+    pub clip_sample: bool,
+    /// The bound used by `clip_sample` (default 1.0).
+    pub clip_sample_range: f64,
+    /// What the network predicts (default epsilon).
+    pub prediction_type: PredictionType,
+    /// Dynamic thresholding of the predicted x_0 (Imagen); replaces clipping when on (default false).
+    pub thresholding: bool,
+    /// The quantile of |x_0| used by dynamic thresholding (default 0.995).
+    pub dynamic_thresholding_ratio: f64,
+    /// The largest threshold of dynamic thresholding (default 1.0).
+    pub sample_max_value: f64,
+    /// How inference timesteps are spaced (default leading).
+    pub timestep_spacing: TimestepSpacing,
+    /// Added to the `leading` inference timesteps (default 0).
+    pub steps_offset: usize,
+    /// Rescale the betas to a zero terminal SNR (Lin et al. 2023) (default false).
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            variance_type: VarianceType::FixedSmall,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            prediction_type: PredictionType::Epsilon,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
+            timestep_spacing: TimestepSpacing::Leading,
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+/// Reads field `name` of `map` into `slot`; a missing field or `null` keeps the default already there.
+fn read_field<T: serde::de::DeserializeOwned>(map: &Map<String, Value>, name: &str, slot: &mut T) -> Result<()> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => {
+            *slot = T::deserialize(v).map_err(|e| Error::config(name, e.to_string()))?;
+            Ok(())
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Builds a config from a parsed JSON object: missing or `null` fields take diffusers' defaults,
+    /// unknown fields are ignored, a field of the wrong type is an [`Error::InvalidConfig`] naming
+    /// it. The result is validated.
+    pub fn from_json_value(value: &Value) -> Result<Self> {
+        let map = value
+            .as_object()
+            .ok_or_else(|| Error::config("<root>", "a scheduler config must be a JSON object"))?;
+        let mut c = Self::default();
+        read_field(map, "num_train_timesteps", &mut c.num_train_timesteps)?;
+        read_field(map, "beta_start", &mut c.beta_start)?;
+        read_field(map, "beta_end", &mut c.beta_end)?;
+        read_field(map, "beta_schedule", &mut c.beta_schedule)?;
+        // trained_betas: null is a real value (None), so it is read as an Option.
+        read_field(map, "trained_betas", &mut c.trained_betas)?;
+        read_field(map, "variance_type", &mut c.variance_type)?;
+        read_field(map, "clip_sample", &mut c.clip_sample)?;
+        read_field(map, "clip_sample_range", &mut c.clip_sample_range)?;
+        read_field(map, "prediction_type", &mut c.prediction_type)?;
+        read_field(map, "thresholding", &mut c.thresholding)?;
+        read_field(map, "dynamic_thresholding_ratio", &mut c.dynamic_thresholding_ratio)?;
+        read_field(map, "sample_max_value", &mut c.sample_max_value)?;
+        read_field(map, "timestep_spacing", &mut c.timestep_spacing)?;
+        read_field(map, "steps_offset", &mut c.steps_offset)?;
+        read_field(map, "rescale_betas_zero_snr", &mut c.rescale_betas_zero_snr)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Parses and validates a config from JSON text (see [`SchedulerConfig::from_json_value`]).
+    pub fn from_json_str(s: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(s).map_err(|e| Error::Json { path: "<string>".into(), message: e.to_string() })?;
+        Self::from_json_value(&v)
+    }
+
+    /// Reads and validates `scheduler_config.json`; every error names the file (and the field).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: name.clone(), source })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: name.clone(), message: e.to_string() })?;
+        Self::from_json_value(&v).map_err(|e| e.in_file(name))
+    }
+
+    /// The config as diffusers writes it: every field, keys sorted, plus `_class_name` and
+    /// `_diffusers_version`.
+    pub fn to_json_string(&self) -> Result<String> {
+        serde_json::to_string_pretty(self).map_err(|e| Error::Json { path: "<string>".into(), message: e.to_string() })
+    }
+
+    /// Writes `scheduler_config.json` (see [`SchedulerConfig::to_json_string`]); errors name the file.
+    pub fn to_file(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let mut text = self.to_json_string().map_err(|e| e.in_file(name.clone()))?;
+        text.push('\n');
+        std::fs::write(path, text).map_err(|source| Error::Io { path: name, source })
+    }
+
+    /// Checks that every value can be used; the error names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.num_train_timesteps;
+        if t == 0 {
+            return Err(Error::config("num_train_timesteps", "must be at least 1"));
+        }
+        if let Some(betas) = &self.trained_betas {
+            if betas.len() != t {
+                return Err(Error::config(
+                    "trained_betas",
+                    format!("has {} values but num_train_timesteps is {t}", betas.len()),
+                ));
+            }
+            if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !(b.is_finite() && **b > 0.0 && **b < 1.0)) {
+                return Err(Error::config("trained_betas", format!("value {b} at index {i} is not in (0, 1)")));
+            }
+        } else if self.beta_schedule != BetaSchedule::SquaredcosCapV2 {
+            // beta_start and beta_end only matter for the schedules that use them.
+            if !(self.beta_start.is_finite() && self.beta_start > 0.0 && self.beta_start < 1.0) {
+                return Err(Error::config("beta_start", format!("{} is not in (0, 1)", self.beta_start)));
+            }
+            if !(self.beta_end.is_finite() && self.beta_end < 1.0) {
+                return Err(Error::config("beta_end", format!("{} is not below 1", self.beta_end)));
+            }
+            if self.beta_end <= self.beta_start {
+                return Err(Error::config(
+                    "beta_end",
+                    format!("{} must be greater than beta_start {}", self.beta_end, self.beta_start),
+                ));
+            }
+        }
+        if !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0) {
+            return Err(Error::config("clip_sample_range", format!("{} must be positive", self.clip_sample_range)));
+        }
+        if !(self.dynamic_thresholding_ratio > 0.0 && self.dynamic_thresholding_ratio <= 1.0) {
+            return Err(Error::config(
+                "dynamic_thresholding_ratio",
+                format!("{} is not in (0, 1]", self.dynamic_thresholding_ratio),
+            ));
+        }
+        if !(self.sample_max_value.is_finite() && self.sample_max_value > 0.0) {
+            return Err(Error::config("sample_max_value", format!("{} must be positive", self.sample_max_value)));
+        }
+        if self.steps_offset >= t {
+            return Err(Error::config("steps_offset", format!("{} must be below num_train_timesteps {t}", self.steps_offset)));
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for SchedulerConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        // Keys in sorted order, as diffusers' `save_config` writes them.
+        let mut m = serializer.serialize_map(Some(17))?;
+        m.serialize_entry("_class_name", CLASS_NAME)?;
+        m.serialize_entry("_diffusers_version", DIFFUSERS_VERSION)?;
+        m.serialize_entry("beta_end", &self.beta_end)?;
+        m.serialize_entry("beta_schedule", &self.beta_schedule)?;
+        m.serialize_entry("beta_start", &self.beta_start)?;
+        m.serialize_entry("clip_sample", &self.clip_sample)?;
+        m.serialize_entry("clip_sample_range", &self.clip_sample_range)?;
+        m.serialize_entry("dynamic_thresholding_ratio", &self.dynamic_thresholding_ratio)?;
+        m.serialize_entry("num_train_timesteps", &self.num_train_timesteps)?;
+        m.serialize_entry("prediction_type", &self.prediction_type)?;
+        m.serialize_entry("rescale_betas_zero_snr", &self.rescale_betas_zero_snr)?;
+        m.serialize_entry("sample_max_value", &self.sample_max_value)?;
+        m.serialize_entry("steps_offset", &self.steps_offset)?;
+        m.serialize_entry("thresholding", &self.thresholding)?;
+        m.serialize_entry("timestep_spacing", &self.timestep_spacing)?;
+        m.serialize_entry("trained_betas", &self.trained_betas)?;
+        m.serialize_entry("variance_type", &self.variance_type)?;
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for SchedulerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let v = Value::deserialize(deserializer)?;
+        Self::from_json_value(&v).map_err(serde::de::Error::custom)
+    }
+}

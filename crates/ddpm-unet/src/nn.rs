@@ -1,0 +1,185 @@
+//! Building blocks shared by the UNet's modules: parameter creation (recorded under their
+//! state-dict names), group norm, SiLU, dropout and nearest upsampling.
+
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Module, Result, Shape, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use ddpm_core::NoiseRng;
+
+/// Collects every parameter created while a model is built, under its full state-dict name, so that
+/// the model can list and save its tensors and so that the expected keys and shapes of a config are
+/// known before loading.
+#[derive(Default)]
+pub(crate) struct Recorder(RefCell<Vec<(String, Tensor)>>);
+
+impl Recorder {
+    /// The recorded `(name, tensor)` pairs in creation order.
+    pub(crate) fn into_inner(self) -> Vec<(String, Tensor)> {
+        self.0.into_inner()
+    }
+}
+
+/// Fetches (or creates) parameter `name` of shape `shape` under `vb` and records it.
+fn param<S: Into<Shape>>(
+    vb: &VarBuilder,
+    rec: &Recorder,
+    shape: S,
+    name: &str,
+    init: Init,
+) -> Result<Tensor> {
+    let t = vb.get_with_hints(shape, name, init)?;
+    let prefix = vb.prefix();
+    let full = if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    };
+    rec.0.borrow_mut().push((full, t.clone()));
+    Ok(t)
+}
+
+/// PyTorch's default initialisation of conv and linear layers (what diffusers starts training from):
+/// kaiming_uniform(a = sqrt(5)) for the weight and U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias,
+/// both of which are U(-b, b) with b = 1 / sqrt(fan_in).
+fn torch_default_init(fan_in: usize) -> Init {
+    let b = 1.0 / (fan_in.max(1) as f64).sqrt();
+    Init::Uniform { lo: -b, up: b }
+}
+
+/// A `k x k` convolution with bias, `weight` (out, in, k, k) and `bias` (out).
+pub(crate) fn conv2d(
+    vb: VarBuilder,
+    rec: &Recorder,
+    in_c: usize,
+    out_c: usize,
+    k: usize,
+    padding: usize,
+    stride: usize,
+) -> Result<Conv2d> {
+    let init = torch_default_init(in_c * k * k);
+    let w = param(&vb, rec, (out_c, in_c, k, k), "weight", init)?;
+    let b = param(&vb, rec, out_c, "bias", init)?;
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(w, Some(b), cfg))
+}
+
+/// A linear layer y = x W^T + b with `weight` (out, in) and `bias` (out).
+pub(crate) fn linear(vb: VarBuilder, rec: &Recorder, in_d: usize, out_d: usize) -> Result<Linear> {
+    let init = torch_default_init(in_d);
+    let w = param(&vb, rec, (out_d, in_d), "weight", init)?;
+    let b = param(&vb, rec, out_d, "bias", init)?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Group normalisation over `groups` groups of channels:
+/// y = (x - mean_g) / sqrt(var_g + eps) * weight_c + bias_c.
+///
+/// A thin wrapper so that the implementation (today candle-nn's, built from differentiable ops) can
+/// be swapped for a fused kernel in one place.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    /// Normalises `x` (N, C, ...).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+/// A group norm with `weight` (initialised to 1) and `bias` (initialised to 0).
+pub(crate) fn group_norm(
+    vb: VarBuilder,
+    rec: &Recorder,
+    groups: usize,
+    channels: usize,
+    eps: f64,
+) -> Result<GroupNorm> {
+    let w = param(&vb, rec, channels, "weight", Init::Const(1.0))?;
+    let b = param(&vb, rec, channels, "bias", Init::Const(0.0))?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(w, b, channels, groups, eps)?,
+    })
+}
+
+/// SiLU: x * sigmoid(x).
+pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::silu(x)
+}
+
+/// splitmix64 finaliser: a counter-based generator, so that a whole dropout mask derives from one
+/// seed drawn from the caller's [`NoiseRng`].
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Inverted dropout: y = x * m / (1 - p), m_i ~ Bernoulli(1 - p).
+///
+/// With `rng == None` (evaluation) or `p == 0` it is the identity. Otherwise one `u64` is drawn from
+/// the caller's generator and the mask is derived from it by a counter-based hash (splitmix64,
+/// two 32-bit uniforms per output), so a training run is reproducible bit for bit and the generator advances by
+/// one draw per dropout layer whatever the tensor size.
+pub(crate) fn dropout(x: &Tensor, p: f64, rng: Option<&mut NoiseRng>) -> Result<Tensor> {
+    let Some(rng) = rng else { return Ok(x.clone()) };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let seed = rng.next_u64();
+    let n = x.elem_count();
+    // keep element i when its 32-bit uniform u_i satisfies u_i >= p * 2^32, i.e. with probability 1 - p.
+    let threshold = (p * 4294967296.0).ceil().min(4294967295.0) as u64;
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mut mask = Vec::with_capacity(n);
+    let mut i = 0u64;
+    while mask.len() < n {
+        // splitmix64: the i-th output of the stream seeded with `seed` is mix(seed + i * gamma)
+        let r = mix(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        for half in [r & 0xFFFF_FFFF, r >> 32] {
+            if mask.len() < n {
+                mask.push(if half >= threshold { scale } else { 0.0 });
+            }
+        }
+        i += 1;
+    }
+    let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())?;
+    x.mul(&mask)
+}
+
+/// Nearest-neighbour x2 upsampling of (N, C, H, W) to (N, C, 2H, 2W) by broadcast and reshape:
+/// y[n, c, 2i + a, 2j + b] = x[n, c, i, j] for a, b in {0, 1}. Its gradient sums the four copies
+/// (candle's `upsample_nearest2d` backward is slow and may overwrite instead of accumulate).
+pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    x.reshape((n, c, h, 1, w, 1))?
+        .broadcast_as((n, c, h, 2, w, 2))?
+        .reshape((n, c, 2 * h, 2 * w))
+}
+
+/// A `SimpleBackend` that hands out a zero of the requested shape without allocating it (a
+/// broadcast scalar): used to learn the keys and shapes a config needs.
+pub(crate) struct ShapeOnly;
+
+impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
+    fn get(&self, s: Shape, _: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("ShapeOnly backend cannot provide `{name}` without a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}

@@ -1,0 +1,106 @@
+//! `ddpm sample`, `interpolate` and `export` on the diffusers fixture model (1-channel 28x28 UNet with
+//! random weights): determinism, image sizes, export round trip, errors on bad input.
+
+use candle_core::{DType, Device, Tensor};
+use ddpm_tests::{ddpm, ddpm_err, fixtures};
+
+fn mnist_fixture() -> String {
+    fixtures().join("unet-mnist-small").display().to_string()
+}
+
+#[test]
+fn same_seed_same_png_and_ddim_10_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = mnist_fixture();
+    let p = |n: &str| tmp.path().join(n).display().to_string();
+    let (a, b, c) = (p("a.png"), p("b.png"), p("c.png"));
+    let args = |out: &str, seed: &str| -> Vec<String> {
+        ["sample", "--model", &model, "--num", "6", "--batch-size", "4", "--scheduler", "ddim", "--steps", "10", "--seed", seed, "--out", out, "--device", "cpu"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |v: Vec<String>| ddpm(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    run(args(&a, "3")).unwrap();
+    run(args(&b, "3")).unwrap();
+    run(args(&c, "4")).unwrap();
+    let (ba, bb, bc) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), std::fs::read(&c).unwrap());
+    assert_eq!(ba, bb, "same seed gave different PNGs");
+    assert_ne!(ba, bc, "different seeds gave the same PNG");
+    // 6 images in a near-square grid: 3 columns, 2 rows of 28x28 with 2-pixel borders.
+    let img = image::open(&a).unwrap();
+    assert_eq!((img.width(), img.height()), (3 * 30 + 2, 2 * 30 + 2));
+}
+
+#[test]
+fn ddpm_sampler_out_dir_and_animation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("imgs");
+    let gif = tmp.path().join("anim.gif");
+    ddpm(&[
+        "sample", "--model", &mnist_fixture(), "--num", "3", "--scheduler", "ddpm", "--steps", "20", "--out-dir",
+        dir.to_str().unwrap(), "--animate", gif.to_str().unwrap(), "--device", "cpu",
+    ])
+    .unwrap();
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(files.len(), 3);
+    let one = image::open(dir.join("00000.png")).unwrap();
+    assert_eq!((one.width(), one.height()), (28, 28));
+    assert!(std::fs::metadata(&gif).unwrap().len() > 100);
+}
+
+#[test]
+fn interpolation_strip_dimensions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("strip.png");
+    ddpm(&[
+        "interpolate", "--model", &mnist_fixture(), "--data", "mnist", "--indices", "0,1", "--t", "20", "--lambdas",
+        "0,0.5,1", "--out", out.to_str().unwrap(), "--device", "cpu",
+    ])
+    .unwrap();
+    // a, three mixes, b: five 28x28 tiles in a row with 2-pixel borders.
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (5 * 30 + 2, 30 + 2));
+}
+
+#[test]
+fn export_then_reload_gives_identical_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pipeline");
+    ddpm(&["export", "--checkpoint", &mnist_fixture(), "--out", out.to_str().unwrap()]).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model_index.json")).unwrap()).unwrap();
+    assert_eq!(index["_class_name"], "DDPMPipeline");
+    assert_eq!(index["unet"][1], "UNet2DModel");
+    assert!(out.join("scheduler/scheduler_config.json").is_file());
+    let dev = Device::Cpu;
+    let a = ddpm_unet::load_dir(std::path::Path::new(&mnist_fixture()), &dev, DType::F32).unwrap();
+    let b = ddpm_unet::from_pretrained(out.to_str().unwrap(), &dev, DType::F32).unwrap();
+    let x = Tensor::randn(0f32, 1., (2, 1, 28, 28), &dev).unwrap();
+    let t = Tensor::new(&[3i64, 700], &dev).unwrap();
+    let (ya, yb) = (a.forward(&x, &t).unwrap(), b.forward(&x, &t).unwrap());
+    let diff = (ya - yb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+    // Exporting over an existing folder is refused and leaves it alone.
+    let e = ddpm_err(&["export", "--checkpoint", &mnist_fixture(), "--out", out.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = mnist_fixture();
+    let e = ddpm_err(&["sample", "--model", &model, "--steps", "0", "--out", tmp.path().join("x.png").to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("steps"), "{e}");
+    let e = ddpm_err(&["sample", "--model", &model, "--out", "/no/such/dir/x.png", "--device", "cpu"]);
+    assert!(e.contains("/no/such/dir") && e.contains("does not exist"), "{e}");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = ddpm_err(&["sample", "--model", empty.to_str().unwrap(), "--out", tmp.path().join("x.png").to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("config.json"), "{e}");
+    // A PNG of the wrong size for interpolation.
+    let small = tmp.path().join("small.png");
+    image::GrayImage::new(10, 10).save(&small).unwrap();
+    let e = ddpm_err(&["interpolate", "--model", &model, "--a", small.to_str().unwrap(), "--b", small.to_str().unwrap(), "--out", tmp.path().join("s.png").to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("10x10") && e.contains("28x28"), "{e}");
+    assert!(!tmp.path().join("s.png").exists() && !tmp.path().join("x.png").exists());
+}

@@ -1,0 +1,118 @@
+//! `ddpm train` end to end on a tiny UNet and the shipped MNIST: exact resume, crash-safe checkpoints,
+//! errors on bad input.
+
+use ddpm_cli::checkpoint;
+use ddpm_tests::{ddpm, ddpm_err, parse, read_tensors, tiny_unet_config};
+
+/// Common options of the tiny runs: 64 MNIST images, batch 8, explicit warm-up (it must not depend on
+/// --steps for the runs to be comparable), no sample grids.
+fn tiny_args<'a>(cfg: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train", "--unet-config", cfg, "--max-images", "64", "--batch-size", "8", "--warmup-steps", "2",
+        "--steps", steps, "--save-every", "3", "--sample-every", "0", "--num-samples", "0", "--device", "cpu",
+        "--num-train-timesteps", "100", "--out", out, "--seed", "11",
+    ]
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    // Straight through: 10 steps (an epoch is 64 / 8 = 8 steps, so the run crosses an epoch boundary).
+    ddpm(&tiny_args(cfg, a, "10")).unwrap();
+    // 5 steps, stop, resume to 10.
+    ddpm(&tiny_args(cfg, b, "5")).unwrap();
+    let mut resume = tiny_args(cfg, b, "10");
+    resume.extend(["--resume", "auto"]);
+    ddpm(&resume).unwrap();
+
+    let last = |run: &str| checkpoint::list(&std::path::Path::new(run).join("checkpoints")).pop().unwrap();
+    let (sa, da) = last(a);
+    let (sb, db) = last(b);
+    assert_eq!((sa, sb), (10, 10));
+    let (ta, tb) = (read_tensors(&da.join(checkpoint::STATE_FILE)), read_tensors(&db.join(checkpoint::STATE_FILE)));
+    assert!(ta.len() > 10 && ta.keys().eq(tb.keys()));
+    for (k, v) in &ta {
+        assert!(v.iter().zip(&tb[k]).all(|(x, y)| x.to_bits() == y.to_bits()), "tensor {k} differs after resume");
+    }
+    let model = |d: &std::path::Path| read_tensors(&d.join("model").join(checkpoint::WEIGHTS_FILE));
+    assert_eq!(model(&da), model(&db), "EMA weights differ after resume");
+    // Training moved the weights: the EMA differs from the raw weights' initial values, and the loss
+    // in metrics.jsonl is finite.
+    let metrics = std::fs::read_to_string(std::path::Path::new(a).join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 10);
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["loss"].as_f64().unwrap().is_finite());
+    }
+}
+
+#[test]
+fn failed_save_keeps_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let out = tmp.path().join("run");
+    let args = tiny_args(cfg.to_str().unwrap(), out.to_str().unwrap(), "6");
+    let ddpm_cli::Cli::Train(train_args) = parse(&args) else { panic!("not a train command") };
+    // Fail while writing the weights of the second checkpoint (step 6), after the config files are
+    // already in the temporary folder.
+    let calls = std::cell::Cell::new(0);
+    let hook = |name: &str| -> anyhow::Result<()> {
+        if name == checkpoint::WEIGHTS_FILE {
+            calls.set(calls.get() + 1);
+            if calls.get() == 2 {
+                anyhow::bail!("injected failure: disk full");
+            }
+        }
+        Ok(())
+    };
+    let err = ddpm_cli::train::run_with_hook(train_args, &hook).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("disk full") && msg.contains("previous checkpoints are intact"), "{msg}");
+    let ckpts = out.join("checkpoints");
+    let list = checkpoint::list(&ckpts);
+    assert_eq!(list.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3]);
+    // Nothing half-written is left, and the surviving checkpoint loads.
+    let names: Vec<String> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names, vec!["step-000003".to_string()]);
+    let ck = checkpoint::load(&list[0].1, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ck.step, 3);
+    ddpm_unet::load_dir(&list[0].1.join("model"), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let out = out.to_str().unwrap();
+    // The tiny options with one flag's value replaced (or the flag added).
+    let with = |extra: &[&str]| {
+        let mut a = tiny_args(cfg, out, "2");
+        match a.iter().position(|x| *x == extra[0]) {
+            Some(i) => a[i + 1] = extra[1],
+            None => a.extend(extra),
+        }
+        ddpm_err(&a)
+    };
+    let e = with(&["--batch-size", "0"]);
+    assert!(e.contains("--batch-size 0"), "{e}");
+    let e = with(&["--data", "/no/such/folder"]);
+    assert!(e.contains("/no/such/folder") && e.contains("no such folder"), "{e}");
+    let e = with(&["--beta-schedule", "quadratic"]);
+    assert!(e.contains("beta_schedule"), "{e}");
+    // The ddpm-cifar10 preset takes 32x32 RGB images, MNIST is 28x28 grey.
+    let e = ddpm_err(&["train", "--preset", "ddpm-cifar10", "--max-images", "16", "--out", out, "--device", "cpu"]);
+    assert!(e.contains("28x28") && e.contains("sample_size is 32"), "{e}");
+    // A checkpoint from another config.
+    ddpm(&tiny_args(cfg, out, "3")).unwrap();
+    let e = ddpm_err(&["train", "--preset", "mnist-small", "--max-images", "64", "--batch-size", "8", "--out", out, "--resume", "auto", "--device", "cpu", "--steps", "4", "--num-train-timesteps", "100"]);
+    assert!(e.contains("checkpoint from another config"), "{e}");
+    for e in [&e] {
+        assert!(!e.contains('\n'), "error is not one line: {e}");
+    }
+}
