@@ -104,6 +104,9 @@ impl NoiseRng {
 
     /// `n` integers drawn uniformly from [0, high), as an i64 tensor on `device` (training timesteps).
     pub fn randint(&mut self, n: usize, high: usize, device: &Device) -> candle_core::Result<Tensor> {
+        if high == 0 {
+            return Err(candle_core::Error::Msg("randint needs high > 0".into()));
+        }
         let v: Vec<i64> = (0..n).map(|_| self.below(high as u64) as i64).collect();
         Tensor::from_vec(v, n, device)
     }

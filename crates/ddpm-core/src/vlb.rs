@@ -124,7 +124,7 @@ pub fn vlb_terms_from_output(schedule: &NoiseSchedule, model_output: &Tensor, x0
     let model_logvar = schedule.gather(&log_var, ts, x0)?;
     let ln2 = std::f64::consts::LN_2;
 
-    let any_zero = ts.iter().any(|&t| t == 0);
+    let any_zero = ts.contains(&0);
     let all_zero = ts.iter().all(|&t| t == 0);
     // L_{t-1} = KL(q || p) averaged over dims, in bits
     let kl = if all_zero {

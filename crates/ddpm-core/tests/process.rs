@@ -30,12 +30,10 @@ fn q_sample_closed_form_and_posterior() {
     let t = Tensor::new(&[10u32, 900], &Device::Cpu).unwrap();
     let xt = s.q_sample(&x0, &t, &eps).unwrap().to_vec2::<f32>().unwrap();
     let ab = s.alphas_cumprod();
-    let want = |i: usize, j: usize, tt: usize, x: f64, e: f64| {
-        let _ = (i, j);
-        ab[tt].sqrt() * x + (1.0 - ab[tt]).sqrt() * e
-    };
-    assert!((xt[0][0] as f64 - want(0, 0, 10, 0.5, 1.0)).abs() < 1e-6);
-    assert!((xt[1][1] as f64 - want(1, 1, 900, 0.0, 0.5)).abs() < 1e-6);
+    // x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    let want = |tt: usize, x: f64, e: f64| ab[tt].sqrt() * x + (1.0 - ab[tt]).sqrt() * e;
+    assert!((xt[0][0] as f64 - want(10, 0.5, 1.0)).abs() < 1e-6);
+    assert!((xt[1][1] as f64 - want(900, 0.0, 0.5)).abs() < 1e-6);
     // posterior mean of q(x_{t-1} | x_t, x_0) is a convex-like combination; with x_t = q_sample it
     // matches coef1 x0 + coef2 xt
     let xt_t = s.q_sample(&x0, &t, &eps).unwrap();
@@ -110,8 +108,7 @@ fn samplers_run_and_repeat_exactly() {
     };
     let mut ddpm = DdpmScheduler::new(&config, &dev).unwrap();
     ddpm.set_timesteps(10).unwrap();
-    let ddim = DdimScheduler::new(&config, &dev).unwrap().with_eta(0.5).unwrap();
-    let mut ddim = ddim;
+    let mut ddim = DdimScheduler::new(&config, &dev).unwrap().with_eta(0.5).unwrap();
     ddim.set_timesteps(10).unwrap();
     for sampler in [Sampler::from(ddpm), Sampler::from(ddim)] {
         let mut seen = Vec::new();
@@ -124,10 +121,9 @@ fn samplers_run_and_repeat_exactly() {
         assert_eq!(seen[0], (0, 900));
         assert_eq!(seen[9], (9, 0));
         let b = sample_from_shape(&predictor, &sampler, (2, 1, 4, 4), DType::F32, &dev, &mut NoiseRng::new(5), |_, _, _| {}).unwrap();
-        assert_eq!(a.to_vec3::<f32>().ok(), None::<Vec<Vec<Vec<f32>>>>); // rank 4: compare flattened
         let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         assert_eq!(a, b);
-        assert!(a.iter().all(|v| v.is_finite() && v.abs() <= 1.0 + 1e-6 || v.is_finite()));
+        assert!(a.iter().all(|v| v.is_finite()));
     }
     // deterministic DDIM (eta 0) from a given x_T needs no randomness
     let mut d = DdimScheduler::new(&config, &dev).unwrap();
