@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// mimalloc keeps freed pages for reuse: the training step allocates and frees many large tensors,
+/// which glibc's allocator returns to the kernel and faults back in on every step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = ddpm_cli::Cli::parse();
     if let Err(e) = ddpm_cli::run(cli) {

@@ -31,6 +31,7 @@ pub mod ddim;
 pub mod ddpm;
 pub mod error;
 pub mod loss;
+pub mod ops;
 pub mod predictor;
 pub mod rng;
 pub mod sampling;

@@ -3,7 +3,8 @@
 //! `UpBlock2D`/`AttnUpBlock2D`, `Downsample2D`, `Upsample2D`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+use ddpm_core::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 use crate::attention::Attention;

@@ -4,7 +4,8 @@
 use std::cell::RefCell;
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
+use ddpm_core::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 /// Collects every parameter created while a model is built, under its full state-dict name, so that
@@ -60,12 +61,7 @@ pub(crate) fn conv2d(
     let init = torch_default_init(in_c * k * k);
     let w = param(&vb, rec, (out_c, in_c, k, k), "weight", init)?;
     let b = param(&vb, rec, out_c, "bias", init)?;
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    Ok(Conv2d::new(w, Some(b), cfg))
+    Ok(Conv2d::new(w, Some(b), stride, padding))
 }
 
 /// A linear layer y = x W^T + b with `weight` (out, in) and `bias` (out).

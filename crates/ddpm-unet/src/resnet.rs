@@ -1,7 +1,8 @@
 //! diffusers' `ResnetBlock2D` with the time embedding added after the first conv ("default").
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+use ddpm_core::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 use crate::nn::{conv2d, dropout, group_norm, linear, silu, GroupNorm, Recorder};

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
+use ddpm_core::ops::conv::Conv2d;
 use ddpm_core::{NoisePredictor, NoiseRng};
 
 use crate::blocks::{AttnParams, DownBlock, MidBlock, UpBlock};

@@ -1,0 +1,187 @@
+//! 2-D convolution as im2col + one matrix product, with an analytic backward that never runs a
+//! transposed convolution.
+//!
+//! candle's CPU convolution gradient goes through `conv_transpose2d`, a direct loop that is several
+//! times slower than PyTorch. Here a convolution of x (B, C, H, W) with w (O, C, k, k) is
+//!
+//!   cols = im2col(x)                  (C k k, B L),  L = H' W'
+//!   y    = w.reshape(O, C k k) @ cols (O, B L)  -> (B, O, H', W')
+//!
+//! so that autograd differentiates the product with two more products (dW = dY cols^T and
+//! dcols = W^T dY, both large, multi-threaded gemm calls) and im2col's own backward is col2im, a
+//! scatter-add written here. On devices or dtypes without these kernels the layer falls back to
+//! candle's `conv2d`.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
+/// output side H' = (H + 2p - k) / s + 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    /// Rows of the column matrix: C k k.
+    fn rows(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    /// Output positions per image: L = H' W'.
+    fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// For kernel offset `ki` and output row `oy`, the input row iy = oy s + ki - p, if inside.
+    fn in_row(&self, oy: usize, ki: usize) -> Option<usize> {
+        (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
+    }
+    /// For kernel offset `kj` and output column `ox`, the input column ix = ox s + kj - p, if inside.
+    fn in_col(&self, ox: usize, kj: usize) -> Option<usize> {
+        (ox * self.stride + kj).checked_sub(self.pad).filter(|&ix| ix < self.w)
+    }
+}
+
+/// im2col: x (B, C, H, W) -> cols (C k k, B L), row r = (c k + ki) k + kj, column b L + oy W' + ox,
+/// cols[r, b L + oy W' + ox] = x[b, c, oy s + ki - p, ox s + kj - p] (0 outside the image).
+struct Im2Col(Geometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "ddpm-im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("ddpm-im2col needs a contiguous f32 input"),
+        };
+        let (l, kk) = (g.positions(), g.k * g.k);
+        let mut cols = vec![0f32; g.rows() * g.b * l];
+        cols.par_chunks_mut(g.b * l).enumerate().for_each(|(r, row)| {
+            let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
+            for b in 0..g.b {
+                let plane = &x[(b * g.c + c) * g.h * g.w..(b * g.c + c + 1) * g.h * g.w];
+                for oy in 0..g.oh {
+                    let Some(iy) = g.in_row(oy, ki) else { continue };
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    let dst = &mut row[b * l + oy * g.ow..b * l + (oy + 1) * g.ow];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        if let Some(ix) = g.in_col(ox, kj) {
+                            *d = src[ix];
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(cols), Shape::from((g.rows(), g.b * l))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
+    }
+}
+
+/// col2im, the adjoint of [`Im2Col`]: dcols (C k k, B L) -> dx (B, C, H, W), each column entry added
+/// back to the input pixel it was copied from.
+struct Col2Im(Geometry);
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "ddpm-col2im"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let cols = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("ddpm-col2im needs a contiguous f32 input"),
+        };
+        let (l, bl) = (g.positions(), g.b * g.positions());
+        let mut dx = vec![0f32; g.b * g.c * g.h * g.w];
+        // One (b, c) plane per task: every write of a task stays in its own plane.
+        dx.par_chunks_mut(g.h * g.w).enumerate().for_each(|(p, plane)| {
+            let (b, c) = (p / g.c, p % g.c);
+            for ki in 0..g.k {
+                for kj in 0..g.k {
+                    let r = (c * g.k + ki) * g.k + kj;
+                    let src = &cols[r * bl + b * l..r * bl + (b + 1) * l];
+                    for oy in 0..g.oh {
+                        let Some(iy) = g.in_row(oy, ki) else { continue };
+                        let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                        let s = &src[oy * g.ow..(oy + 1) * g.ow];
+                        for (ox, v) in s.iter().enumerate() {
+                            if let Some(ix) = g.in_col(ox, kj) {
+                                dst[ix] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
+    }
+}
+
+/// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side.
+///
+/// On the CPU in f32 this is im2col + one matrix product (see the module docs); elsewhere it is
+/// candle's `conv2d`. Both are differentiable in x, w and bias.
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, ci, k, k2) = w.dims4()?;
+    if ci != c || k != k2 {
+        candle_core::bail!("conv2d: input has {c} channels, weight is {:?} (need (O, {c}, k, k))", w.dims());
+    }
+    if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
+        candle_core::bail!("conv2d: kernel {k} with stride {stride} and padding {pad} does not fit a {h}x{wd} input");
+    }
+    let y = if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1 };
+        let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
+        // (O, C k k) @ (C k k, B L) = (O, B L), then (B, O, H', W').
+        let y = w.reshape((o, g.rows()))?.matmul(&cols)?;
+        y.reshape((o, b, g.oh, g.ow))?.transpose(0, 1)?.contiguous()?
+    } else {
+        x.conv2d(w, pad, stride, 1, 1)?
+    };
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// A convolution layer with square kernel, bias, stride and symmetric zero padding, computed by
+/// [`conv2d`].
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Weight (O, C, k, k).
+    pub weight: Tensor,
+    /// Bias (O).
+    pub bias: Option<Tensor>,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// A layer from its parameters.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self { weight, bias, stride, padding }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}

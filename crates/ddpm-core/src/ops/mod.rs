@@ -1,0 +1,5 @@
+//! Fused operations with analytic backward passes and multi-threaded CPU kernels, for the ops that
+//! dominate a UNet's training step. Each falls back to the composed candle ops it replaces on devices
+//! and dtypes that it has no kernel for, so the same code runs everywhere.
+
+pub mod conv;
