@@ -34,26 +34,25 @@ pub fn to_chw(img: &DynamicImage, size: usize, channels: usize) -> Vec<u8> {
     }
 }
 
+/// Pixel values of a tensor in [-1, 1], in its own element order: round((x + 1) * 127.5) clamped to
+/// [0, 255].
+fn to_u8(t: &Tensor) -> Result<Vec<u8>> {
+    let v = ((t.to_device(&Device::Cpu)?.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.round()?;
+    Ok(v.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as u8).collect())
+}
+
 /// Number of columns of a near-square grid of `n` images: ceil(sqrt(n)).
 pub fn grid_cols(n: usize) -> usize {
     (n as f64).sqrt().ceil().max(1.0) as usize
 }
 
 /// Lays out a (N, C, H, W) batch in [-1, 1] as one RGB image of `cols` columns with a 2-pixel border.
-/// Pixel = round((x + 1) * 127.5), clamped to [0, 255].
 pub fn grid_image(batch: &Tensor, cols: usize) -> Result<RgbImage> {
     let (n, c, h, w) = batch.dims4()?;
     if c != 1 && c != 3 {
         bail!("cannot draw images with {c} channels (need 1 or 3)");
     }
-    let px: Vec<u8> = ((batch.to_device(&Device::Cpu)?.to_dtype(DType::F32)? + 1.0)? * 127.5)?
-        .clamp(0f32, 255f32)?
-        .round()?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| v as u8)
-        .collect();
+    let px = to_u8(batch)?;
     let cols = cols.clamp(1, n.max(1));
     let rows = n.div_ceil(cols);
     let pad = 2;
@@ -73,17 +72,10 @@ pub fn grid_image(batch: &Tensor, cols: usize) -> Result<RgbImage> {
     Ok(img)
 }
 
-/// Saves one image of a batch (C, H, W in [-1, 1]) as its own PNG, greyscale when C is 1.
+/// One image of a batch (C, H, W in [-1, 1]) as an image, greyscale when C is 1.
 pub fn single_image(img: &Tensor) -> Result<DynamicImage> {
     let (c, h, w) = img.dims3()?;
-    let px: Vec<u8> = ((img.to_device(&Device::Cpu)?.to_dtype(DType::F32)? + 1.0)? * 127.5)?
-        .clamp(0f32, 255f32)?
-        .round()?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| v as u8)
-        .collect();
+    let px = to_u8(img)?;
     let out = if c == 1 {
         DynamicImage::ImageLuma8(image::GrayImage::from_raw(w as u32, h as u32, px).context("image buffer size")?)
     } else {

@@ -1,6 +1,8 @@
 //! The `ddpm` command line: train, sample, interpolate, export, eval and bench, as a library so that the
 //! workspace tests can drive each command in process.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod checkpoint;
 pub mod data;

@@ -7,12 +7,13 @@
 //!   cols = im2col(x)                  (C k k, B L),  L = H' W'
 //!   y    = w.reshape(O, C k k) @ cols (O, B L)  -> (B, O, H', W')
 //!
-//! so that autograd differentiates the product with two more products (dW = dY cols^T and
-//! dcols = W^T dY, both large, multi-threaded gemm calls) and im2col's own backward is col2im, a
-//! scatter-add written here. On devices or dtypes without these kernels the layer falls back to
-//! candle's `conv2d`.
+//! and the backward is two more large, multi-threaded products, dW = dY cols^T and dcols = W^T dY,
+//! followed by col2im, the scatter-add adjoint of im2col. The column matrix is rebuilt in the
+//! backward pass rather than kept from the forward one: it is k^2 times the size of the input, and
+//! keeping one per layer would hold several hundred MB for a batch of 64. On devices or dtypes
+//! without these kernels the layer falls back to candle's `conv2d`.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
@@ -85,9 +86,6 @@ impl CustomOp1 for Im2Col {
         Ok((CpuStorage::F32(cols), Shape::from((g.rows(), g.b * l))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
-    }
 }
 
 /// col2im, the adjoint of [`Im2Col`]: dcols (C k k, B L) -> dx (B, C, H, W), each column entry added
@@ -131,6 +129,37 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// Carries the convolution's gradient: forward passes its third argument (the output y, computed
+/// without a graph) through; backward gives dx = col2im(W^T dY) and dW = dY im2col(x)^T.
+struct ConvBackward(Geometry);
+
+impl CustomOp3 for ConvBackward {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, y: &CpuStorage, ly: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (y, ly.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok((CpuStorage::F32(v[a..b].to_vec()), ly.shape().clone())),
+            _ => candle_core::bail!("ddpm-conv2d needs a contiguous f32 output"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let o = w.dim(0)?;
+        let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
+        // dY as (O, B L): the output's batch and channel axes swapped.
+        let dy = grad.transpose(0, 1)?.contiguous()?.reshape((o, g.b * g.positions()))?;
+        // dW = dY cols^T, (O, C k k)
+        let dw = dy.matmul(&cols.t()?)?.reshape(w.shape())?;
+        // dcols = W^T dY, (C k k, B L); dx = col2im(dcols)
+        let dcols = w.reshape((o, g.rows()))?.t()?.matmul(&dy)?;
+        let dx = dcols.apply_op1_no_bwd(&Col2Im(g))?;
+        Ok((Some(dx), Some(dw), None))
+    }
+}
+
 /// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side.
 ///
 /// On the CPU in f32 this is im2col + one matrix product (see the module docs); elsewhere it is
@@ -146,10 +175,16 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     }
     let y = if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1 };
-        let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
+        let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
         // (O, C k k) @ (C k k, B L) = (O, B L), then (B, O, H', W').
-        let y = w.reshape((o, g.rows()))?.matmul(&cols)?;
-        y.reshape((o, b, g.oh, g.ow))?.transpose(0, 1)?.contiguous()?
+        let y = w.detach().reshape((o, g.rows()))?.matmul(&cols)?;
+        let y = y.reshape((o, b, g.oh, g.ow))?.transpose(0, 1)?.contiguous()?;
+        if x.track_op() || w.track_op() {
+            // Attach the analytic backward; the op itself passes y through.
+            x.apply_op3(w, &y, ConvBackward(g))?
+        } else {
+            y
+        }
     } else {
         x.conv2d(w, pad, stride, 1, 1)?
     };
