@@ -150,7 +150,7 @@ impl CustomOp3 for ConvBackward {
         let o = w.dim(0)?;
         let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
         // dY as (O, B L): the output's batch and channel axes swapped.
-        let dy = grad.transpose(0, 1)?.contiguous()?.reshape((o, g.b * g.positions()))?;
+        let dy = swap_leading(grad, g.b, o, g.positions())?.reshape((o, g.b * g.positions()))?;
         // dW = dY cols^T, (O, C k k)
         let dw = dy.matmul(&cols.t()?)?.reshape(w.shape())?;
         // dcols = W^T dY, (C k k, B L); dx = col2im(dcols)
@@ -158,6 +158,37 @@ impl CustomOp3 for ConvBackward {
         let dx = dcols.apply_op1_no_bwd(&Col2Im(g))?;
         Ok((Some(dx), Some(dw), None))
     }
+}
+
+/// Swaps the two leading axes of a contiguous (A, B, L) f32 tensor into (B, A, L) by copying whole
+/// rows of L values (candle's strided copy computes every element's index with divisions).
+struct SwapLeading;
+
+impl CustomOp1 for SwapLeading {
+    fn name(&self) -> &'static str {
+        "ddpm-swap-leading"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b, l) = layout.shape().dims3()?;
+        let src = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((s, e))) => &v[s..e],
+            _ => candle_core::bail!("ddpm-swap-leading needs a contiguous f32 input"),
+        };
+        let mut out = vec![0f32; a * b * l];
+        // out[j, i, :] = src[i, j, :]
+        out.par_chunks_mut(a * l).enumerate().for_each(|(j, block)| {
+            for (i, row) in block.chunks_exact_mut(l).enumerate() {
+                row.copy_from_slice(&src[(i * b + j) * l..(i * b + j + 1) * l]);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, a, l))))
+    }
+}
+
+/// (A, B, L) -> (B, A, L) without a gradient, on the CPU in f32.
+fn swap_leading(x: &Tensor, a: usize, b: usize, l: usize) -> Result<Tensor> {
+    x.reshape((a, b, l))?.contiguous()?.apply_op1_no_bwd(&SwapLeading)
 }
 
 /// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side.
@@ -178,7 +209,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
         let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
         // (O, C k k) @ (C k k, B L) = (O, B L), then (B, O, H', W').
         let y = w.detach().reshape((o, g.rows()))?.matmul(&cols)?;
-        let y = y.reshape((o, b, g.oh, g.ow))?.transpose(0, 1)?.contiguous()?;
+        let y = swap_leading(&y, o, b, g.positions())?.reshape((b, o, g.oh, g.ow))?;
         if x.track_op() || w.track_op() {
             // Attach the analytic backward; the op itself passes y through.
             x.apply_op3(w, &y, ConvBackward(g))?

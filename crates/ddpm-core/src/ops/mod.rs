@@ -3,3 +3,6 @@
 //! and dtypes that it has no kernel for, so the same code runs everywhere.
 
 pub mod conv;
+pub mod group_norm;
+
+pub use group_norm::{group_norm, group_norm_composed};

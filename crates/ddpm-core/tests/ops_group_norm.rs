@@ -1,0 +1,176 @@
+//! The fused group norm (+ SiLU) against a reference composed from candle ops written out here:
+//! outputs and the gradients of x, gamma and beta, with and without SiLU, for several shapes; and
+//! its forward against `candle_nn::GroupNorm`.
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use ddpm_core::ops::{group_norm, group_norm_composed};
+
+/// Largest |a - b| over all elements, relative to max(1, max |b|).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let d = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    d.to_scalar::<f32>().unwrap() / scale.max(1.0)
+}
+
+/// Group norm + optional SiLU from elementary candle ops, independent of the crate's code:
+/// mean and biased variance over (N, G, M), then the affine map, then x * sigmoid(x).
+fn reference(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool) -> Tensor {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    let xg = x.reshape((n, groups, ())).unwrap();
+    let mean = xg.mean_keepdim(2).unwrap();
+    let xc = xg.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+    let xhat = xc.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap().reshape(dims.as_slice()).unwrap();
+    let mut w = vec![1; dims.len()];
+    w[1] = c;
+    let y = xhat
+        .broadcast_mul(&gamma.reshape(w.as_slice()).unwrap())
+        .unwrap()
+        .broadcast_add(&beta.reshape(w.as_slice()).unwrap())
+        .unwrap();
+    if silu {
+        let sig = (y.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap();
+        (&y * sig).unwrap()
+    } else {
+        y
+    }
+}
+
+/// Compares values and gradients (loss = sum(out * r), r random) of `f` against [`reference`].
+fn check_with(
+    shape: &[usize],
+    groups: usize,
+    silu: bool,
+    f: impl Fn(&Tensor, usize, &Tensor, &Tensor, f64, bool) -> candle_core::Result<Tensor>,
+) {
+    let dev = Device::Cpu;
+    let c = shape[1];
+    // a non-zero mean and a non-unit scale, so that the centring matters
+    let x = Var::from_tensor(&(Tensor::randn(0f32, 2., shape, &dev).unwrap() + 0.7).unwrap()).unwrap();
+    let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev).unwrap()).unwrap();
+    let beta = Var::from_tensor(&Tensor::randn(0f32, 1., c, &dev).unwrap()).unwrap();
+    let eps = 1e-5;
+    let ours = f(&x, groups, &gamma, &beta, eps, silu).unwrap();
+    let want = reference(&x, groups, &gamma, &beta, eps, silu);
+    assert_eq!(ours.dims(), want.dims());
+    let d = rel_diff(&ours, &want);
+    assert!(d < 1e-4, "forward differs by {d} (shape {shape:?}, {groups} groups, silu {silu})");
+    let r = Tensor::randn(0f32, 1., shape, &dev).unwrap();
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
+        let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+        assert_eq!(a.dims(), b.dims(), "gradient of {name} has the wrong shape");
+        let d = rel_diff(a, b);
+        assert!(d < 1e-4, "gradient of {name} differs by {d} (shape {shape:?}, {groups} groups, silu {silu})");
+    }
+}
+
+fn check(shape: &[usize], groups: usize, silu: bool) {
+    check_with(shape, groups, silu, group_norm);
+}
+
+#[test]
+fn four_groups_odd_spatial() {
+    check(&[2, 8, 5, 7], 4, false);
+    check(&[2, 8, 5, 7], 4, true);
+}
+
+#[test]
+fn one_channel_per_group() {
+    check(&[3, 32, 4, 4], 32, false);
+    check(&[3, 32, 4, 4], 32, true);
+}
+
+#[test]
+fn rank_three() {
+    check(&[1, 6, 3], 2, false);
+    check(&[1, 6, 3], 2, true);
+}
+
+#[test]
+fn rank_two() {
+    check(&[4, 6], 3, true);
+}
+
+#[test]
+fn large_groups_exercise_blocks() {
+    // 2 channels of 40 x 40 per group: several f32 blocks per channel
+    check(&[2, 4, 40, 40], 2, true);
+}
+
+#[test]
+fn composed_fallback_matches_reference() {
+    check_with(&[2, 8, 5, 7], 4, true, group_norm_composed);
+    check_with(&[1, 6, 3], 2, false, group_norm_composed);
+}
+
+#[test]
+fn forward_matches_candle_nn() {
+    let dev = Device::Cpu;
+    for (shape, groups) in [(vec![2, 8, 5, 7], 4), (vec![3, 32, 4, 4], 32), (vec![1, 6, 3], 2)] {
+        let c = shape[1];
+        let x = (Tensor::randn(0f32, 3., shape.as_slice(), &dev).unwrap() - 1.5).unwrap();
+        let gamma = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
+        let beta = Tensor::randn(0f32, 1., c, &dev).unwrap();
+        let nn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, 1e-6).unwrap();
+        let want = nn.forward(&x).unwrap();
+        let ours = group_norm(&x, groups, &gamma, &beta, 1e-6, false).unwrap();
+        assert!(rel_diff(&ours, &want) < 1e-4, "shape {shape:?}: {}", rel_diff(&ours, &want));
+        let ours = group_norm(&x, groups, &gamma, &beta, 1e-6, true).unwrap();
+        let want = candle_nn::ops::silu(&want).unwrap();
+        assert!(rel_diff(&ours, &want) < 1e-4, "silu, shape {shape:?}: {}", rel_diff(&ours, &want));
+    }
+}
+
+#[test]
+fn silu_saturates_cleanly() {
+    // large |y|: the fast exp must neither overflow into NaN nor lose the identity / zero limits
+    let dev = Device::Cpu;
+    let x = Tensor::new(&[[-1000f32, -1.0, 0.0, 1.0, 1000.0, 3.0]], &dev).unwrap().reshape((1, 1, 6)).unwrap();
+    let gamma = Tensor::new(&[200f32], &dev).unwrap();
+    let beta = Tensor::new(&[0f32], &dev).unwrap();
+    let ours = group_norm(&x, 1, &gamma, &beta, 1e-5, true).unwrap();
+    let want = reference(&x, 1, &gamma, &beta, 1e-5, true);
+    let v = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|v| v.is_finite()), "{v:?}");
+    assert!(rel_diff(&ours, &want) < 1e-5, "{v:?}");
+}
+
+#[test]
+fn strided_and_f64_inputs_fall_back() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1., (2, 5, 4, 8), &dev).unwrap();
+    let gamma = Tensor::randn(1f32, 0.5, 8, &dev).unwrap();
+    let beta = Tensor::randn(0f32, 1., 8, &dev).unwrap();
+    // (2, 8, 4, 5) view that is not contiguous
+    let xt = x.transpose(1, 3).unwrap();
+    assert!(!xt.is_contiguous());
+    let ours = group_norm(&xt, 4, &gamma, &beta, 1e-5, true).unwrap();
+    let want = group_norm(&xt.contiguous().unwrap(), 4, &gamma, &beta, 1e-5, true).unwrap();
+    assert!(rel_diff(&ours, &want) < 1e-5);
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let ours = group_norm(&f64s(&xt), 4, &f64s(&gamma), &f64s(&beta), 1e-5, true).unwrap();
+    assert_eq!(ours.dtype(), DType::F64);
+    assert!(rel_diff(&ours, &want) < 1e-5);
+    let f16s = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let ours = group_norm(&f16s(&xt), 4, &f16s(&gamma), &f16s(&beta), 1e-5, true).unwrap();
+    assert_eq!(ours.dtype(), DType::F16);
+    assert!(rel_diff(&ours, &want) < 1e-2);
+}
+
+#[test]
+fn rejects_bad_arguments() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 6, 3, 3), DType::F32, &dev).unwrap();
+    let g6 = Tensor::ones(6, DType::F32, &dev).unwrap();
+    let g4 = Tensor::ones(4, DType::F32, &dev).unwrap();
+    assert!(group_norm(&x, 4, &g6, &g6, 1e-5, false).is_err());
+    assert!(group_norm(&x, 0, &g6, &g6, 1e-5, false).is_err());
+    assert!(group_norm(&x, 2, &g4, &g6, 1e-5, false).is_err());
+    assert!(group_norm(&x, 2, &g6, &g4, 1e-5, false).is_err());
+    assert!(group_norm(&Tensor::zeros(6, DType::F32, &dev).unwrap(), 2, &g6, &g6, 1e-5, false).is_err());
+}
