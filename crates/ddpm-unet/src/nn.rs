@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{DType, Device, Module, Result, Shape, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use ddpm_core::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
@@ -75,17 +75,25 @@ pub(crate) fn linear(vb: VarBuilder, rec: &Recorder, in_d: usize, out_d: usize) 
 /// Group normalisation over `groups` groups of channels:
 /// y = (x - mean_g) / sqrt(var_g + eps) * weight_c + bias_c.
 ///
-/// A thin wrapper so that the implementation (today candle-nn's, built from differentiable ops) can
-/// be swapped for a fused kernel in one place.
+/// Computed by [`ddpm_core::ops::group_norm`]: a fused kernel with an analytic backward for f32 on
+/// the CPU, candle's composed (differentiable) ops elsewhere.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
-    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
 }
 
 impl GroupNorm {
     /// Normalises `x` (N, C, ...).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        ddpm_core::ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false)
+    }
+
+    /// SiLU(group_norm(x)) = y * sigmoid(y) with y = group_norm(x), in one fused op on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        ddpm_core::ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true)
     }
 }
 
@@ -97,10 +105,16 @@ pub(crate) fn group_norm(
     channels: usize,
     eps: f64,
 ) -> Result<GroupNorm> {
-    let w = param(&vb, rec, channels, "weight", Init::Const(1.0))?;
-    let b = param(&vb, rec, channels, "bias", Init::Const(0.0))?;
+    if groups == 0 || !channels.is_multiple_of(groups) {
+        candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
+    }
+    let weight = param(&vb, rec, channels, "weight", Init::Const(1.0))?;
+    let bias = param(&vb, rec, channels, "bias", Init::Const(0.0))?;
     Ok(GroupNorm {
-        inner: candle_nn::GroupNorm::new(w, b, channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
     })
 }
 

@@ -68,7 +68,7 @@ impl ResnetBlock2D {
     /// `rng` is given (training).
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rng: Option<&mut NoiseRng>) -> Result<Tensor> {
         // h = conv1(SiLU(norm1(x)))
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         // + time_emb_proj(SiLU(temb)) broadcast over H, W
         let t = self
             .time_emb_proj
@@ -77,7 +77,7 @@ impl ResnetBlock2D {
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
         // h = conv2(dropout(SiLU(norm2(h))))
-        let h = silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = dropout(&h, self.dropout, rng)?;
         let h = self.conv2.forward(&h)?;
         let skip = match &self.conv_shortcut {

@@ -12,7 +12,7 @@ use crate::blocks::{AttnParams, DownBlock, MidBlock, UpBlock};
 use crate::config::UNetConfig;
 use crate::embedding::{SinusoidalEmbedding, TimestepEmbedding};
 use crate::error::{Error, Result};
-use crate::nn::{conv2d, group_norm, silu, GroupNorm, Recorder, ShapeOnly};
+use crate::nn::{conv2d, group_norm, GroupNorm, Recorder, ShapeOnly};
 use crate::resnet::ResnetParams;
 
 /// The UNet noise predictor eps_theta(x_t, t).
@@ -269,7 +269,7 @@ impl UNet2DModel {
         for block in &self.up_blocks {
             h = block.forward(&h, &emb, &mut skips, rng.as_deref_mut())?;
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)?.to_dtype(in_dtype)
     }
 }

@@ -85,7 +85,7 @@ fn exp_f32(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let er = p * z + r + 1.0;
     // t's bits are 0x4B40_0000 + n; 2^n has biased exponent n + 127.
     let two_n = f32::from_bits((t.to_bits().wrapping_sub(0x4B40_0000 - 127)) << 23);
@@ -131,6 +131,31 @@ fn group_stats(xs: &[f32], eps: f64) -> (f32, f32) {
     }
     let var = sq / m;
     (mean32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// (sum dy, sum dy xhat) over one channel, xhat = (x - mean) rstd: f32 lanes within blocks of
+/// [`BLOCK`] elements, f64 across blocks.
+fn sum_dy_dyxhat(dy: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
+    let (mut ta, mut tb) = (0f64, 0f64);
+    for (db, xb) in dy.chunks(BLOCK).zip(x.chunks(BLOCK)) {
+        let mut acc_a = [0f32; LANES];
+        let mut acc_b = [0f32; LANES];
+        let dc = db.chunks_exact(LANES);
+        let xc = xb.chunks_exact(LANES);
+        for (&dv, &xv) in dc.remainder().iter().zip(xc.remainder()) {
+            ta += dv as f64;
+            tb += (dv * ((xv - mean) * rstd)) as f64;
+        }
+        for (dl, xl) in dc.zip(xc) {
+            for l in 0..LANES {
+                acc_a[l] += dl[l];
+                acc_b[l] += dl[l] * ((xl[l] - mean) * rstd);
+            }
+        }
+        ta += acc_a.iter().map(|&v| v as f64).sum::<f64>();
+        tb += acc_b.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    (ta, tb)
 }
 
 /// The f32 slice of a contiguous CPU storage, or an error naming the op and the argument.
@@ -279,47 +304,17 @@ impl CustomOp3 for GroupNormBackward {
                     let xr = &xs[ci * s..(ci + 1) * s];
                     let dr = &ds[ci * s..(ci + 1) * s];
                     let dyr = &mut dxs[ci * s..(ci + 1) * s];
-                    let silu = self.silu;
-                    // dy and dy xhat of one element
-                    let step = |xv: f32, dv: f32| -> (f32, f32) {
-                        let dy = if silu {
-                            // d silu(y) / dy = s (1 + y (1 - s))
+                    if self.silu {
+                        // dy = dout s (1 + y (1 - s)),  y = a x + b,  s = sigmoid(y)
+                        for ((dy, &xv), &dv) in dyr.iter_mut().zip(xr).zip(dr) {
                             let y = xv * a + b;
                             let sg = sigmoid_f32(y);
-                            dv * sg * (1.0 + y * (1.0 - sg))
-                        } else {
-                            dv
-                        };
-                        (dy, dy * ((xv - mean) * rstd))
-                    };
-                    let (mut ta, mut tb) = (0f64, 0f64);
-                    for ((xb, db), yb) in
-                        xr.chunks(BLOCK).zip(dr.chunks(BLOCK)).zip(dyr.chunks_mut(BLOCK))
-                    {
-                        let mut acc_a = [0f32; LANES];
-                        let mut acc_b = [0f32; LANES];
-                        let mut xc = xb.chunks_exact(LANES);
-                        let mut dc = db.chunks_exact(LANES);
-                        let mut yc = yb.chunks_exact_mut(LANES);
-                        for ((xl, dl), yl) in (&mut xc).zip(&mut dc).zip(&mut yc) {
-                            for l in 0..LANES {
-                                let (dy, dyx) = step(xl[l], dl[l]);
-                                yl[l] = dy;
-                                acc_a[l] += dy;
-                                acc_b[l] += dyx;
-                            }
+                            *dy = dv * sg * (1.0 + y * (1.0 - sg));
                         }
-                        for ((&xv, &dv), yv) in
-                            xc.remainder().iter().zip(dc.remainder()).zip(yc.into_remainder())
-                        {
-                            let (dy, dyx) = step(xv, dv);
-                            *yv = dy;
-                            ta += dy as f64;
-                            tb += dyx as f64;
-                        }
-                        ta += acc_a.iter().map(|&v| v as f64).sum::<f64>();
-                        tb += acc_b.iter().map(|&v| v as f64).sum::<f64>();
+                    } else {
+                        dyr.copy_from_slice(dr);
                     }
+                    let (ta, tb) = sum_dy_dyxhat(dyr, xr, mean, rstd);
                     part[ci] = ta;
                     part[cg + ci] = tb;
                     s1 += gam as f64 * ta;
