@@ -13,7 +13,7 @@
 //! keeping one per layer would hold several hundred MB for a batch of 64. On devices or dtypes
 //! without these kernels the layer falls back to candle's `conv2d`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
@@ -44,9 +44,12 @@ impl Geometry {
     fn in_row(&self, oy: usize, ki: usize) -> Option<usize> {
         (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
     }
-    /// For kernel offset `kj` and output column `ox`, the input column ix = ox s + kj - p, if inside.
-    fn in_col(&self, ox: usize, kj: usize) -> Option<usize> {
-        (ox * self.stride + kj).checked_sub(self.pad).filter(|&ix| ix < self.w)
+    /// For kernel offset `kj`, the output columns [lo, hi) whose input column ix = ox s + kj - p lies
+    /// inside the image: ox >= ceil((p - kj) / s) and ox s + kj - p <= W - 1.
+    fn col_range(&self, kj: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(kj).div_ceil(self.stride);
+        let hi = if self.w + self.pad > kj { ((self.w - 1 + self.pad - kj) / self.stride + 1).min(self.ow) } else { 0 };
+        (lo, hi.max(lo))
     }
 }
 
@@ -69,15 +72,21 @@ impl CustomOp1 for Im2Col {
         let mut cols = vec![0f32; g.rows() * g.b * l];
         cols.par_chunks_mut(g.b * l).enumerate().for_each(|(r, row)| {
             let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
+            let (lo, hi) = g.col_range(kj);
             for b in 0..g.b {
                 let plane = &x[(b * g.c + c) * g.h * g.w..(b * g.c + c + 1) * g.h * g.w];
                 for oy in 0..g.oh {
                     let Some(iy) = g.in_row(oy, ki) else { continue };
                     let src = &plane[iy * g.w..(iy + 1) * g.w];
                     let dst = &mut row[b * l + oy * g.ow..b * l + (oy + 1) * g.ow];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        if let Some(ix) = g.in_col(ox, kj) {
-                            *d = src[ix];
+                    // ix = ox s + kj - p over the valid columns (the rest stays 0)
+                    let base = kj as isize - g.pad as isize;
+                    if g.stride == 1 {
+                        let s0 = (lo as isize + base) as usize;
+                        dst[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                    } else {
+                        for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                            *d = src[((ox * g.stride) as isize + base) as usize];
                         }
                     }
                 }
@@ -112,13 +121,21 @@ impl CustomOp1 for Col2Im {
                 for kj in 0..g.k {
                     let r = (c * g.k + ki) * g.k + kj;
                     let src = &cols[r * bl + b * l..r * bl + (b + 1) * l];
+                    let (lo, hi) = g.col_range(kj);
+                    let base = kj as isize - g.pad as isize;
                     for oy in 0..g.oh {
                         let Some(iy) = g.in_row(oy, ki) else { continue };
                         let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
                         let s = &src[oy * g.ow..(oy + 1) * g.ow];
-                        for (ox, v) in s.iter().enumerate() {
-                            if let Some(ix) = g.in_col(ox, kj) {
-                                dst[ix] += v;
+                        // dx[iy, ox s + kj - p] += dcols[r, oy, ox] over the valid columns
+                        if g.stride == 1 {
+                            let d0 = (lo as isize + base) as usize;
+                            for (d, v) in dst[d0..d0 + hi - lo].iter_mut().zip(&s[lo..hi]) {
+                                *d += v;
+                            }
+                        } else {
+                            for (ox, v) in s.iter().enumerate().take(hi).skip(lo) {
+                                dst[((ox * g.stride) as isize + base) as usize] += v;
                             }
                         }
                     }
@@ -129,40 +146,48 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// Carries the convolution's gradient: forward passes its third argument (the output y, computed
-/// without a graph) through; backward gives dx = col2im(W^T dY) and dW = dY im2col(x)^T.
-struct ConvBackward(Geometry);
+/// Carries the convolution's gradient. Its arguments are (x, w, bias); its forward returns a copy of
+/// the output y = conv(x, w) + bias computed beforehand without a graph; its backward gives
+/// dx = col2im(W^T dY), dW = dY im2col(x)^T and dbias = the sum of dY over batch and positions.
+struct ConvBackward {
+    g: Geometry,
+    y: Tensor,
+}
 
 impl CustomOp3 for ConvBackward {
     fn name(&self) -> &'static str {
         "ddpm-conv2d"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, y: &CpuStorage, ly: &Layout) -> Result<(CpuStorage, Shape)> {
-        match (y, ly.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Ok((CpuStorage::F32(v[a..b].to_vec()), ly.shape().clone())),
-            _ => candle_core::bail!("ddpm-conv2d needs a contiguous f32 output"),
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (storage, layout) = self.y.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok((CpuStorage::F32(v[a..b].to_vec()), layout.shape().clone())),
+            _ => candle_core::bail!("ddpm-conv2d needs a contiguous f32 output on the CPU"),
         }
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.0;
+    fn bwd(&self, x: &Tensor, w: &Tensor, _bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.g;
         let o = w.dim(0)?;
         let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
         // dY as (O, B L): the output's batch and channel axes swapped.
-        let dy = swap_leading(grad, g.b, o, g.positions())?.reshape((o, g.b * g.positions()))?;
+        let dy = swap_leading(grad, g.b, o, g.positions(), None)?.reshape((o, g.b * g.positions()))?;
+        // dbias = sum over batch and positions of dY, (O)
+        let dbias = dy.sum(1)?;
         // dW = dY cols^T, (O, C k k)
         let dw = dy.matmul(&cols.t()?)?.reshape(w.shape())?;
         // dcols = W^T dY, (C k k, B L); dx = col2im(dcols)
         let dcols = w.reshape((o, g.rows()))?.t()?.matmul(&dy)?;
         let dx = dcols.apply_op1_no_bwd(&Col2Im(g))?;
-        Ok((Some(dx), Some(dw), None))
+        Ok((Some(dx), Some(dw), Some(dbias)))
     }
 }
 
 /// Swaps the two leading axes of a contiguous (A, B, L) f32 tensor into (B, A, L) by copying whole
-/// rows of L values (candle's strided copy computes every element's index with divisions).
-struct SwapLeading;
+/// rows of L values (candle's strided copy computes every element's index with divisions), adding
+/// `bias[i]` to every value of row i when there is a bias (A values).
+struct SwapLeading(Option<Vec<f32>>);
 
 impl CustomOp1 for SwapLeading {
     fn name(&self) -> &'static str {
@@ -176,19 +201,24 @@ impl CustomOp1 for SwapLeading {
             _ => candle_core::bail!("ddpm-swap-leading needs a contiguous f32 input"),
         };
         let mut out = vec![0f32; a * b * l];
-        // out[j, i, :] = src[i, j, :]
+        // out[j, i, :] = src[i, j, :] (+ bias[i])
         out.par_chunks_mut(a * l).enumerate().for_each(|(j, block)| {
             for (i, row) in block.chunks_exact_mut(l).enumerate() {
-                row.copy_from_slice(&src[(i * b + j) * l..(i * b + j + 1) * l]);
+                let from = &src[(i * b + j) * l..(i * b + j + 1) * l];
+                match &self.0 {
+                    Some(bias) => row.iter_mut().zip(from).for_each(|(d, v)| *d = v + bias[i]),
+                    None => row.copy_from_slice(from),
+                }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, a, l))))
     }
 }
 
-/// (A, B, L) -> (B, A, L) without a gradient, on the CPU in f32.
-fn swap_leading(x: &Tensor, a: usize, b: usize, l: usize) -> Result<Tensor> {
-    x.reshape((a, b, l))?.contiguous()?.apply_op1_no_bwd(&SwapLeading)
+/// (A, B, L) -> (B, A, L), plus `bias` (A) per row, without a gradient, on the CPU in f32.
+fn swap_leading(x: &Tensor, a: usize, b: usize, l: usize, bias: Option<&Tensor>) -> Result<Tensor> {
+    let bias = bias.map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+    x.reshape((a, b, l))?.contiguous()?.apply_op1_no_bwd(&SwapLeading(bias))
 }
 
 /// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side.
@@ -204,25 +234,28 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
         candle_core::bail!("conv2d: kernel {k} with stride {stride} and padding {pad} does not fit a {h}x{wd} input");
     }
-    let y = if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1 };
-        let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
-        // (O, C k k) @ (C k k, B L) = (O, B L), then (B, O, H', W').
-        let y = w.detach().reshape((o, g.rows()))?.matmul(&cols)?;
-        let y = swap_leading(&y, o, b, g.positions())?.reshape((b, o, g.oh, g.ow))?;
-        if x.track_op() || w.track_op() {
-            // Attach the analytic backward; the op itself passes y through.
-            x.apply_op3(w, &y, ConvBackward(g))?
-        } else {
-            y
-        }
-    } else {
-        x.conv2d(w, pad, stride, 1, 1)?
-    };
-    match bias {
-        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
-        None => Ok(y),
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+        let y = x.conv2d(w, pad, stride, 1, 1)?;
+        return match bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+            None => Ok(y),
+        };
     }
+    let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1 };
+    let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
+    // (O, C k k) @ (C k k, B L) = (O, B L), then (B, O, H', W') with the bias added.
+    let y = w.detach().reshape((o, g.rows()))?.matmul(&cols)?;
+    let y = swap_leading(&y, o, b, g.positions(), bias)?.reshape((b, o, g.oh, g.ow))?;
+    let bias_tracked = bias.is_some_and(|t| t.track_op());
+    if !(x.track_op() || w.track_op() || bias_tracked) {
+        return Ok(y);
+    }
+    // Attach the analytic backward; the op itself passes y through.
+    let bias = match bias {
+        Some(t) => t.clone(),
+        None => Tensor::zeros(o, DType::F32, x.device())?,
+    };
+    x.apply_op3(w, &bias, ConvBackward { g, y })
 }
 
 /// A convolution layer with square kernel, bias, stride and symmetric zero padding, computed by
