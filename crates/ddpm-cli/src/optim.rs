@@ -70,11 +70,14 @@ impl AdamW {
         let (bc1, bc2) = (1.0 - p.beta1.powi(k), 1.0 - p.beta2.powi(k));
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
-            let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g.clone() };
+            // Gradients, moments and the new weights are detached: an op graph kept in a moment would
+            // chain every past step's tensors together and grow without bound.
+            let g = if grad_scale != 1.0 { (g.detach() * grad_scale)? } else { g.detach() };
             let m = ((&self.m[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
-            let decayed = if p.weight_decay != 0.0 { (var.as_tensor() * (1.0 - lr * p.weight_decay))? } else { var.as_tensor().clone() };
+            let theta = var.as_tensor().detach();
+            let decayed = if p.weight_decay != 0.0 { (theta * (1.0 - lr * p.weight_decay))? } else { theta };
             var.set(&(decayed - (update * lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;
@@ -139,7 +142,8 @@ pub fn ema_decay(max_decay: f64, step: u64) -> f64 {
 pub fn ema_update(ema: &mut HashMap<String, Tensor>, vars: &[(String, Var)], decay: f64) -> Result<()> {
     for (name, var) in vars {
         let Some(e) = ema.get_mut(name) else { bail!("EMA weights lack `{name}`") };
-        *e = ((&*e * decay)? + (var.as_tensor() * (1.0 - decay))?)?;
+        // Detached, so that each EMA tensor does not keep the previous one alive through its op graph.
+        *e = ((&*e * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?;
     }
     Ok(())
 }
