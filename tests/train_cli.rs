@@ -116,3 +116,32 @@ fn bad_input_gives_one_line_errors() {
         assert!(!e.contains('\n'), "error is not one line: {e}");
     }
 }
+
+#[test]
+fn resume_with_more_steps_keeps_the_warmup_it_started_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let out = out.to_str().unwrap();
+    // No --warmup-steps: the default is steps / 10, so 0 for a 2-step run and 4 for a 40-step run.
+    let args = |steps: &'static str| -> Vec<String> {
+        let mut a: Vec<String> = tiny_args(cfg, out, steps).iter().map(|s| s.to_string()).collect();
+        let i = a.iter().position(|x| x == "--warmup-steps").unwrap();
+        a.drain(i..i + 2);
+        a.extend(["--lr".into(), "0.001".into()]);
+        a
+    };
+    let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    ddpm(&strs(&args("2")).iter().map(|s| s.as_str()).collect::<Vec<_>>()).unwrap();
+    // Resume with --steps 40 and stop it after step 3 (its checkpoint write fails on purpose).
+    let mut resume = args("40");
+    resume.extend(["--resume".into(), "auto".into()]);
+    let ddpm_cli::Cli::Train(train_args) = parse(&resume.iter().map(|s| s.as_str()).collect::<Vec<_>>()) else { panic!("not a train command") };
+    let stop = |_: &str| -> anyhow::Result<()> { anyhow::bail!("stop here") };
+    assert!(ddpm_cli::train::run_with_hook(train_args, &stop).is_err());
+    let metrics = std::fs::read_to_string(std::path::Path::new(out).join("metrics.jsonl")).unwrap();
+    let lrs: Vec<f64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap()).collect();
+    // Step 3 runs at the full rate of the 2-step run's schedule (warm-up 0), not at 3/4 of it.
+    assert_eq!(lrs, vec![0.001, 0.001, 0.001]);
+}

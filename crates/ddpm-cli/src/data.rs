@@ -231,17 +231,15 @@ pub fn data_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data")
 }
 
-/// Loads a dataset by name (`mnist`, `fashion-mnist`, `cifar10`, from `data/NAME/`) or by path (a folder
-/// of IDX files, CIFAR-10 binary batches or images). `size` and `channels` apply to image folders.
+/// Loads a dataset by name (`mnist`, `fashion-mnist`, `cifar10`: from `data/NAME/` when that folder
+/// exists, else from the Hub's parquet files, see [`crate::hub_data`]) or by path (a folder of IDX
+/// files, CIFAR-10 binary batches or images). `size` and `channels` apply to image folders.
 pub fn load(spec: &str, split: Split, size: usize, channels: usize) -> Result<ImageSet> {
     let named = matches!(spec, "mnist" | "fashion-mnist" | "cifar10");
     let dir = if named { data_root().join(spec) } else { PathBuf::from(spec) };
     if !dir.is_dir() {
-        if named {
-            bail!(
-                "dataset `{spec}`: folder {} not found; put the {spec} files there (IDX or CIFAR-10 binary) or pass --data PATH",
-                dir.display()
-            );
+        if let Some(d) = crate::hub_data::find(spec).filter(|_| named) {
+            return crate::hub_data::load(d, split, &ddpm_unet::hub::HubOptions::from_env());
         }
         bail!("--data {spec}: no such folder (expected a dataset name: mnist, fashion-mnist, cifar10, or a folder of IDX files, CIFAR-10 batches or images)");
     }

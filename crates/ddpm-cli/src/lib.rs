@@ -10,6 +10,7 @@ pub mod device;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod hub_data;
 pub mod imageio;
 pub mod init;
 pub mod interpolate;

@@ -256,6 +256,33 @@ fn check_same(what: &str, ckpt: &serde_json::Value, now: &serde_json::Value, dir
     Ok(())
 }
 
+/// The options saved in a checkpoint: the command line plus the values derived from it (the warm-up
+/// length and learning rate actually used), so that a resume with other `--steps` keeps them.
+fn options_json(args: &TrainArgs, s: &Setup) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(args)?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("resolved_warmup_steps".into(), s.warmup.into());
+        o.insert("resolved_lr".into(), s.lr.into());
+    }
+    Ok(v)
+}
+
+/// On resume, keeps the warm-up length and learning rate the checkpoint was trained with unless the
+/// command line sets them: both defaults depend on other options (the warm-up on `--steps`), and a
+/// resume that changes `--steps` must not change the learning-rate schedule of the steps already run.
+fn keep_schedule_of(saved: &serde_json::Value, args: &TrainArgs, s: &mut Setup) {
+    if args.warmup_steps.is_none() {
+        if let Some(w) = saved.get("resolved_warmup_steps").and_then(|v| v.as_u64()) {
+            s.warmup = w;
+        }
+    }
+    if args.lr.is_none() {
+        if let Some(lr) = saved.get("resolved_lr").and_then(|v| v.as_f64()) {
+            s.lr = lr;
+        }
+    }
+}
+
 /// Runs `ddpm train`.
 pub fn run(args: TrainArgs) -> Result<()> {
     run_with_hook(args, &|_| Ok(()))
@@ -270,7 +297,7 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
     if let Some(n) = args.max_images {
         set.truncate(n);
     }
-    let s = setup(&args, &set)?;
+    let mut s = setup(&args, &set)?;
     let schedule = NoiseSchedule::new(&s.sched_config, &device)?;
     let ckpt_dir = s.out.join("checkpoints");
     let samples_dir = s.out.join("samples");
@@ -317,6 +344,7 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
             tr.ema = ck.ema;
             tr.rng = NoiseRng::from_state(ck.rng);
             step = ck.step;
+            keep_schedule_of(&ck.options, &args, &mut s);
             eprintln!("resumed from {} at step {step}", dir.display());
         }
     }
@@ -383,7 +411,7 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
             let ck = Checkpoint {
                 step,
                 rng: tr.rng.state(),
-                options: serde_json::to_value(&args)?,
+                options: options_json(&args, &s)?,
                 unet_config: unet_json.clone(),
                 scheduler_config: sched_json.clone(),
                 ema: tr.ema.clone(),
