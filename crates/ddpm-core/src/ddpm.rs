@@ -260,10 +260,40 @@ impl DdpmScheduler {
     /// mu = sqrt(alpha_bar_prev) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) x_t,
     /// and adds sigma_t `noise` for t > 0. `noise` (standard normal, the shape of `sample`) is
     /// required for t > 0 and ignored at t = 0.
+    ///
+    /// Contiguous f32 tensors on the CPU take one fused pass ([`crate::ops::ddpm_step`]); other
+    /// devices and dtypes, and dynamic thresholding, take [`DdpmScheduler::step_composed`].
     pub fn step(&self, model_output: &Tensor, t: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
         check_step_inputs(model_output, sample, noise)?;
         let c = self.config();
         // Fails early for learned variances and unknown timesteps.
+        let k = self.coefficients(t)?;
+        let noise = if t > 0 {
+            Some(noise.ok_or_else(|| Error::arg(format!("the DDPM step from t = {t} needs noise")))?)
+        } else {
+            None
+        };
+        if c.thresholding || !crate::ops::ddpm_step::fused_step_available(model_output, sample, noise) {
+            return self.step_composed(model_output, t, sample, noise);
+        }
+        let (x0_from_sample, x0_from_output) = crate::ops::ddpm_step::x0_coefficients(c.prediction_type, k.alpha_bar, k.one_minus_alpha_bar);
+        let scalars = crate::ops::ddpm_step::StepScalars {
+            x0_from_sample,
+            x0_from_output,
+            clip: c.clip_sample.then_some(c.clip_sample_range),
+            coef_x0: k.coef_x0,
+            coef_xt: k.coef_xt,
+            sigma: k.sigma,
+        };
+        let (prev_sample, pred_original_sample) = crate::ops::ddpm_step::ddpm_step(model_output, sample, noise, scalars)?;
+        Ok(StepOutput { prev_sample, pred_original_sample })
+    }
+
+    /// [`DdpmScheduler::step`] from candle's elementwise ops: runs on every device and dtype and
+    /// handles dynamic thresholding; the reference the fused step is tested against.
+    pub fn step_composed(&self, model_output: &Tensor, t: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
+        check_step_inputs(model_output, sample, noise)?;
+        let c = self.config();
         let k = self.coefficients(t)?;
         let x0 = pred_x0_scalar(c.prediction_type, model_output, sample, k.alpha_bar, k.one_minus_alpha_bar)?;
         let x0 = clip_or_threshold(c, x0)?;

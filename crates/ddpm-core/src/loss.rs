@@ -1,8 +1,9 @@
 //! The training loss L_simple (Ho et al. 2020, eq. 14): the mean squared error between the network
 //! output and its target, for the three prediction types, with optional per-timestep weights.
 //!
-//! Everything here is built from differentiable candle ops (sub, sqr, mean, mul), so the returned
-//! scalar backpropagates into the network that made the output.
+//! The squared error is [`crate::ops::weighted_mse`] (one fused op with an analytic backward on the
+//! CPU, candle's differentiable ops elsewhere), so the returned scalar backpropagates into the
+//! network that made the output.
 
 use candle_core::Tensor;
 
@@ -101,27 +102,19 @@ pub fn simple_loss_at(
         return Err(Error::arg(format!("model output {:?} and x0 {:?} differ in shape", model_output.dims(), x0.dims())));
     }
     let target = target(schedule, pt, x0, noise, ts)?.detach();
-    // (output - target)^2
-    let sq = (model_output - &target)?.sqr()?;
-    match weighting {
+    let weights = match weighting {
         // L_simple = E ||output - target||^2 (mean over every element)
-        LossWeighting::None => Ok(sq.mean_all()?),
+        LossWeighting::None => None,
         _ => {
             let n = x0.dim(0)?;
             if ts.len() != n {
                 return Err(Error::arg(format!("{} timesteps for a batch of {n}", ts.len())));
             }
-            let w = ts
-                .iter()
-                .map(|&t| weighting.weight(schedule, pt, t).map(|w| w as f32))
-                .collect::<Result<Vec<f32>>>()?;
-            let w = Tensor::from_vec(w, n, x0.device())?.to_dtype(model_output.dtype())?;
-            // per-sample mse_i = mean over dims of (output - target)^2
-            let per_sample = sq.flatten_from(1)?.mean(1)?;
-            // L = mean_i w_{t_i} mse_i
-            Ok((per_sample * w)?.mean_all()?)
+            Some(ts.iter().map(|&t| weighting.weight(schedule, pt, t).map(|w| w as f32)).collect::<Result<Vec<f32>>>()?)
         }
-    }
+    };
+    // L = mean_i w_{t_i} mean_j (output_ij - target_ij)^2, fused on the CPU
+    Ok(crate::ops::weighted_mse(model_output, &target, weights.as_deref())?)
 }
 
 /// The output of [`training_loss`]: the loss and the draws that made it.

@@ -3,6 +3,9 @@
 //! and dtypes that it has no kernel for, so the same code runs everywhere.
 
 pub mod conv;
+pub mod ddpm_step;
 pub mod group_norm;
+pub mod mse;
 
 pub use group_norm::{group_norm, group_norm_composed};
+pub use mse::{weighted_mse, weighted_mse_composed};
