@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Result};
 use candle_core::{backprop::GradStore, Tensor, Var};
+use ddpm_core::ops::optim as ops;
 
 /// AdamW hyper-parameters (PyTorch's defaults apart from the learning rate).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -39,8 +40,9 @@ impl AdamW {
     /// An optimizer with zero moments over `vars` (name, variable).
     pub fn new(mut vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
+        // Two separate allocations: the CPU step updates m and v in place.
         let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { vars, m, v, step: 0, params })
     }
 
@@ -70,6 +72,13 @@ impl AdamW {
         let (bc1, bc2) = (1.0 - p.beta1.powi(k), 1.0 - p.beta2.powi(k));
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
+            let theta = var.as_tensor();
+            if ops::fused_available(&[theta, &self.m[i], &self.v[i], g]) {
+                // One in-place pass per tensor on the CPU, the same formulas as below.
+                let s = ops::AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.step, grad_scale };
+                ops::adamw_step_(theta, &self.m[i], &self.v[i], g, &s)?;
+                continue;
+            }
             // Gradients, moments and the new weights are detached: an op graph kept in a moment would
             // chain every past step's tensors together and grow without bound.
             let g = if grad_scale != 1.0 { (g.detach() * grad_scale)? } else { g.detach() };
@@ -105,7 +114,8 @@ impl AdamW {
                 if t.dims() != var.dims() {
                     bail!("{origin}: `{key}` has shape {:?}, the model's parameter has {:?}", t.dims(), var.dims());
                 }
-                *slot = t.to_device(var.device())?.to_dtype(var.dtype())?;
+                // a copy of its own: the CPU step writes into it
+                *slot = t.to_device(var.device())?.to_dtype(var.dtype())?.copy()?;
             }
         }
         self.step = step;
@@ -142,6 +152,11 @@ pub fn ema_decay(max_decay: f64, step: u64) -> f64 {
 pub fn ema_update(ema: &mut HashMap<String, Tensor>, vars: &[(String, Var)], decay: f64) -> Result<()> {
     for (name, var) in vars {
         let Some(e) = ema.get_mut(name) else { bail!("EMA weights lack `{name}`") };
+        if ops::fused_available(&[e, var.as_tensor()]) {
+            // in place on the CPU, the same formula as below
+            ops::ema_update_(e, var.as_tensor(), decay)?;
+            continue;
+        }
         // Detached, so that each EMA tensor does not keep the previous one alive through its op graph.
         *e = ((&*e * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?;
     }
@@ -169,6 +184,38 @@ mod tests {
         // theta = theta (1 - 0.1 * 0.01) - 0.1 sign(g)
         assert!((w[0] - (1.0 * 0.999 - 0.1)).abs() < 1e-6, "{w:?}");
         assert!((w[1] - (-2.0 * 0.999 + 0.1)).abs() < 1e-6, "{w:?}");
+    }
+
+    /// The in-place CPU step (f32) against the composed one (taken for f64 tensors) over several steps
+    /// with clipping, weight decay and the EMA.
+    #[test]
+    fn in_place_step_matches_composed() {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1., (3, 50), &dev).unwrap();
+        let params = AdamWParams { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let run = |dtype: candle_core::DType| {
+            let var = Var::from_tensor(&init.to_dtype(dtype).unwrap()).unwrap();
+            let mut opt = AdamW::new(vec![("w".into(), var.clone())], params).unwrap();
+            let mut ema = HashMap::from([("w".to_string(), var.as_tensor().copy().unwrap())]);
+            for k in 1..=6u64 {
+                // loss = sum(sin(w) * k): a gradient that changes from step to step
+                let loss = (var.as_tensor().sin().unwrap() * k as f64).unwrap().sum_all().unwrap();
+                let grads = loss.backward().unwrap();
+                let scale = clip_scale(opt.grad_norm(&grads).unwrap(), 5.0);
+                opt.step(&grads, 0.01, scale).unwrap();
+                ema_update(&mut ema, opt.vars(), ema_decay(0.99, k)).unwrap();
+            }
+            let f = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (f(var.as_tensor()), f(&opt.m[0]), f(&opt.v[0]), f(&ema["w"]))
+        };
+        let (fused, composed) = (run(candle_core::DType::F32), run(candle_core::DType::F64));
+        for (name, a, b) in [("weights", &fused.0, &composed.0), ("m", &fused.1, &composed.1), ("v", &fused.2, &composed.2), ("ema", &fused.3, &composed.3)] {
+            let scale = b.iter().fold(1e-3f32, |s, v| s.max(v.abs()));
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+            assert!(d < 1e-5, "{name} differs by {d} (relative)");
+        }
+        // The step moved the weights.
+        assert!(fused.0.iter().zip(init.flatten_all().unwrap().to_vec1::<f32>().unwrap()).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 
     #[test]

@@ -407,7 +407,7 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
         )?;
 
         let last = step == s.total_steps;
-        if last || (args.save_every > 0 && step % args.save_every == 0) {
+        if last || (args.save_every > 0 && step.is_multiple_of(args.save_every)) {
             let ck = Checkpoint {
                 step,
                 rng: tr.rng.state(),
@@ -422,7 +422,7 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
             checkpoint::prune(&ckpt_dir, args.keep_last)?;
             last_saved = Some(dir);
         }
-        if (last && args.num_samples > 0) || (args.sample_every > 0 && step % args.sample_every == 0) {
+        if (last && args.num_samples > 0) || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)) {
             let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.clone(), DType::F32, &device))?;
             let size = crate::model::sample_size(&s.unet_config)?;
             let shape = (args.num_samples, s.unet_config.in_channels, size, size);

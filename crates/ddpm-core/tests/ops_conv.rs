@@ -61,3 +61,27 @@ fn rejects_mismatched_weight() {
     let e = conv2d(&x, &w, None, 1, 1).unwrap_err().to_string();
     assert!(e.contains("3 channels"), "{e}");
 }
+
+#[test]
+fn one_image_and_an_uneven_batch() {
+    // One image: each product multi-threaded; five images: groups of unequal size per thread.
+    check(1, 3, 4, 6, 6, 3, 1, 1);
+    check(5, 3, 2, 6, 5, 3, 1, 1);
+    check(5, 4, 3, 5, 5, 1, 1, 0);
+}
+
+#[test]
+fn gradients_do_not_depend_on_scheduling() {
+    // The same backward twice gives the same bits (resumed training relies on it).
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1., (7, 8, 9, 9), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (6, 8, 3, 3), &dev).unwrap()).unwrap();
+    let grads = || {
+        let g = conv2d(&x, &w, None, 1, 1).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        g.get(&w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let first = grads();
+    for _ in 0..5 {
+        assert!(grads().iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}

@@ -1,19 +1,23 @@
-//! 2-D convolution as im2col + one matrix product, with an analytic backward that never runs a
-//! transposed convolution.
+//! 2-D convolution as im2col + a matrix product per image, with an analytic backward that never
+//! runs a transposed convolution.
 //!
 //! candle's CPU convolution gradient goes through `conv_transpose2d`, a direct loop that is several
-//! times slower than PyTorch. Here a convolution of x (B, C, H, W) with w (O, C, k, k) is
+//! times slower than PyTorch. Here a convolution of x (B, C, H, W) with w (O, C, k, k) is, for each
+//! image b,
 //!
-//!   cols = im2col(x)                  (C k k, B L),  L = H' W'
-//!   y    = w.reshape(O, C k k) @ cols (O, B L)  -> (B, O, H', W')
+//!   cols_b = im2col(x_b)                     (C k k, L),  L = H' W'
+//!   y_b    = w.reshape(O, C k k) @ cols_b    (O, L), which is already y's (b) slice
 //!
-//! and the backward is two more large, multi-threaded products, dW = dY cols^T and dcols = W^T dY,
-//! followed by col2im, the scatter-add adjoint of im2col. The column matrix is rebuilt in the
-//! backward pass rather than kept from the forward one: it is k^2 times the size of the input, and
-//! keeping one per layer would hold several hundred MB for a batch of 64. On devices or dtypes
-//! without these kernels the layer falls back to candle's `conv2d`.
+//! and the backward is two more products per image, dW += dY_b cols_b^T and dcols_b = W^T dY_b,
+//! followed by col2im, the scatter-add adjoint of im2col. One image's column matrix lives in a
+//! per-thread scratch buffer that is reused from layer to layer and step to step, so no layer
+//! allocates a k^2-times-the-input buffer; it is rebuilt in the backward pass rather than kept. A 1x1
+//! kernel needs no column matrix at all. The images run in parallel on rayon's pool, each product on
+//! one thread (or, with fewer images than threads, each product on all of them). The products call
+//! the `gemm` crate (the kernel candle's own CPU matmul uses). On devices or dtypes without these
+//! kernels the layer falls back to candle's `conv2d`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
@@ -53,178 +57,267 @@ impl Geometry {
     }
 }
 
-/// im2col: x (B, C, H, W) -> cols (C k k, B L), row r = (c k + ki) k + kj, column b L + oy W' + ox,
-/// cols[r, b L + oy W' + ox] = x[b, c, oy s + ki - p, ox s + kj - p] (0 outside the image).
-struct Im2Col(Geometry);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "ddpm-im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let x = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("ddpm-im2col needs a contiguous f32 input"),
-        };
-        let (l, kk) = (g.positions(), g.k * g.k);
-        let mut cols = vec![0f32; g.rows() * g.b * l];
-        cols.par_chunks_mut(g.b * l).enumerate().for_each(|(r, row)| {
-            let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
-            let (lo, hi) = g.col_range(kj);
-            for b in 0..g.b {
-                let plane = &x[(b * g.c + c) * g.h * g.w..(b * g.c + c + 1) * g.h * g.w];
-                for oy in 0..g.oh {
-                    let Some(iy) = g.in_row(oy, ki) else { continue };
-                    let src = &plane[iy * g.w..(iy + 1) * g.w];
-                    let dst = &mut row[b * l + oy * g.ow..b * l + (oy + 1) * g.ow];
-                    // ix = ox s + kj - p over the valid columns (the rest stays 0)
-                    let base = kj as isize - g.pad as isize;
-                    if g.stride == 1 {
-                        let s0 = (lo as isize + base) as usize;
-                        dst[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
-                    } else {
-                        for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
-                            *d = src[((ox * g.stride) as isize + base) as usize];
-                        }
-                    }
+/// im2col of one image: x (C, H, W) -> cols (C k k, L), row r = (c k + ki) k + kj, column oy W' + ox,
+/// cols[r, oy W' + ox] = x[c, oy s + ki - p, ox s + kj - p] (0 outside the image).
+fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
+    let (l, kk, hw) = (g.positions(), g.k * g.k, g.h * g.w);
+    for (r, row) in cols.chunks_exact_mut(l).enumerate() {
+        let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
+        let plane = &x[c * hw..(c + 1) * hw];
+        let (lo, hi) = g.col_range(kj);
+        // ix = ox s + kj - p over the valid columns [lo, hi)
+        let base = kj as isize - g.pad as isize;
+        for (oy, dst) in row.chunks_exact_mut(g.ow).enumerate() {
+            let Some(iy) = g.in_row(oy, ki) else {
+                dst.fill(0.0);
+                continue;
+            };
+            let src = &plane[iy * g.w..(iy + 1) * g.w];
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            if g.stride == 1 {
+                let s0 = (lo as isize + base) as usize;
+                dst[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+            } else {
+                for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                    *d = src[((ox * g.stride) as isize + base) as usize];
                 }
             }
-        });
-        Ok((CpuStorage::F32(cols), Shape::from((g.rows(), g.b * l))))
+        }
     }
-
 }
 
-/// col2im, the adjoint of [`Im2Col`]: dcols (C k k, B L) -> dx (B, C, H, W), each column entry added
-/// back to the input pixel it was copied from.
-struct Col2Im(Geometry);
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "ddpm-col2im"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let cols = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("ddpm-col2im needs a contiguous f32 input"),
-        };
-        let (l, bl) = (g.positions(), g.b * g.positions());
-        let mut dx = vec![0f32; g.b * g.c * g.h * g.w];
-        // One (b, c) plane per task: every write of a task stays in its own plane.
-        dx.par_chunks_mut(g.h * g.w).enumerate().for_each(|(p, plane)| {
-            let (b, c) = (p / g.c, p % g.c);
-            for ki in 0..g.k {
-                for kj in 0..g.k {
-                    let r = (c * g.k + ki) * g.k + kj;
-                    let src = &cols[r * bl + b * l..r * bl + (b + 1) * l];
-                    let (lo, hi) = g.col_range(kj);
-                    let base = kj as isize - g.pad as isize;
-                    for oy in 0..g.oh {
-                        let Some(iy) = g.in_row(oy, ki) else { continue };
-                        let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
-                        let s = &src[oy * g.ow..(oy + 1) * g.ow];
-                        // dx[iy, ox s + kj - p] += dcols[r, oy, ox] over the valid columns
-                        if g.stride == 1 {
-                            let d0 = (lo as isize + base) as usize;
-                            for (d, v) in dst[d0..d0 + hi - lo].iter_mut().zip(&s[lo..hi]) {
-                                *d += v;
-                            }
-                        } else {
-                            for (ox, v) in s.iter().enumerate().take(hi).skip(lo) {
-                                dst[((ox * g.stride) as isize + base) as usize] += v;
-                            }
-                        }
-                    }
+/// col2im of one image, the adjoint of [`im2col_image`]: dcols (C k k, L) is added into dx (C, H, W),
+/// each entry back onto the input pixel it was copied from. `dx` must start at zero.
+fn col2im_image(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
+    let (l, kk, hw) = (g.positions(), g.k * g.k, g.h * g.w);
+    for (r, row) in cols.chunks_exact(l).enumerate() {
+        let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
+        let plane = &mut dx[c * hw..(c + 1) * hw];
+        let (lo, hi) = g.col_range(kj);
+        let base = kj as isize - g.pad as isize;
+        for (oy, src) in row.chunks_exact(g.ow).enumerate() {
+            let Some(iy) = g.in_row(oy, ki) else { continue };
+            let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+            // dx[c, iy, ox s + kj - p] += dcols[r, oy, ox] over the valid columns
+            if g.stride == 1 {
+                let d0 = (lo as isize + base) as usize;
+                for (d, v) in dst[d0..d0 + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                    *d += v;
+                }
+            } else {
+                for (ox, v) in src.iter().enumerate().take(hi).skip(lo) {
+                    dst[((ox * g.stride) as isize + base) as usize] += v;
                 }
             }
-        });
-        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
+        }
     }
 }
 
-/// Carries the convolution's gradient. Its arguments are (x, w, bias); its forward returns a copy of
-/// the output y = conv(x, w) + bias computed beforehand without a graph; its backward gives
-/// dx = col2im(W^T dY), dW = dY im2col(x)^T and dbias = the sum of dY over batch and positions.
-struct ConvBackward {
-    g: Geometry,
-    y: Tensor,
+/// A row-major or transposed view of an f32 matrix for [`sgemm`]: element (i, j) is at
+/// `ptr[i rs + j cs]`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
 }
 
-impl CustomOp3 for ConvBackward {
+impl View {
+    /// A row-major (rows, cols) matrix.
+    fn rows(m: &[f32], cols: usize) -> Self {
+        View { ptr: m.as_ptr(), rs: cols as isize, cs: 1 }
+    }
+    /// The transpose of a row-major (rows, cols) matrix.
+    fn transposed(m: &[f32], cols: usize) -> Self {
+        View { ptr: m.as_ptr(), rs: 1, cs: cols as isize }
+    }
+}
+
+/// dst (m, n, row-major) = lhs (m, k) @ rhs (k, n), or dst += lhs @ rhs when `accumulate`.
+///
+/// # Safety
+/// `lhs` and `rhs` must address m x k and k x n readable f32 values through their strides.
+unsafe fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, lhs: View, rhs: View, par: gemm::Parallelism) {
+    assert!(dst.len() >= m * n, "sgemm: destination too small");
+    // dst = alpha dst + beta lhs rhs, with alpha read only when read_dst
+    gemm::gemm(
+        m, n, k, dst.as_mut_ptr(), 1, n as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
+        1.0, 1.0, false, false, false, par,
+    );
+}
+
+thread_local! {
+    /// Per-thread scratch for one image's column matrix, kept between calls so that the training step
+    /// does not allocate (and page-fault) a fresh k^2-times-the-input buffer for every layer.
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread scratch for one image's column-matrix gradient.
+    static DCOLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch slice of `len` values from `cell` (contents unspecified).
+fn with_scratch<R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    cell.with(|c| {
+        let mut v = c.borrow_mut();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
+}
+
+impl Geometry {
+    /// A 1x1 kernel with stride 1 and no padding: the column matrix is the image itself.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+/// How the images of a batch share the threads: one image per task with single-threaded products when
+/// there are at least as many images as threads, else each product multi-threaded.
+fn inner_parallelism(b: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if b >= threads || threads == 1 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    }
+}
+
+/// The f32 slice of a contiguous CPU storage, or an error naming the argument.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("ddpm-conv2d: {what} must be a contiguous f32 tensor"),
+    }
+}
+
+/// The convolution `(x, w, bias) -> y`, per image: y_b (O, L) = W (O, C k k) @ im2col(x_b) + bias.
+/// Its backward is [`ConvGrad`].
+struct ConvOp(Geometry);
+
+impl CustomOp3 for ConvOp {
     fn name(&self) -> &'static str {
         "ddpm-conv2d"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.y.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok((CpuStorage::F32(v[a..b].to_vec()), layout.shape().clone())),
-            _ => candle_core::bail!("ddpm-conv2d needs a contiguous f32 output on the CPU"),
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sb: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (x, w, bias) = (f32_slice(sx, lx, "x")?, f32_slice(sw, lw, "weight")?, f32_slice(sb, lb, "bias")?);
+        let (o, rows, l, chw) = (bias.len(), g.rows(), g.positions(), g.c * g.h * g.w);
+        if x.len() != g.b * chw || w.len() != o * rows {
+            candle_core::bail!("ddpm-conv2d: argument sizes do not match {g:?}");
         }
+        let par = inner_parallelism(g.b);
+        let mut y = vec![0f32; g.b * o * l];
+        y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).for_each(|(yb, xb)| {
+            // y_b = W @ cols_b (cols_b = x_b for a pointwise kernel)
+            let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, false, View::rows(w, rows), View::rows(cols, l), par) };
+            if g.pointwise() {
+                product(xb, yb);
+            } else {
+                with_scratch(&COLS, rows * l, |cols| {
+                    im2col_image(&g, xb, cols);
+                    product(cols, yb);
+                });
+            }
+            // + bias_o on every position of channel o
+            for (row, &bv) in yb.chunks_exact_mut(l).zip(bias) {
+                row.iter_mut().for_each(|v| *v += bv);
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.g;
-        let o = w.dim(0)?;
-        let cols = x.contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
-        // dY as (O, B L): the output's batch and channel axes swapped.
-        let dy = swap_leading(grad, g.b, o, g.positions(), None)?.reshape((o, g.b * g.positions()))?;
-        // dbias = sum over batch and positions of dY, (O)
-        let dbias = dy.sum(1)?;
-        // dW = dY cols^T, (O, C k k)
-        let dw = dy.matmul(&cols.t()?)?.reshape(w.shape())?;
-        // dcols = W^T dY, (C k k, B L); dx = col2im(dcols)
-        let dcols = w.reshape((o, g.rows()))?.t()?.matmul(&dy)?;
-        let dx = dcols.apply_op1_no_bwd(&Col2Im(g))?;
+    fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = self.0;
+        let o = bias.dim(0)?;
+        let wb = Tensor::cat(&[&w.detach().flatten_all()?, &bias.detach()], 0)?;
+        let packed = x.detach().contiguous()?.apply_op3_no_bwd(&wb, &grad.detach().contiguous()?, &ConvGrad(g))?;
+        // packed = [dx (B C H W) | dW (O C k k) | dbias (O)]
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let dbias = packed.narrow(0, nx + nw, o)?;
         Ok((Some(dx), Some(dw), Some(dbias)))
     }
 }
 
-/// Swaps the two leading axes of a contiguous (A, B, L) f32 tensor into (B, A, L) by copying whole
-/// rows of L values (candle's strided copy computes every element's index with divisions), adding
-/// `bias[i]` to every value of row i when there is a bias (A values).
-struct SwapLeading(Option<Vec<f32>>);
+/// The convolution's gradient `(x, [W | bias], dY) -> [dx | dW | dbias]` (flat), per image b:
+///
+///   dW    += dY_b (O, L) @ im2col(x_b)^T      dbias_o += sum_l dY_b[o, l]
+///   dx_b   = col2im(W^T (C k k, O) @ dY_b)
+///
+/// The images are split into one fixed group per thread; each group sums its dW and dbias in image
+/// order and the groups are added in order, so the result does not depend on scheduling (a resumed
+/// run reproduces an uninterrupted one bit for bit).
+struct ConvGrad(Geometry);
 
-impl CustomOp1 for SwapLeading {
+impl CustomOp3 for ConvGrad {
     fn name(&self) -> &'static str {
-        "ddpm-swap-leading"
+        "ddpm-conv2d-grad"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b, l) = layout.shape().dims3()?;
-        let src = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((s, e))) => &v[s..e],
-            _ => candle_core::bail!("ddpm-swap-leading needs a contiguous f32 input"),
-        };
-        let mut out = vec![0f32; a * b * l];
-        // out[j, i, :] = src[i, j, :] (+ bias[i])
-        out.par_chunks_mut(a * l).enumerate().for_each(|(j, block)| {
-            for (i, row) in block.chunks_exact_mut(l).enumerate() {
-                let from = &src[(i * b + j) * l..(i * b + j + 1) * l];
-                match &self.0 {
-                    Some(bias) => row.iter_mut().zip(from).for_each(|(d, v)| *d = v + bias[i]),
-                    None => row.copy_from_slice(from),
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, swb: &CpuStorage, lwb: &Layout, sd: &CpuStorage, ld: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let (x, wb, dy) = (f32_slice(sx, lx, "x")?, f32_slice(swb, lwb, "weight")?, f32_slice(sd, ld, "gradient")?);
+        let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
+        let o = wb.len() / (rows + 1);
+        let w = &wb[..o * rows];
+        if x.len() != g.b * chw || dy.len() != g.b * o * l {
+            candle_core::bail!("ddpm-conv2d-grad: argument sizes do not match {g:?}");
+        }
+        let par = inner_parallelism(g.b);
+        let (nx, nw) = (x.len(), o * rows);
+        let mut packed = vec![0f32; nx + nw + o];
+        let (dx, dparams) = packed.split_at_mut(nx);
+        let per_group = g.b.div_ceil(rayon::current_num_threads().max(1));
+        // One (dW | dbias) partial per group of images.
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(per_group * chw)
+            .zip(x.par_chunks(per_group * chw))
+            .zip(dy.par_chunks(per_group * o * l))
+            .map(|((dxg, xg), dyg)| {
+                let mut acc = vec![0f32; nw + o];
+                let (dw, db) = acc.split_at_mut(nw);
+                for ((dxb, xb), dyb) in dxg.chunks_exact_mut(chw).zip(xg.chunks_exact(chw)).zip(dyg.chunks_exact(o * l)) {
+                    // dW += dY_b @ cols_b^T
+                    let dw_product = |cols: &[f32], dw: &mut [f32]| unsafe { sgemm((o, rows, l), dw, true, View::rows(dyb, l), View::transposed(cols, l), par) };
+                    // dcols_b = W^T @ dY_b
+                    let dcols_product = |dcols: &mut [f32]| unsafe { sgemm((rows, l, o), dcols, false, View::transposed(w, rows), View::rows(dyb, l), par) };
+                    if g.pointwise() {
+                        dw_product(xb, dw);
+                        dcols_product(dxb);
+                    } else {
+                        with_scratch(&COLS, rows * l, |cols| {
+                            im2col_image(&g, xb, cols);
+                            dw_product(cols, dw);
+                        });
+                        with_scratch(&DCOLS, rows * l, |dcols| {
+                            dcols_product(dcols);
+                            col2im_image(&g, dcols, dxb);
+                        });
+                    }
+                    // dbias_o += sum over the positions of dY_b[o]
+                    for (d, row) in db.iter_mut().zip(dyb.chunks_exact(l)) {
+                        *d += row.iter().sum::<f32>();
+                    }
                 }
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((b, a, l))))
+                acc
+            })
+            .collect();
+        for p in &partials {
+            dparams.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+        }
+        Ok((CpuStorage::F32(packed), Shape::from(nx + nw + o)))
     }
-}
-
-/// (A, B, L) -> (B, A, L), plus `bias` (A) per row, without a gradient, on the CPU in f32.
-fn swap_leading(x: &Tensor, a: usize, b: usize, l: usize, bias: Option<&Tensor>) -> Result<Tensor> {
-    let bias = bias.map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
-    x.reshape((a, b, l))?.contiguous()?.apply_op1_no_bwd(&SwapLeading(bias))
 }
 
 /// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side.
 ///
-/// On the CPU in f32 this is im2col + one matrix product (see the module docs); elsewhere it is
-/// candle's `conv2d`. Both are differentiable in x, w and bias.
+/// On the CPU in f32 this is im2col + one matrix product per image, with the analytic backward
+/// (see the module docs); elsewhere it is candle's `conv2d`. Both are differentiable in x, w and
+/// bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let (o, ci, k, k2) = w.dims4()?;
@@ -234,7 +327,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
         candle_core::bail!("conv2d: kernel {k} with stride {stride} and padding {pad} does not fit a {h}x{wd} input");
     }
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)) {
         let y = x.conv2d(w, pad, stride, 1, 1)?;
         return match bias {
             Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
@@ -242,20 +335,11 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
         };
     }
     let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1 };
-    let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(g))?;
-    // (O, C k k) @ (C k k, B L) = (O, B L), then (B, O, H', W') with the bias added.
-    let y = w.detach().reshape((o, g.rows()))?.matmul(&cols)?;
-    let y = swap_leading(&y, o, b, g.positions(), bias)?.reshape((b, o, g.oh, g.ow))?;
-    let bias_tracked = bias.is_some_and(|t| t.track_op());
-    if !(x.track_op() || w.track_op() || bias_tracked) {
-        return Ok(y);
-    }
-    // Attach the analytic backward; the op itself passes y through.
     let bias = match bias {
-        Some(t) => t.clone(),
+        Some(t) => t.contiguous()?,
         None => Tensor::zeros(o, DType::F32, x.device())?,
     };
-    x.apply_op3(w, &bias, ConvBackward { g, y })
+    x.contiguous()?.apply_op3(&w.contiguous()?, &bias, ConvOp(g))
 }
 
 /// A convolution layer with square kernel, bias, stride and symmetric zero padding, computed by

@@ -6,6 +6,7 @@ pub mod conv;
 pub mod ddpm_step;
 pub mod group_norm;
 pub mod mse;
+pub mod optim;
 
 pub use group_norm::{group_norm, group_norm_composed};
 pub use mse::{weighted_mse, weighted_mse_composed};
