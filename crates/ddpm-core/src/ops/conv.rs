@@ -184,14 +184,6 @@ fn inner_parallelism(b: usize) -> gemm::Parallelism {
     }
 }
 
-/// The f32 slice of a contiguous CPU storage, or an error naming the argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("ddpm-conv2d: {what} must be a contiguous f32 tensor"),
-    }
-}
-
 /// The convolution `(x, w, bias) -> y`, per image: y_b (O, L) = W (O, C k k) @ im2col(x_b) + bias.
 /// Its backward is [`ConvGrad`].
 struct ConvOp(Geometry);
@@ -203,7 +195,7 @@ impl CustomOp3 for ConvOp {
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sb: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let (x, w, bias) = (f32_slice(sx, lx, "x")?, f32_slice(sw, lw, "weight")?, f32_slice(sb, lb, "bias")?);
+        let (x, w, bias) = (super::f32_slice(sx, lx, self.name(), "x")?, super::f32_slice(sw, lw, self.name(), "weight")?, super::f32_slice(sb, lb, self.name(), "bias")?);
         let (o, rows, l, chw) = (bias.len(), g.rows(), g.positions(), g.c * g.h * g.w);
         if x.len() != g.b * chw || w.len() != o * rows {
             candle_core::bail!("ddpm-conv2d: argument sizes do not match {g:?}");
@@ -260,7 +252,7 @@ impl CustomOp3 for ConvGrad {
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, swb: &CpuStorage, lwb: &Layout, sd: &CpuStorage, ld: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let (x, wb, dy) = (f32_slice(sx, lx, "x")?, f32_slice(swb, lwb, "weight")?, f32_slice(sd, ld, "gradient")?);
+        let (x, wb, dy) = (super::f32_slice(sx, lx, self.name(), "x")?, super::f32_slice(swb, lwb, self.name(), "weight")?, super::f32_slice(sd, ld, self.name(), "gradient")?);
         let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
         let o = wb.len() / (rows + 1);
         let w = &wb[..o * rows];

@@ -44,14 +44,6 @@ pub fn x0_coefficients(pt: PredictionType, a: f64, b: f64) -> (f64, f64) {
     }
 }
 
-/// The f32 slice of a contiguous CPU storage, or an error naming the argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("ddpm-step: {what} must be a contiguous f32 tensor"),
-    }
-}
-
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
@@ -75,7 +67,7 @@ impl CustomOp3 for DdpmStep {
         sz: &CpuStorage,
         lz: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, x, z) = (f32_slice(sm, lm, "model output")?, f32_slice(sx, lx, "sample")?, f32_slice(sz, lz, "noise")?);
+        let (m, x, z) = (super::f32_slice(sm, lm, self.name(), "model output")?, super::f32_slice(sx, lx, self.name(), "sample")?, super::f32_slice(sz, lz, self.name(), "noise")?);
         let n = x.len();
         let s = self.s;
         let sigma = if self.with_noise { s.sigma } else { 0.0 };

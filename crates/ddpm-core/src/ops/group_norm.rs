@@ -158,14 +158,6 @@ fn sum_dy_dyxhat(dy: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
     (ta, tb)
 }
 
-/// The f32 slice of a contiguous CPU storage, or an error naming the op and the argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("ddpm-group-norm: {what} must be a contiguous f32 tensor"),
-    }
-}
-
 /// The fused forward: `(x, gamma, beta) -> out`, see the module docs for the formulas.
 struct GroupNormOp {
     dims: Dims,
@@ -188,9 +180,9 @@ impl CustomOp3 for GroupNormOp {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let x = f32_slice(sx, lx, "x")?;
-        let gamma = f32_slice(sg, lg, "gamma")?;
-        let beta = f32_slice(sb, lb, "beta")?;
+        let x = super::f32_slice(sx, lx, self.name(), "x")?;
+        let gamma = super::f32_slice(sg, lg, self.name(), "gamma")?;
+        let beta = super::f32_slice(sb, lb, self.name(), "beta")?;
         if x.len() != d.numel() || gamma.len() != d.c || beta.len() != d.c {
             candle_core::bail!("ddpm-group-norm: argument sizes do not match {:?}", d);
         }
@@ -275,9 +267,9 @@ impl CustomOp3 for GroupNormBackward {
         ld: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let x = f32_slice(sx, lx, "x")?;
-        let gb = f32_slice(sgb, lgb, "gamma and beta")?;
-        let dout = f32_slice(sd, ld, "the output gradient")?;
+        let x = super::f32_slice(sx, lx, self.name(), "x")?;
+        let gb = super::f32_slice(sgb, lgb, self.name(), "gamma and beta")?;
+        let dout = super::f32_slice(sd, ld, self.name(), "the output gradient")?;
         if x.len() != d.numel() || dout.len() != d.numel() || gb.len() != 2 * d.c {
             candle_core::bail!("ddpm-group-norm-backward: argument sizes do not match {:?}", d);
         }

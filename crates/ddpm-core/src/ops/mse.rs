@@ -15,14 +15,6 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// The f32 slice of a contiguous CPU storage, or an error naming the argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("ddpm-mse: {what} must be a contiguous f32 tensor"),
-    }
-}
-
 /// The weight of sample `i`: w_i, or 1 without weights.
 fn weight(weights: &Option<Vec<f32>>, i: usize) -> f64 {
     weights.as_ref().map_or(1.0, |w| w[i] as f64)
@@ -40,7 +32,7 @@ impl CustomOp2 for Mse {
     }
 
     fn cpu_fwd(&self, sp: &CpuStorage, lp: &Layout, sy: &CpuStorage, ly: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (p, y) = (f32_slice(sp, lp, "prediction")?, f32_slice(sy, ly, "target")?);
+        let (p, y) = (super::f32_slice(sp, lp, self.name(), "prediction")?, super::f32_slice(sy, ly, self.name(), "target")?);
         let m = p.len() / self.n;
         // per sample: w_i (1 / M) sum_j (p_ij - y_ij)^2, summed in f64
         let total: f64 = p
@@ -92,7 +84,7 @@ impl CustomOp3 for MseBackward {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (p, y, g) = (f32_slice(sp, lp, "prediction")?, f32_slice(sy, ly, "target")?, f32_slice(sg, lg, "gradient")?);
+        let (p, y, g) = (super::f32_slice(sp, lp, self.name(), "prediction")?, super::f32_slice(sy, ly, self.name(), "target")?, super::f32_slice(sg, lg, self.name(), "gradient")?);
         let m = p.len() / self.n;
         let scale = g[0] as f64 * 2.0 / (self.n * m) as f64;
         let mut dp = vec![0f32; p.len()];

@@ -18,22 +18,6 @@ pub fn fused_available(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
-/// The f32 slice of a contiguous CPU storage, or an error naming the argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("ddpm-optim: {what} must be a contiguous f32 tensor"),
-    }
-}
-
-/// The mutable f32 slice of a contiguous CPU storage.
-fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("ddpm-optim: {what} must be a contiguous f32 tensor"),
-    }
-}
-
 /// The scalars of one AdamW step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
@@ -67,8 +51,8 @@ impl InplaceOp2 for Moment {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let g = f32_slice(s2, l2, "gradient")?;
-        let m = f32_slice_mut(s1, l1, "moment")?;
+        let g = super::f32_slice(s2, l2, self.name(), "gradient")?;
+        let m = super::f32_slice_mut(s1, l1, self.name(), "moment")?;
         if m.len() != g.len() {
             candle_core::bail!("ddpm-adamw-moment: moment and gradient differ in size");
         }
@@ -99,8 +83,8 @@ impl InplaceOp3 for Apply {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
-        let (m, v) = (f32_slice(s2, l2, "first moment")?, f32_slice(s3, l3, "second moment")?);
-        let theta = f32_slice_mut(s1, l1, "parameter")?;
+        let (m, v) = (super::f32_slice(s2, l2, self.name(), "first moment")?, super::f32_slice(s3, l3, self.name(), "second moment")?);
+        let theta = super::f32_slice_mut(s1, l1, self.name(), "parameter")?;
         if theta.len() != m.len() || theta.len() != v.len() {
             candle_core::bail!("ddpm-adamw-apply: parameter and moments differ in size");
         }
@@ -154,8 +138,8 @@ impl InplaceOp2 for Lerp {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let theta = f32_slice(s2, l2, "parameter")?;
-        let ema = f32_slice_mut(s1, l1, "EMA")?;
+        let theta = super::f32_slice(s2, l2, self.name(), "parameter")?;
+        let ema = super::f32_slice_mut(s1, l1, self.name(), "EMA")?;
         if ema.len() != theta.len() {
             candle_core::bail!("ddpm-ema: EMA and parameter differ in size");
         }
