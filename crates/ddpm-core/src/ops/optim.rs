@@ -37,31 +37,39 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
-/// m <- beta m + (1 - beta) (s g), or with `square`, v <- beta v + (1 - beta) (s g)^2.
-struct Moment {
-    beta: f32,
-    one_minus_beta: f32,
+/// A running average written in place: a <- keep a + take f(scale x), with f(u) = u, or u^2 when
+/// `square`. AdamW's moments (keep = beta, x the gradient) and the EMA of the weights (keep = d,
+/// x the weights, scale 1) are both this.
+struct RunningAverage {
+    keep: f32,
+    take: f32,
     scale: f32,
     square: bool,
 }
 
-impl InplaceOp2 for Moment {
+impl RunningAverage {
+    /// keep = `beta`, take = 1 - `beta` (computed in f64, then rounded).
+    fn new(beta: f64, scale: f64, square: bool) -> Self {
+        RunningAverage { keep: beta as f32, take: (1.0 - beta) as f32, scale: scale as f32, square }
+    }
+}
+
+impl InplaceOp2 for RunningAverage {
     fn name(&self) -> &'static str {
-        "ddpm-adamw-moment"
+        "ddpm-running-average"
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let g = super::f32_slice(s2, l2, self.name(), "gradient")?;
-        let m = super::f32_slice_mut(s1, l1, self.name(), "moment")?;
-        if m.len() != g.len() {
-            candle_core::bail!("ddpm-adamw-moment: moment and gradient differ in size");
+        let x = super::f32_slice(s2, l2, self.name(), "new values")?;
+        let avg = super::f32_slice_mut(s1, l1, self.name(), "average")?;
+        if avg.len() != x.len() {
+            candle_core::bail!("{}: average and new values differ in size", self.name());
         }
-        let (b, c) = (self.beta, self.one_minus_beta);
-        m.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(mc, gc)| {
-            for (mv, &gv) in mc.iter_mut().zip(gc) {
-                let gs = gv * self.scale;
-                let x = if self.square { gs * gs } else { gs };
-                *mv = b * *mv + c * x;
+        avg.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ac, xc)| {
+            for (a, &xv) in ac.iter_mut().zip(xc) {
+                let u = xv * self.scale;
+                let fu = if self.square { u * u } else { u };
+                *a = self.keep * *a + self.take * fu;
             }
         });
         Ok(())
@@ -112,10 +120,8 @@ pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &Ad
         candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU");
     }
     let k = s.step.min(i32::MAX as u64) as i32;
-    let scale = s.grad_scale as f32;
-    let moment = |beta: f64, square: bool| Moment { beta: beta as f32, one_minus_beta: (1.0 - beta) as f32, scale, square };
-    m.inplace_op2(grad, &moment(s.beta1, false))?;
-    v.inplace_op2(grad, &moment(s.beta2, true))?;
+    m.inplace_op2(grad, &RunningAverage::new(s.beta1, s.grad_scale, false))?;
+    v.inplace_op2(grad, &RunningAverage::new(s.beta2, s.grad_scale, true))?;
     let apply = Apply {
         decay: (1.0 - s.lr * s.weight_decay) as f32,
         lr: s.lr as f32,
@@ -126,38 +132,11 @@ pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &Ad
     theta.inplace_op3(m, v, &apply)
 }
 
-/// ema <- d ema + (1 - d) theta.
-struct Lerp {
-    decay: f32,
-    one_minus_decay: f32,
-}
-
-impl InplaceOp2 for Lerp {
-    fn name(&self) -> &'static str {
-        "ddpm-ema"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let theta = super::f32_slice(s2, l2, self.name(), "parameter")?;
-        let ema = super::f32_slice_mut(s1, l1, self.name(), "EMA")?;
-        if ema.len() != theta.len() {
-            candle_core::bail!("ddpm-ema: EMA and parameter differ in size");
-        }
-        let (d, c) = (self.decay, self.one_minus_decay);
-        ema.par_chunks_mut(CHUNK).zip(theta.par_chunks(CHUNK)).for_each(|(ec, tc)| {
-            for (e, &t) in ec.iter_mut().zip(tc) {
-                *e = d * *e + c * t;
-            }
-        });
-        Ok(())
-    }
-}
-
 /// The EMA update ema = d ema + (1 - d) theta written into `ema` (both must pass
 /// [`fused_available`] and must not share storage).
 pub fn ema_update_(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<()> {
     if !fused_available(&[ema, theta]) {
         candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU");
     }
-    ema.inplace_op2(theta, &Lerp { decay: decay as f32, one_minus_decay: (1.0 - decay) as f32 })
+    ema.inplace_op2(theta, &RunningAverage::new(decay, 1.0, false))
 }
