@@ -274,7 +274,7 @@ impl DdpmScheduler {
             None
         };
         if c.thresholding || !crate::ops::ddpm_step::fused_step_available(model_output, sample, noise) {
-            return self.step_composed(model_output, t, sample, noise);
+            return self.composed_step_with(&k, model_output, t, sample, noise);
         }
         let (x0_from_sample, x0_from_output) = crate::ops::ddpm_step::x0_coefficients(c.prediction_type, k.alpha_bar, k.one_minus_alpha_bar);
         let scalars = crate::ops::ddpm_step::StepScalars {
@@ -293,8 +293,13 @@ impl DdpmScheduler {
     /// handles dynamic thresholding; the reference the fused step is tested against.
     pub fn step_composed(&self, model_output: &Tensor, t: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
         check_step_inputs(model_output, sample, noise)?;
-        let c = self.config();
         let k = self.coefficients(t)?;
+        self.composed_step_with(&k, model_output, t, sample, noise)
+    }
+
+    /// The composed step with the inputs checked and the coefficients `k` of timestep `t` computed.
+    fn composed_step_with(&self, k: &StepCoefficients, model_output: &Tensor, t: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
+        let c = self.config();
         let x0 = pred_x0_scalar(c.prediction_type, model_output, sample, k.alpha_bar, k.one_minus_alpha_bar)?;
         let x0 = clip_or_threshold(c, x0)?;
         // mu = coef_x0 x_0 + coef_xt x_t

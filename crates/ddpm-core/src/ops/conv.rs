@@ -44,6 +44,10 @@ impl Geometry {
     fn positions(&self) -> usize {
         self.oh * self.ow
     }
+    /// A 1x1 kernel with stride 1 and no padding: the column matrix is the image itself.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
     /// For kernel offset `ki` and output row `oy`, the input row iy = oy s + ki - p, if inside.
     fn in_row(&self, oy: usize, ki: usize) -> Option<usize> {
         (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
@@ -164,13 +168,6 @@ fn with_scratch<R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f
         }
         f(&mut v[..len])
     })
-}
-
-impl Geometry {
-    /// A 1x1 kernel with stride 1 and no padding: the column matrix is the image itself.
-    fn pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.pad == 0
-    }
 }
 
 /// How the images of a batch share the threads: one image per task with single-threaded products when
