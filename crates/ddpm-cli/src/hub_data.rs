@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ddpm_unet::hub::HubOptions;
+use ddpm_unet::hub::{self, HubOptions};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 
@@ -55,26 +55,29 @@ impl HubDataset {
         format!("{}/{s}/0000.parquet", self.config)
     }
 
+    /// The repo's owner and name.
+    pub fn owner_and_name(&self) -> Result<(&'static str, &'static str)> {
+        Ok(hub::parse_repo_id(self.repo_id)?)
+    }
+
     /// The cache folder of the repo: `cache_dir/datasets--owner--name`.
-    pub fn cache_folder(&self, cache_dir: &Path) -> PathBuf {
-        cache_dir.join(format!("datasets--{}", self.repo_id.replace('/', "--")))
+    pub fn cache_folder(&self, cache_dir: &Path) -> Result<PathBuf> {
+        let (owner, name) = self.owner_and_name()?;
+        Ok(hub::cache_folder(cache_dir, "datasets", owner, name))
     }
 }
 
 /// The local path of `split`'s parquet file: from the cache, else downloaded (unless offline).
 pub fn fetch(d: &HubDataset, split: Split, opts: &HubOptions) -> Result<PathBuf> {
     let file = d.file(split);
-    let (owner, name) = d.repo_id.split_once('/').context("repo id without owner")?;
-    let client = hf_hub::HFClient::builder()
-        .cache_dir(&opts.cache_dir)
-        .build_sync()
-        .map_err(|e| anyhow::anyhow!("dataset `{}`: cannot start the Hub client: {e}", d.name))?;
+    let (owner, name) = d.owner_and_name()?;
+    let client = hub::client(&opts.cache_dir).map_err(|e| anyhow::anyhow!("dataset `{}`: cannot start the Hub client: {e}", d.name))?;
     let repo = client.dataset(owner, name);
     let get = |local_only: bool| repo.download_file().filename(&file).revision(REVISION).local_files_only(local_only).send();
     if let Ok(p) = get(true) {
         return Ok(p);
     }
-    let cached = d.cache_folder(&opts.cache_dir);
+    let cached = d.cache_folder(&opts.cache_dir)?;
     if opts.offline {
         bail!(
             "dataset `{}`: not in data/{} and {file} is not in the Hub cache ({}); HF_HUB_OFFLINE is set, so it was not downloaded",

@@ -82,9 +82,23 @@ pub fn parse_repo_id(repo_id: &str) -> Result<(&str, &str)> {
     }
 }
 
+/// The cache folder of a repo of kind `kind_plural` (`models`, `datasets`):
+/// `cache_dir/KIND--owner--name`, as the Hub cache lays repos out.
+pub fn cache_folder(cache_dir: &Path, kind_plural: &str, owner: &str, name: &str) -> PathBuf {
+    cache_dir.join(format!("{kind_plural}--{owner}--{name}"))
+}
+
 /// The cache folder of a model repo: `cache_dir/models--owner--name`.
 pub fn repo_cache_folder(cache_dir: &Path, owner: &str, name: &str) -> PathBuf {
-    cache_dir.join(format!("models--{owner}--{name}"))
+    cache_folder(cache_dir, "models", owner, name)
+}
+
+/// A blocking hf-hub client that keeps its files in `cache_dir`.
+pub fn client(cache_dir: &Path) -> std::result::Result<hf_hub::HFClientSync, String> {
+    hf_hub::HFClient::builder()
+        .cache_dir(cache_dir)
+        .build_sync()
+        .map_err(|e| e.to_string())
 }
 
 /// The files every lookup tries, relative to the repo root, for error messages.
@@ -121,11 +135,7 @@ pub fn find_in_cache(cache_dir: &Path, owner: &str, name: &str) -> Option<ModelF
 /// Downloads the model files of `owner/name` into `cache_dir` with hf-hub (root layout first, then
 /// `unet/`; safetensors first, then `.bin`; the scheduler config when there is one).
 fn download(cache_dir: &Path, owner: &str, name: &str) -> std::result::Result<ModelFiles, String> {
-    let client = hf_hub::HFClient::builder()
-        .cache_dir(cache_dir)
-        .build_sync()
-        .map_err(|e| e.to_string())?;
-    let repo = client.model(owner, name);
+    let repo = client(cache_dir)?.model(owner, name);
     let get = |f: &str| repo.download_file().filename(f).send();
     let mut errors = Vec::new();
     for prefix in ["", "unet/"] {
