@@ -20,7 +20,8 @@ fn weight(weights: &Option<Vec<f32>>, i: usize) -> f64 {
     weights.as_ref().map_or(1.0, |w| w[i] as f64)
 }
 
-/// The fused forward `(p, y) -> L` (a scalar).
+/// The fused forward `(p, y) -> L` (a scalar); the same sizes and weights drive its backward.
+#[derive(Clone)]
 struct Mse {
     n: usize,
     weights: Option<Vec<f32>>,
@@ -58,17 +59,14 @@ impl CustomOp2 for Mse {
     }
 
     fn bwd(&self, p: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = MseBackward { n: self.n, weights: self.weights.clone() };
+        let op = MseBackward(self.clone());
         let dp = p.detach().apply_op3_no_bwd(&y.detach(), &grad.detach(), &op)?;
         Ok((Some(dp), None))
     }
 }
 
-/// The fused backward `(p, y, g) -> dL/dp = g 2 w_i (p - y) / (N M)`.
-struct MseBackward {
-    n: usize,
-    weights: Option<Vec<f32>>,
-}
+/// The fused backward `(p, y, g) -> dL/dp = g 2 w_i (p - y) / (N M)` of an [`Mse`].
+struct MseBackward(Mse);
 
 impl CustomOp3 for MseBackward {
     fn name(&self) -> &'static str {
@@ -85,12 +83,13 @@ impl CustomOp3 for MseBackward {
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (p, y, g) = (super::f32_slice(sp, lp, self.name(), "prediction")?, super::f32_slice(sy, ly, self.name(), "target")?, super::f32_slice(sg, lg, self.name(), "gradient")?);
-        let m = p.len() / self.n;
-        let scale = g[0] as f64 * 2.0 / (self.n * m) as f64;
+        let Mse { n, weights } = &self.0;
+        let m = p.len() / n;
+        let scale = g[0] as f64 * 2.0 / (n * m) as f64;
         let mut dp = vec![0f32; p.len()];
         dp.par_chunks_mut(m).zip(p.par_chunks(m).zip(y.par_chunks(m))).enumerate().for_each(|(i, (d, (pi, yi)))| {
             // k = g 2 w_i / (N M)
-            let k = (scale * weight(&self.weights, i)) as f32;
+            let k = (scale * weight(weights, i)) as f32;
             for ((dv, &a), &b) in d.iter_mut().zip(pi).zip(yi) {
                 *dv = k * (a - b);
             }
