@@ -1,7 +1,9 @@
 //! Spatial self-attention over the H*W positions (diffusers' `Attention` as used by UNet2DModel).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
+use ddpm_core::ops::attention;
+use ddpm_core::ops::conv::conv2d;
 
 use crate::nn::{group_norm, linear, GroupNorm, Recorder};
 
@@ -49,38 +51,36 @@ impl Attention {
     }
 
     /// Applies attention to `x` (N, C, H, W).
+    ///
+    /// The projections run as 1x1 convolutions in the channel-major layout (q, k and v as one product
+    /// with the three weights stacked), so that no (N, HW, C) copy of the activations is made:
+    ///
+    ///   qkv = [W_q; W_k; W_v] group_norm(x) + [b_q; b_k; b_v]     (N, 3C, HW)
+    ///   a   = softmax(q k^T / sqrt(d)) v per head                  (N, C, HW), ddpm_core::ops::attention
+    ///   y   = (W_out a + b_out + x) / rescale_output_factor
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let hw = h * w;
-        let (heads, d) = (self.heads, self.head_dim);
-        // (N, C, H, W) -> (N, HW, C)
-        let hs = self
-            .group_norm
-            .forward(x)?
-            .reshape((n, c, hw))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        // (N, HW, C) -> (N, heads, HW, d)
-        let split = |t: Tensor| t.reshape((n, hw, heads, d))?.transpose(1, 2)?.contiguous();
-        let scale = 1.0 / (d as f64).sqrt();
-        let q = split((self.to_q.forward(&hs)? * scale)?)?;
-        let k = split(self.to_k.forward(&hs)?)?;
-        let v = split(self.to_v.forward(&hs)?)?;
-        // softmax((q / sqrt(d)) k^T) in f32 (diffusers' upcast_softmax); `ops::softmax` has a backward.
-        let scores = q.matmul(&k.t()?)?;
-        let dtype = scores.dtype();
-        let probs =
-            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?;
-        // (N, heads, HW, d) -> (N, HW, C)
-        let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, hw, c))?;
-        let out = self.to_out.forward(&a)?;
-        // back to (N, C, H, W), residual, rescale
-        let out = out.transpose(1, 2)?.reshape((n, c, h, w))?;
+        let hs = self.group_norm.forward(x)?;
+        let (weights, biases) = self.qkv_params()?;
+        let qkv = conv2d(&hs, &weights, Some(&biases), 1, 0)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let a = attention(&qkv.reshape((n, 3 * c, h * w))?, self.heads, scale)?.reshape((n, c, h, w))?;
+        let out_w = self.to_out.weight().reshape((c, c, 1, 1))?;
+        let out = conv2d(&a, &out_w, self.to_out.bias(), 1, 0)?;
         let y = (out + x)?;
         if self.rescale_output_factor == 1.0 {
             Ok(y)
         } else {
             y / self.rescale_output_factor
         }
+    }
+
+    /// The stacked projection weights [W_q; W_k; W_v] as a (3C, C, 1, 1) kernel and their biases (3C).
+    fn qkv_params(&self) -> Result<(Tensor, Tensor)> {
+        let layers = [&self.to_q, &self.to_k, &self.to_v];
+        let c = self.to_q.weight().dim(0)?;
+        let weights = Tensor::cat(&layers.map(|l| l.weight()), 0)?.reshape((3 * c, c, 1, 1))?;
+        let biases = layers.iter().map(|l| l.bias().cloned().ok_or_else(|| candle_core::Error::Msg("attention: projection without bias".into()))).collect::<Result<Vec<_>>>()?;
+        Ok((weights, Tensor::cat(&biases, 0)?))
     }
 }

@@ -20,6 +20,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
+
 /// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
 /// output side H' = (H + 2p - k) / s + 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,67 +120,11 @@ fn col2im_image(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// A row-major or transposed view of an f32 matrix for [`sgemm`]: element (i, j) is at
-/// `ptr[i rs + j cs]`.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-impl View {
-    /// A row-major (rows, cols) matrix.
-    fn rows(m: &[f32], cols: usize) -> Self {
-        View { ptr: m.as_ptr(), rs: cols as isize, cs: 1 }
-    }
-    /// The transpose of a row-major (rows, cols) matrix.
-    fn transposed(m: &[f32], cols: usize) -> Self {
-        View { ptr: m.as_ptr(), rs: 1, cs: cols as isize }
-    }
-}
-
-/// dst (m, n, row-major) = lhs (m, k) @ rhs (k, n), or dst += lhs @ rhs when `accumulate`.
-///
-/// # Safety
-/// `lhs` and `rhs` must address m x k and k x n readable f32 values through their strides.
-unsafe fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, lhs: View, rhs: View, par: gemm::Parallelism) {
-    assert!(dst.len() >= m * n, "sgemm: destination too small");
-    // dst = alpha dst + beta lhs rhs, with alpha read only when read_dst
-    gemm::gemm(
-        m, n, k, dst.as_mut_ptr(), 1, n as isize, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
-        1.0, 1.0, false, false, false, par,
-    );
-}
-
 thread_local! {
-    /// Per-thread scratch for one image's column matrix, kept between calls so that the training step
-    /// does not allocate (and page-fault) a fresh k^2-times-the-input buffer for every layer.
+    /// Per-thread scratch for one image's column matrix.
     static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread scratch for one image's column-matrix gradient.
     static DCOLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a scratch slice of `len` values from `cell` (contents unspecified).
-fn with_scratch<R>(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    cell.with(|c| {
-        let mut v = c.borrow_mut();
-        if v.len() < len {
-            v.resize(len, 0.0);
-        }
-        f(&mut v[..len])
-    })
-}
-
-/// How the images of a batch share the threads: one image per task with single-threaded products when
-/// there are at least as many images as threads, else each product multi-threaded.
-fn inner_parallelism(b: usize) -> gemm::Parallelism {
-    let threads = rayon::current_num_threads();
-    if b >= threads || threads == 1 {
-        gemm::Parallelism::None
-    } else {
-        gemm::Parallelism::Rayon(threads)
-    }
 }
 
 /// The convolution `(x, w, bias) -> y`, per image: y_b (O, L) = W (O, C k k) @ im2col(x_b) + bias.
@@ -201,7 +147,7 @@ impl CustomOp3 for ConvOp {
         let mut y = vec![0f32; g.b * o * l];
         y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).for_each(|(yb, xb)| {
             // y_b = W @ cols_b (cols_b = x_b for a pointwise kernel)
-            let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, false, View::rows(w, rows), View::rows(cols, l), par) };
+            let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, false, 1.0, View::rows(w, rows), View::rows(cols, l), par) };
             if g.pointwise() {
                 product(xb, yb);
             } else {
@@ -271,9 +217,9 @@ impl CustomOp3 for ConvGrad {
                 let (dw, db) = acc.split_at_mut(nw);
                 for ((dxb, xb), dyb) in dxg.chunks_exact_mut(chw).zip(xg.chunks_exact(chw)).zip(dyg.chunks_exact(o * l)) {
                     // dW += dY_b @ cols_b^T
-                    let dw_product = |cols: &[f32], dw: &mut [f32]| unsafe { sgemm((o, rows, l), dw, true, View::rows(dyb, l), View::transposed(cols, l), par) };
+                    let dw_product = |cols: &[f32], dw: &mut [f32]| unsafe { sgemm((o, rows, l), dw, true, 1.0, View::rows(dyb, l), View::transposed(cols, l), par) };
                     // dcols_b = W^T @ dY_b
-                    let dcols_product = |dcols: &mut [f32]| unsafe { sgemm((rows, l, o), dcols, false, View::transposed(w, rows), View::rows(dyb, l), par) };
+                    let dcols_product = |dcols: &mut [f32]| unsafe { sgemm((rows, l, o), dcols, false, 1.0, View::transposed(w, rows), View::rows(dyb, l), par) };
                     if g.pointwise() {
                         dw_product(xb, dw);
                         dcols_product(dxb);

@@ -1,0 +1,286 @@
+//! Multi-head scaled dot-product attention over spatial positions as one fused op with an analytic
+//! backward, in the channel-major layout the UNet's convolutions produce.
+//!
+//! The input packs the projections of a sample as qkv (N, 3C, L): channels [0, C) are q, [C, 2C) k
+//! and [2C, 3C) v, and head h of each owns channels h d .. (h + 1) d (C = heads d, L positions). With
+//! Q, K, V the (L, d) matrices of one sample and head (so Q^T is a contiguous (d, L) block of qkv),
+//!
+//!   S = scale Q K^T            (L, L)
+//!   P = softmax_rows(S)
+//!   O = P V                    (L, d), written as O^T = V^T P^T into channels h d .. of out (N, C, L)
+//!
+//! and, with dO the incoming gradient and D_i = sum_j P_ij dP_ij,
+//!
+//!   dV = P^T dO        dP = dO V^T        dS = P * (dP - D)   (elementwise, D broadcast over rows)
+//!   dQ = scale dS K    dK = scale dS^T Q
+//!
+//! candle composes this from two transposed copies, a batched product, a scale, a five-op softmax and a
+//! second product, each with its own buffer and backward. Here, for contiguous f32 tensors on the CPU,
+//! each (sample, head) pair is five or seven `gemm` products on strided views of qkv with the
+//! (L, L) probabilities in a per-thread scratch buffer; P is recomputed in the backward rather than
+//! kept. Samples run in parallel. Everything else (CUDA, Metal, f16, bf16, f64) takes
+//! [`attention_composed`].
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
+
+thread_local! {
+    /// Per-thread scratch for one (sample, head) pair's probabilities P (L, L).
+    static PROBS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread scratch for dP and then dS (L, L).
+    static DPROBS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Sizes of one call: `n` samples, `heads` heads of width `d` (C = heads d), `l` positions.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    heads: usize,
+    d: usize,
+    l: usize,
+}
+
+impl Dims {
+    /// Channels of the output, C = heads d.
+    fn c(&self) -> usize {
+        self.heads * self.d
+    }
+    /// Values of one head's q (or k, or v, or output) block, d L.
+    fn block(&self) -> usize {
+        self.d * self.l
+    }
+}
+
+/// The (d, L) blocks Q^T, K^T, V^T of head `h` in one sample's qkv (3C, L).
+fn head_blocks(qkv: &[f32], dims: Dims, h: usize) -> [&[f32]; 3] {
+    let (c, bl) = (dims.c() * dims.l, dims.block());
+    [0, 1, 2].map(|part| &qkv[part * c + h * bl..][..bl])
+}
+
+/// P = softmax_rows(scale Q K^T) = softmax_rows(scale (Q^T)^T K^T) into `p` (L, L).
+fn probabilities(qt: &[f32], kt: &[f32], dims: Dims, scale: f32, p: &mut [f32], par: gemm::Parallelism) {
+    let (d, l) = (dims.d, dims.l);
+    unsafe { sgemm((l, l, d), p, false, scale, View::transposed(qt, l), View::rows(kt, l), par) };
+    for row in p.chunks_exact_mut(l) {
+        // p_ij = exp(s_ij - max_j s_ij) / sum_j exp(s_ij - max_j s_ij)
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// The fused forward `qkv (N, 3C, L) -> out (N, C, L)`; its backward is [`AttentionGrad`].
+#[derive(Clone, Copy)]
+struct AttentionOp {
+    heads: usize,
+    scale: f32,
+}
+
+impl AttentionOp {
+    /// The sizes of a call on a tensor of shape `shape`, checked against the head count.
+    fn dims(&self, shape: &Shape) -> Result<Dims> {
+        let (n, c3, l) = shape.dims3()?;
+        if c3 % (3 * self.heads) != 0 {
+            candle_core::bail!("attention: {c3} channels are not 3 x {} heads x a width", self.heads);
+        }
+        Ok(Dims { n, heads: self.heads, d: c3 / 3 / self.heads, l })
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ddpm-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims(layout.shape())?;
+        let qkv = super::f32_slice(s, layout, self.name(), "qkv")?;
+        let (c, l) = (dims.c(), dims.l);
+        let par = inner_parallelism(dims.n);
+        let mut out = vec![0f32; dims.n * c * l];
+        out.par_chunks_mut(c * l).zip(qkv.par_chunks(3 * c * l)).for_each(|(ob, sample)| {
+            with_scratch(&PROBS, l * l, |p| {
+                for (h, ot) in ob.chunks_exact_mut(dims.block()).enumerate() {
+                    let [qt, kt, vt] = head_blocks(sample, dims, h);
+                    probabilities(qt, kt, dims, self.scale, p, par);
+                    // O^T = V^T P^T
+                    unsafe { sgemm((dims.d, l, l), ot, false, 1.0, View::rows(vt, l), View::transposed(p, l), par) };
+                }
+            })
+        });
+        Ok((CpuStorage::F32(out), Shape::from((dims.n, c, l))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dqkv = qkv.detach().apply_op2_no_bwd(&grad.detach().contiguous()?, &AttentionGrad(*self))?;
+        Ok(Some(dqkv))
+    }
+}
+
+/// The gradient `(qkv (N, 3C, L), dout (N, C, L)) -> dqkv (N, 3C, L)` of an [`AttentionOp`], per
+/// sample and head, in the transposed blocks the layout stores:
+///
+///   dV^T = dO^T P      dP = (dO^T)^T V^T      dS = P * (dP - D)
+///   dQ^T = scale K^T dS^T                      dK^T = scale Q^T dS
+struct AttentionGrad(AttentionOp);
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "ddpm-attention-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, layout: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = self.0.dims(layout.shape())?;
+        let (qkv, dout) = (super::f32_slice(s, layout, self.name(), "qkv")?, super::f32_slice(sg, lg, self.name(), "gradient")?);
+        let (c, l, d, scale) = (dims.c(), dims.l, dims.d, self.0.scale);
+        if dout.len() != dims.n * c * l {
+            candle_core::bail!("ddpm-attention-grad: gradient has {} values, expected {}", dout.len(), dims.n * c * l);
+        }
+        let par = inner_parallelism(dims.n);
+        let mut dqkv = vec![0f32; qkv.len()];
+        dqkv.par_chunks_mut(3 * c * l).zip(qkv.par_chunks(3 * c * l)).zip(dout.par_chunks(c * l)).for_each(|((dsample, sample), dob)| {
+            with_scratch(&PROBS, l * l, |p| {
+                with_scratch(&DPROBS, l * l, |ds| {
+                    let (dq, rest) = dsample.split_at_mut(c * l);
+                    let (dk, dv) = rest.split_at_mut(c * l);
+                    let blocks = dq.chunks_exact_mut(dims.block()).zip(dk.chunks_exact_mut(dims.block())).zip(dv.chunks_exact_mut(dims.block()));
+                    for (h, ((dqt, dkt), dvt)) in blocks.enumerate() {
+                        let [qt, kt, vt] = head_blocks(sample, dims, h);
+                        let dot = &dob[h * dims.block()..][..dims.block()];
+                        probabilities(qt, kt, dims, scale, p, par);
+                        unsafe {
+                            // dV^T = dO^T P
+                            sgemm((d, l, l), dvt, false, 1.0, View::rows(dot, l), View::rows(p, l), par);
+                            // dP = dO V^T = (dO^T)^T V^T
+                            sgemm((l, l, d), ds, false, 1.0, View::transposed(dot, l), View::rows(vt, l), par);
+                        }
+                        // dS_ij = P_ij (dP_ij - D_i), D_i = sum_j P_ij dP_ij
+                        for (prow, drow) in p.chunks_exact(l).zip(ds.chunks_exact_mut(l)) {
+                            let di: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                            drow.iter_mut().zip(prow).for_each(|(g, &pv)| *g = pv * (*g - di));
+                        }
+                        unsafe {
+                            // dQ^T = scale K^T dS^T
+                            sgemm((d, l, l), dqt, false, scale, View::rows(kt, l), View::transposed(ds, l), par);
+                            // dK^T = scale Q^T dS
+                            sgemm((d, l, l), dkt, false, scale, View::rows(qt, l), View::rows(ds, l), par);
+                        }
+                    }
+                })
+            })
+        });
+        Ok((CpuStorage::F32(dqkv), layout.shape().clone()))
+    }
+}
+
+/// Multi-head attention `qkv (N, 3C, L) -> out (N, C, L)` with `heads` heads (see the module docs):
+/// out = softmax(scale Q K^T) V per sample and head. Fused on the CPU for contiguous f32 input,
+/// [`attention_composed`] elsewhere; differentiable either way.
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let op = AttentionOp { heads, scale: scale as f32 };
+    let dims = op.dims(qkv.shape())?;
+    let fused = qkv.device().is_cpu() && qkv.dtype() == DType::F32 && qkv.is_contiguous() && dims.d > 0 && dims.l > 0;
+    if !fused {
+        return attention_composed(qkv, heads, scale);
+    }
+    qkv.apply_op1(op)
+}
+
+/// [`attention`] built from candle's differentiable tensor ops: the fallback for devices, dtypes and
+/// layouts the fused kernel does not handle, and the reference it is tested against. The softmax runs
+/// in f32 for f16 and bf16 inputs (diffusers' `upcast_softmax`).
+///
+///   q, k, v = qkv split into three (N heads, L, d)
+///   out     = softmax((q k^T) scale) v, back to (N, C, L)
+pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let dims = AttentionOp { heads, scale: scale as f32 }.dims(qkv.shape())?;
+    let (n, c, d, l) = (dims.n, dims.c(), dims.d, dims.l);
+    // channels [i C, (i + 1) C) as (N heads, L, d)
+    let part = |i: usize| qkv.narrow(1, i * c, c)?.reshape((n * heads, d, l))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let dtype = scores.dtype();
+    let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?;
+    // (N heads, L, d) -> (N heads, d, L) -> (N, C, L)
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((n, c, l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Uniform values in [-amp, amp) from a fixed LCG, so that the tests need no RNG crate.
+    fn values(len: usize, seed: u64, amp: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+            })
+            .collect()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Output and qkv gradient of `f` for the loss sum(out * r).
+    fn forward_and_grad(f: impl Fn(&Tensor) -> Result<Tensor>, qkv: &[f32], r: &[f32], shape: (usize, usize, usize), out_shape: (usize, usize, usize)) -> (Tensor, Tensor) {
+        let x = Var::from_vec(qkv.to_vec(), shape, &Device::Cpu).unwrap();
+        let r = Tensor::from_vec(r.to_vec(), out_shape, &Device::Cpu).unwrap();
+        let out = f(x.as_tensor()).unwrap();
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        (out, grads.get(x.as_tensor()).unwrap().clone())
+    }
+
+    /// The fused op against the composed candle ops, values and gradients, for one and several heads,
+    /// an odd number of positions, and fewer samples than threads (multi-threaded products).
+    #[test]
+    fn fused_matches_composed() {
+        for (n, heads, d, l) in [(3, 1, 8, 7), (2, 2, 4, 9), (1, 4, 2, 16), (5, 1, 16, 49)] {
+            let c = heads * d;
+            let scale = 1.0 / (d as f64).sqrt();
+            let qkv = values(n * 3 * c * l, (n * 100 + heads * 10 + l) as u64, 2.0);
+            let r = values(n * c * l, 7 + l as u64, 1.0);
+            let (fo, fg) = forward_and_grad(|x| attention(x, heads, scale), &qkv, &r, (n, 3 * c, l), (n, c, l));
+            let (co, cg) = forward_and_grad(|x| attention_composed(x, heads, scale), &qkv, &r, (n, 3 * c, l), (n, c, l));
+            let (eo, eg) = (max_abs_diff(&fo, &co), max_abs_diff(&fg, &cg));
+            assert!(eo < 1e-5 && eg < 1e-5, "n {n} heads {heads} d {d} l {l}: output error {eo}, gradient error {eg}");
+        }
+    }
+
+    /// One head, d = 1, two positions: q = (1, 0), k = (0, ln 3), v = (2, 6), scale 1. Row 0 of S is
+    /// (0, ln 3), so P_0 = (1/4, 3/4) and o_0 = 2/4 + 18/4 = 5; row 1 is (0, 0), P_1 = (1/2, 1/2), o_1 = 4.
+    /// With dO = (1, 0): dV = P^T dO = (1/4, 3/4); dP_0 = dO_0 v = (2, 6), D_0 = 2/4 + 18/4 = 5,
+    /// dS_0 = P_0 (dP_0 - 5) = (-3/4, 3/4), dS_1 = 0; dQ_0 = dS_0 k = 3/4 ln 3, dQ_1 = 0;
+    /// dK = dS^T q = (-3/4, 3/4).
+    #[test]
+    fn hand_computed_case() {
+        let ln3 = 3f32.ln();
+        let qkv = [1.0, 0.0, 0.0, ln3, 2.0, 6.0];
+        let (out, grad) = forward_and_grad(|x| attention(x, 1, 1.0), &qkv, &[1.0, 0.0], (1, 3, 2), (1, 1, 2));
+        let out: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+        let grad: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
+        let want_out = [5.0, 4.0];
+        let want_grad = [0.75 * ln3, 0.0, -0.75, 0.75, 0.25, 0.75];
+        for (got, want) in out.iter().chain(&grad).zip(want_out.iter().chain(&want_grad)) {
+            assert!((got - want).abs() < 1e-5, "got {out:?} / {grad:?}, want {want_out:?} / {want_grad:?}");
+        }
+    }
+
+    /// A channel count that is not 3 x heads x width is an error, not a panic.
+    #[test]
+    fn bad_channel_count_is_an_error() {
+        let x = Tensor::zeros((1, 10, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = attention(&x, 2, 1.0).unwrap_err().to_string();
+        assert!(err.contains("10 channels"), "{err}");
+    }
+}
