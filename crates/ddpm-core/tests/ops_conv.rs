@@ -10,12 +10,18 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn check(b: usize, c: usize, o: usize, h: usize, w: usize, k: usize, stride: usize, pad: usize) {
+    check_bias(b, c, o, h, w, k, stride, pad, 1);
+}
+
+/// [`check`] with a bias of `bias_rows` rows: 1 for a shared (O) bias, b for a per-image (B, O) one.
+fn check_bias(b: usize, c: usize, o: usize, h: usize, w: usize, k: usize, stride: usize, pad: usize, bias_rows: usize) {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap()).unwrap();
     let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
-    let bias = Var::from_tensor(&Tensor::randn(0f32, 1., o, &dev).unwrap()).unwrap();
+    let bias_shape = if bias_rows == 1 { vec![o] } else { vec![bias_rows, o] };
+    let bias = Var::from_tensor(&Tensor::randn(0f32, 1., bias_shape, &dev).unwrap()).unwrap();
     let ours = conv2d(&x, &wt, Some(&bias), stride, pad).unwrap();
-    let reference = x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap()).unwrap();
+    let reference = x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((bias_rows, o, 1, 1)).unwrap()).unwrap();
     assert_eq!(ours.dims(), reference.dims());
     let tol = 1e-4 * (c * k * k) as f32;
     assert!(max_diff(&ours, &reference) < tol, "forward differs: {}", max_diff(&ours, &reference));
@@ -51,6 +57,26 @@ fn strided_3x3_with_padding() {
 #[test]
 fn pointwise_1x1() {
     check(2, 6, 3, 4, 5, 1, 1, 0);
+}
+
+#[test]
+fn per_image_bias() {
+    // a (B, O) bias: one row per image, as the residual blocks fold the time embedding into conv1
+    check_bias(3, 4, 5, 7, 7, 3, 1, 1, 3);
+    check_bias(2, 6, 3, 4, 5, 1, 1, 0, 2);
+    check_bias(1, 3, 4, 6, 6, 3, 2, 1, 1);
+}
+
+#[test]
+fn rejects_a_bias_of_the_wrong_shape() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((2, 3, 4, 4), candle_core::DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((5, 3, 3, 3), candle_core::DType::F32, &dev).unwrap();
+    for shape in [vec![4], vec![3, 5], vec![2, 5, 1]] {
+        let bias = Tensor::zeros(shape, candle_core::DType::F32, &dev).unwrap();
+        let e = conv2d(&x, &w, Some(&bias), 1, 1).unwrap_err().to_string();
+        assert!(e.contains("need (5) or (2, 5)"), "{e}");
+    }
 }
 
 #[test]

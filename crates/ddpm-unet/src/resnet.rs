@@ -67,15 +67,15 @@ impl ResnetBlock2D {
     /// Applies the block to `x` (N, C_in, H, W) with time embedding `temb` (N, D); dropout only when
     /// `rng` is given (training).
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rng: Option<&mut NoiseRng>) -> Result<Tensor> {
-        // h = conv1(SiLU(norm1(x)))
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        // + time_emb_proj(SiLU(temb)) broadcast over H, W
-        let t = self
-            .time_emb_proj
-            .forward(&silu(temb)?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        // h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb)) broadcast over H, W: the (N, C) time
+        // term joins conv1's bias as one row per sample, so it costs no pass over h.
+        let t = self.time_emb_proj.forward(&silu(temb)?)?;
+        let bias = match &self.conv1.bias {
+            Some(b) => t.broadcast_add(b)?,
+            None => t,
+        };
+        let c1 = &self.conv1;
+        let h = ddpm_core::ops::conv::conv2d(&self.norm1.forward_silu(x)?, &c1.weight, Some(&bias), c1.stride, c1.padding)?;
         // h = conv2(dropout(SiLU(norm2(h))))
         let h = self.norm2.forward_silu(&h)?;
         let h = dropout(&h, self.dropout, rng)?;

@@ -127,8 +127,18 @@ thread_local! {
     static DCOLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The convolution `(x, w, bias) -> y`, per image: y_b (O, L) = W (O, C k k) @ im2col(x_b) + bias.
-/// Its backward is [`ConvGrad`].
+/// The bias of image `b` among `o` output channels: the shared (O) bias, or row b of a per-image (B, O)
+/// bias.
+fn image_bias(bias: &[f32], o: usize, b: usize) -> &[f32] {
+    if bias.len() == o {
+        bias
+    } else {
+        &bias[b * o..(b + 1) * o]
+    }
+}
+
+/// The convolution `(x, w, bias) -> y`, per image: y_b (O, L) = W (O, C k k) @ im2col(x_b) + bias_b,
+/// with bias (O) shared by the images or (B, O) one row per image. Its backward is [`ConvGrad`].
 struct ConvOp(Geometry);
 
 impl CustomOp3 for ConvOp {
@@ -139,15 +149,17 @@ impl CustomOp3 for ConvOp {
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sb: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (x, w, bias) = (super::f32_slice(sx, lx, self.name(), "x")?, super::f32_slice(sw, lw, self.name(), "weight")?, super::f32_slice(sb, lb, self.name(), "bias")?);
-        let (o, rows, l, chw) = (bias.len(), g.rows(), g.positions(), g.c * g.h * g.w);
-        if x.len() != g.b * chw || w.len() != o * rows {
+        let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
+        let o = w.len() / rows;
+        if x.len() != g.b * chw || w.len() != o * rows || (bias.len() != o && bias.len() != g.b * o) {
             candle_core::bail!("ddpm-conv2d: argument sizes do not match {g:?}");
         }
         let par = inner_parallelism(g.b);
-        let mut y = vec![0f32; g.b * o * l];
+        // y starts as the bias_b[o] of every position; the product is added onto it
+        let mut y: Vec<f32> = (0..g.b).flat_map(|b| image_bias(bias, o, b).iter().flat_map(move |&v| std::iter::repeat_n(v, l))).collect();
         y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).for_each(|(yb, xb)| {
-            // y_b = W @ cols_b (cols_b = x_b for a pointwise kernel)
-            let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, false, 1.0, View::rows(w, rows), View::rows(cols, l), par) };
+            // y_b += W @ cols_b (cols_b = x_b for a pointwise kernel)
+            let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, true, 1.0, View::rows(w, rows), View::rows(cols, l), par) };
             if g.pointwise() {
                 product(xb, yb);
             } else {
@@ -156,99 +168,103 @@ impl CustomOp3 for ConvOp {
                     product(cols, yb);
                 });
             }
-            // + bias_o on every position of channel o
-            for (row, &bv) in yb.chunks_exact_mut(l).zip(bias) {
-                row.iter_mut().for_each(|v| *v += bv);
-            }
         });
         Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.0;
-        let o = bias.dim(0)?;
-        let wb = Tensor::cat(&[&w.detach().flatten_all()?, &bias.detach()], 0)?;
-        let packed = x.detach().contiguous()?.apply_op3_no_bwd(&wb, &grad.detach().contiguous()?, &ConvGrad(g))?;
-        // packed = [dx (B C H W) | dW (O C k k) | dbias (O)]
+        let op = ConvGrad { g: self.0, bias_len: bias.elem_count() };
+        let packed = x.detach().contiguous()?.apply_op3_no_bwd(&w.detach().contiguous()?, &grad.detach().contiguous()?, &op)?;
+        // packed = [dx (B C H W) | dW (O C k k) | dbias (O or B O)]
         let (nx, nw) = (x.elem_count(), w.elem_count());
         let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
         let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
-        let dbias = packed.narrow(0, nx + nw, o)?;
+        let dbias = packed.narrow(0, nx + nw, op.bias_len)?.reshape(bias.shape())?;
         Ok((Some(dx), Some(dw), Some(dbias)))
     }
 }
 
-/// The convolution's gradient `(x, [W | bias], dY) -> [dx | dW | dbias]` (flat), per image b:
+/// The convolution's gradient `(x, W, dY) -> [dx | dW | dbias]` (flat), per image b:
 ///
-///   dW    += dY_b (O, L) @ im2col(x_b)^T      dbias_o += sum_l dY_b[o, l]
+///   dW    += dY_b (O, L) @ im2col(x_b)^T      dbias_b[o] = sum_l dY_b[o, l]  (summed over b for a shared bias)
 ///   dx_b   = col2im(W^T (C k k, O) @ dY_b)
 ///
-/// The images are split into one fixed group per thread; each group sums its dW and dbias in image
-/// order and the groups are added in order, so the result does not depend on scheduling (a resumed
-/// run reproduces an uninterrupted one bit for bit).
-struct ConvGrad(Geometry);
+/// The images are split into one fixed group per thread; each group sums its dW in image order and
+/// the groups and the images' bias sums are added in order, so the result does not depend on
+/// scheduling (a resumed run reproduces an uninterrupted one bit for bit).
+struct ConvGrad {
+    g: Geometry,
+    /// Elements of the bias: O when shared by the images, B O for one row per image.
+    bias_len: usize,
+}
 
 impl CustomOp3 for ConvGrad {
     fn name(&self) -> &'static str {
         "ddpm-conv2d-grad"
     }
 
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, swb: &CpuStorage, lwb: &Layout, sd: &CpuStorage, ld: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let (x, wb, dy) = (super::f32_slice(sx, lx, self.name(), "x")?, super::f32_slice(swb, lwb, self.name(), "weight")?, super::f32_slice(sd, ld, self.name(), "gradient")?);
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sd: &CpuStorage, ld: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let (x, w, dy) = (super::f32_slice(sx, lx, self.name(), "x")?, super::f32_slice(sw, lw, self.name(), "weight")?, super::f32_slice(sd, ld, self.name(), "gradient")?);
         let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
-        let o = wb.len() / (rows + 1);
-        let w = &wb[..o * rows];
-        if x.len() != g.b * chw || dy.len() != g.b * o * l {
+        let o = w.len() / rows;
+        if x.len() != g.b * chw || dy.len() != g.b * o * l || (self.bias_len != o && self.bias_len != g.b * o) {
             candle_core::bail!("ddpm-conv2d-grad: argument sizes do not match {g:?}");
         }
         let par = inner_parallelism(g.b);
         let (nx, nw) = (x.len(), o * rows);
-        let mut packed = vec![0f32; nx + nw + o];
+        let mut packed = vec![0f32; nx + nw + self.bias_len];
         let (dx, dparams) = packed.split_at_mut(nx);
+        let (dw_total, dbias) = dparams.split_at_mut(nw);
         let per_group = g.b.div_ceil(rayon::current_num_threads().max(1));
-        // One (dW | dbias) partial per group of images.
+        // One dW partial per group of images.
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(per_group * chw)
             .zip(x.par_chunks(per_group * chw))
             .zip(dy.par_chunks(per_group * o * l))
             .map(|((dxg, xg), dyg)| {
-                let mut acc = vec![0f32; nw + o];
-                let (dw, db) = acc.split_at_mut(nw);
+                let mut dw = vec![0f32; nw];
                 for ((dxb, xb), dyb) in dxg.chunks_exact_mut(chw).zip(xg.chunks_exact(chw)).zip(dyg.chunks_exact(o * l)) {
                     // dW += dY_b @ cols_b^T
                     let dw_product = |cols: &[f32], dw: &mut [f32]| unsafe { sgemm((o, rows, l), dw, true, 1.0, View::rows(dyb, l), View::transposed(cols, l), par) };
                     // dcols_b = W^T @ dY_b
                     let dcols_product = |dcols: &mut [f32]| unsafe { sgemm((rows, l, o), dcols, false, 1.0, View::transposed(w, rows), View::rows(dyb, l), par) };
                     if g.pointwise() {
-                        dw_product(xb, dw);
+                        dw_product(xb, &mut dw);
                         dcols_product(dxb);
                     } else {
                         with_scratch(&COLS, rows * l, |cols| {
                             im2col_image(&g, xb, cols);
-                            dw_product(cols, dw);
+                            dw_product(cols, &mut dw);
                         });
                         with_scratch(&DCOLS, rows * l, |dcols| {
                             dcols_product(dcols);
                             col2im_image(&g, dcols, dxb);
                         });
                     }
-                    // dbias_o += sum over the positions of dY_b[o]
-                    for (d, row) in db.iter_mut().zip(dyb.chunks_exact(l)) {
-                        *d += row.iter().sum::<f32>();
-                    }
                 }
-                acc
+                dw
             })
             .collect();
         for p in &partials {
-            dparams.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+            dw_total.iter_mut().zip(p).for_each(|(d, v)| *d += v);
         }
-        Ok((CpuStorage::F32(packed), Shape::from(nx + nw + o)))
+        // s_b[o] = sum over the positions of dY_b[o]; dbias = s, or sum_b s_b for a shared bias
+        let sums: Vec<f32> = dy.par_chunks(l).map(|row| row.iter().sum()).collect();
+        if self.bias_len == sums.len() {
+            dbias.copy_from_slice(&sums);
+        } else {
+            for sb in sums.chunks_exact(o) {
+                dbias.iter_mut().zip(sb).for_each(|(d, v)| *d += v);
+            }
+        }
+        Ok((CpuStorage::F32(packed), Shape::from(nx + nw + self.bias_len)))
     }
 }
 
-/// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side.
+/// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side. The bias
+/// is (O), shared by the images, or (B, O), one row per image (a per-sample shift such as a time
+/// embedding, added without a separate pass over y).
 ///
 /// On the CPU in f32 this is im2col + one matrix product per image, with the analytic backward
 /// (see the module docs); elsewhere it is candle's `conv2d`. Both are differentiable in x, w and
@@ -262,10 +278,17 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
         candle_core::bail!("conv2d: kernel {k} with stride {stride} and padding {pad} does not fit a {h}x{wd} input");
     }
+    // rows of the bias: 1 for a shared (O) bias, B for a per-image (B, O) one
+    let bias_rows = match bias.map(|t| t.dims()) {
+        None => 1,
+        Some([bo]) if *bo == o => 1,
+        Some([bb, bo]) if *bb == b && *bo == o => b,
+        Some(d) => candle_core::bail!("conv2d: bias is {d:?}, need ({o}) or ({b}, {o})"),
+    };
     if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)) {
         let y = x.conv2d(w, pad, stride, 1, 1)?;
         return match bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+            Some(bias) => y.broadcast_add(&bias.reshape((bias_rows, o, 1, 1))?),
             None => Ok(y),
         };
     }
