@@ -155,9 +155,12 @@ impl CustomOp3 for ConvOp {
             candle_core::bail!("ddpm-conv2d: argument sizes do not match {g:?}");
         }
         let par = inner_parallelism(g.b);
-        // y starts as the bias_b[o] of every position; the product is added onto it
-        let mut y: Vec<f32> = (0..g.b).flat_map(|b| image_bias(bias, o, b).iter().flat_map(move |&v| std::iter::repeat_n(v, l))).collect();
-        y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).for_each(|(yb, xb)| {
+        let mut y = vec![0f32; g.b * o * l];
+        y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).enumerate().for_each(|(b, (yb, xb))| {
+            // y_b starts as bias_b[o] at every position of channel o; the product is added onto it
+            for (row, &bv) in yb.chunks_exact_mut(l).zip(image_bias(bias, o, b)) {
+                row.fill(bv);
+            }
             // y_b += W @ cols_b (cols_b = x_b for a pointwise kernel)
             let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, true, 1.0, View::rows(w, rows), View::rows(cols, l), par) };
             if g.pointwise() {
