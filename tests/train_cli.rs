@@ -80,7 +80,7 @@ fn failed_save_keeps_the_previous_checkpoint() {
     assert_eq!(names, vec!["step-000003".to_string()]);
     let ck = checkpoint::load(&list[0].1, &candle_core::Device::Cpu).unwrap();
     assert_eq!(ck.step, 3);
-    ddpm_unet::load_dir(&list[0].1.join("model"), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    ddpm_unet::load_dir(list[0].1.join("model"), &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
 }
 
 #[test]

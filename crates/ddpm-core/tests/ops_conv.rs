@@ -9,12 +9,12 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-fn check(b: usize, c: usize, o: usize, h: usize, w: usize, k: usize, stride: usize, pad: usize) {
-    check_bias(b, c, o, h, w, k, stride, pad, 1);
+fn check(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad): (usize, usize, usize)) {
+    check_bias(b, c, o, (h, w), (k, stride, pad), 1);
 }
 
 /// [`check`] with a bias of `bias_rows` rows: 1 for a shared (O) bias, b for a per-image (B, O) one.
-fn check_bias(b: usize, c: usize, o: usize, h: usize, w: usize, k: usize, stride: usize, pad: usize, bias_rows: usize) {
+fn check_bias(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad): (usize, usize, usize), bias_rows: usize) {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap()).unwrap();
     let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
@@ -39,32 +39,32 @@ fn check_bias(b: usize, c: usize, o: usize, h: usize, w: usize, k: usize, stride
 
 #[test]
 fn same_padding_3x3() {
-    check(2, 3, 4, 7, 5, 3, 1, 1);
+    check(2, 3, 4, (7, 5), (3, 1, 1));
 }
 
 #[test]
 fn strided_3x3_without_padding() {
     // Odd sides: candle's own conv2d backward (the reference) fails on even sides with stride 2 and no
     // padding (its transposed convolution returns one column too few).
-    check(2, 4, 4, 9, 7, 3, 2, 0);
+    check(2, 4, 4, (9, 7), (3, 2, 0));
 }
 
 #[test]
 fn strided_3x3_with_padding() {
-    check(3, 2, 5, 8, 8, 3, 2, 1);
+    check(3, 2, 5, (8, 8), (3, 2, 1));
 }
 
 #[test]
 fn pointwise_1x1() {
-    check(2, 6, 3, 4, 5, 1, 1, 0);
+    check(2, 6, 3, (4, 5), (1, 1, 0));
 }
 
 #[test]
 fn per_image_bias() {
     // a (B, O) bias: one row per image, as the residual blocks fold the time embedding into conv1
-    check_bias(3, 4, 5, 7, 7, 3, 1, 1, 3);
-    check_bias(2, 6, 3, 4, 5, 1, 1, 0, 2);
-    check_bias(1, 3, 4, 6, 6, 3, 2, 1, 1);
+    check_bias(3, 4, 5, (7, 7), (3, 1, 1), 3);
+    check_bias(2, 6, 3, (4, 5), (1, 1, 0), 2);
+    check_bias(1, 3, 4, (6, 6), (3, 2, 1), 1);
 }
 
 #[test]
@@ -91,9 +91,9 @@ fn rejects_mismatched_weight() {
 #[test]
 fn one_image_and_an_uneven_batch() {
     // One image: each product multi-threaded; five images: groups of unequal size per thread.
-    check(1, 3, 4, 6, 6, 3, 1, 1);
-    check(5, 3, 2, 6, 5, 3, 1, 1);
-    check(5, 4, 3, 5, 5, 1, 1, 0);
+    check(1, 3, 4, (6, 6), (3, 1, 1));
+    check(5, 3, 2, (6, 5), (3, 1, 1));
+    check(5, 4, 3, (5, 5), (1, 1, 0));
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //!
 //! candle runs this as six to eight elementwise ops, each a pass over the batch with its own buffer.
 //! Here, for contiguous f32 tensors on the CPU, it is one multi-threaded pass that writes x' and x_0
-//! (computed in f64 per element and rounded once). Other devices and dtypes, and dynamic
+//! (computed in f64 per element and rounded once); on CUDA, when [`super::cuda_kernels_enabled`], one
+//! kernel does the same. Other devices and dtypes, and dynamic
 //! thresholding (a per-sample quantile), take the composed candle ops in [`crate::ddpm`].
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -90,19 +91,44 @@ impl CustomOp3 for DdpmStep {
         });
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sm: &candle_core::CudaStorage,
+        lm: &Layout,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sz: &candle_core::CudaStorage,
+        lz: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = sx.device().clone();
+        let (m, x, z) = (cuda::f32_view(sm, lm, self.name(), "model output")?, cuda::f32_view(sx, lx, self.name(), "sample")?, cuda::f32_view(sz, lz, self.name(), "noise")?);
+        let n = x.len();
+        let mut out = cuda::alloc_f32(&dev, 2 * n)?;
+        let s = self.s;
+        let (n64, clip, r, with_noise) = (n as u64, s.clip.is_some() as i32, s.clip.unwrap_or(0.0), self.with_noise as i32);
+        let sigma = if self.with_noise { s.sigma } else { 0.0 };
+        cuda::launch!(&dev, "ddpm_step", cuda::elementwise(n);
+            &m, &x, &z, &mut out, &n64, &s.x0_from_sample, &s.x0_from_output, &clip, &r, &s.coef_x0, &s.coef_xt, &sigma, &with_noise);
+        Ok((cuda::wrap(out, sx), Shape::from(2 * n)))
+    }
 }
 
-/// Whether [`ddpm_step`] has a fused kernel for these tensors (contiguous-able f32 on the CPU).
+/// Whether [`ddpm_step`] has a fused kernel for these tensors: f32 on the CPU, or on CUDA with
+/// [`super::cuda_kernels_enabled`].
 pub fn fused_step_available(model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> bool {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    cpu_f32(model_output) && cpu_f32(sample) && noise.is_none_or(cpu_f32) && sample.elem_count() > 0
+    let f32_fused = |t: &Tensor| super::fused_device(t.device()) && t.dtype() == DType::F32;
+    f32_fused(model_output) && f32_fused(sample) && noise.is_none_or(f32_fused) && sample.elem_count() > 0
 }
 
 /// One fused DDPM step: returns (x', x_0) as the module docs define them, both shaped like `sample`.
 /// Needs [`fused_step_available`]; shapes are checked by the caller.
 pub fn ddpm_step(model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>, s: StepScalars) -> Result<(Tensor, Tensor)> {
     if !fused_step_available(model_output, sample, noise) {
-        candle_core::bail!("ddpm-step: the fused step takes f32 tensors on the CPU");
+        candle_core::bail!("ddpm-step: the fused step takes f32 tensors on the CPU (or CUDA with DDPM_CUDA_KERNELS=1)");
     }
     let sample_c = sample.contiguous()?;
     let z = match noise {

@@ -26,8 +26,9 @@
 //! (after the two passes that compute the statistics) and the backward one custom op returning dx,
 //! dgamma and dbeta together, both multi-threaded over (sample, group) with rayon. Mean and rstd
 //! are recomputed in the backward rather than stored: a group is a few KB and sits in cache.
-//! Everything else (CUDA, Metal, f16, bf16, f64, strided input) takes the composed candle ops, which
-//! are differentiable too.
+//! CUDA f32 tensors take the same two passes as CUDA kernels, one block per (sample, group), when
+//! [`super::cuda_kernels_enabled`]. Everything else (Metal, f16, bf16, f64, strided input) takes the
+//! composed candle ops, which are differentiable too.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -213,6 +214,33 @@ impl CustomOp3 for GroupNormOp {
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let d = self.dims;
+        let dev = sx.device().clone();
+        let x = cuda::f32_view(sx, lx, self.name(), "x")?;
+        let gamma = cuda::f32_view(sg, lg, self.name(), "gamma")?;
+        let beta = cuda::f32_view(sb, lb, self.name(), "beta")?;
+        if x.len() != d.numel() || gamma.len() != d.c || beta.len() != d.c {
+            candle_core::bail!("ddpm-group-norm: argument sizes do not match {:?}", d);
+        }
+        let mut out = cuda::alloc_f32(&dev, x.len())?;
+        let (groups, cg, s, silu) = (d.groups as u64, d.cg() as u64, d.s as u64, self.silu as i32);
+        // one block per (sample, group) pair
+        cuda::launch!(&dev, "ddpm_group_norm", cuda::per_block(d.n * d.groups); &x, &gamma, &beta, &mut out, &groups, &cg, &s, &self.eps, &silu);
+        Ok((cuda::wrap(out, sx), lx.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -343,6 +371,45 @@ impl CustomOp3 for GroupNormBackward {
         }
         Ok((CpuStorage::F32(packed), Shape::from(numel + 2 * d.c)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sgb: &candle_core::CudaStorage,
+        lgb: &Layout,
+        sd: &candle_core::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let d = self.dims;
+        let dev = sx.device().clone();
+        let x = cuda::f32_view(sx, lx, self.name(), "x")?;
+        let gb = cuda::f32_view(sgb, lgb, self.name(), "gamma and beta")?;
+        let dout = cuda::f32_view(sd, ld, self.name(), "the output gradient")?;
+        if x.len() != d.numel() || dout.len() != d.numel() || gb.len() != 2 * d.c {
+            candle_core::bail!("ddpm-group-norm-backward: argument sizes do not match {:?}", d);
+        }
+        let (gamma, beta) = (gb.slice(0..d.c), gb.slice(d.c..2 * d.c));
+        let numel = d.numel();
+        let mut packed = cuda::alloc_f32(&dev, numel + 2 * d.c)?;
+        // part_a[n C + c] = A_{n,c} = sum_s dy, part_b[n C + c] = B_{n,c} = sum_s dy xhat
+        let mut part_a = cuda::zeros_f64(&dev, d.n * d.c)?;
+        let mut part_b = cuda::zeros_f64(&dev, d.n * d.c)?;
+        let (n, c, groups, cg, s, silu) = (d.n as u64, d.c as u64, d.groups as u64, d.cg() as u64, d.s as u64, self.silu as i32);
+        {
+            let mut dx = packed.slice_mut(0..numel);
+            cuda::launch!(&dev, "ddpm_group_norm_backward", cuda::per_block(d.n * d.groups);
+                &x, &gamma, &beta, &dout, &mut dx, &mut part_a, &mut part_b, &c, &groups, &cg, &s, &self.eps, &silu);
+        }
+        // dgamma_c = sum_n B_{n,c}, dbeta_c = sum_n A_{n,c}
+        let mut params = packed.slice_mut(numel..numel + 2 * d.c);
+        let (mut dgamma, mut dbeta) = params.split_at_mut(d.c);
+        cuda::launch!(&dev, "ddpm_group_norm_params", cuda::elementwise(d.c); &part_a, &part_b, &mut dgamma, &mut dbeta, &n, &c);
+        Ok((cuda::wrap(packed, sx), Shape::from(numel + 2 * d.c)))
+    }
 }
 
 /// Checks the arguments of [`group_norm`] and returns (N, C, S).
@@ -378,7 +445,7 @@ fn check_args(
 /// their spatial positions (PyTorch's `GroupNorm`). x may have any rank >= 2 (rank 2 is a spatial
 /// size of 1).
 ///
-/// For contiguous f32 tensors on the CPU this is one fused, multi-threaded custom op whose backward
+/// For contiguous f32 tensors on the CPU (or CUDA, see [`super::cuda_kernels_enabled`]) this is one fused custom op whose backward
 /// (also fused) gives the gradients of x, gamma and beta; otherwise it is [`group_norm_composed`].
 /// Both are differentiable.
 pub fn group_norm(
@@ -390,7 +457,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let (n, c, s) = check_args(x, num_groups, gamma, beta)?;
-    let fused = x.device().is_cpu()
+    let fused = super::fused_device(x.device())
         && [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32)
         && x.is_contiguous()
         && x.elem_count() > 0;

@@ -1,9 +1,16 @@
 //! Fused operations with analytic backward passes and multi-threaded CPU kernels, for the ops that
 //! dominate a UNet's training step. Each falls back to the composed candle ops it replaces on devices
 //! and dtypes that it has no kernel for, so the same code runs everywhere.
+//!
+//! With the `cuda` feature, group norm (+SiLU), the loss, the DDPM step, AdamW and the EMA also have
+//! CUDA kernels (`ops/cuda/kernels.cu`), used when [`cuda_kernels_enabled`]; convolution and attention
+//! use candle's CUDA ops (cuBLAS / cuDNN products). There are no Metal kernels yet: Metal takes the
+//! composed ops.
 
 pub mod attention;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod ddpm_step;
 pub mod group_norm;
 pub(crate) mod matmul;
@@ -14,7 +21,22 @@ pub use attention::{attention, attention_composed};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use mse::{weighted_mse, weighted_mse_composed};
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Device, Layout, Result};
+
+/// Whether the fused ops run their own CUDA kernels on `device`: only in a build with the `cuda`
+/// feature, on a CUDA device, and with `DDPM_CUDA_KERNELS=1` in the environment (read once). The
+/// kernels have not been run on a GPU by this project yet, so CUDA tensors take the composed candle
+/// ops unless asked.
+pub fn cuda_kernels_enabled(device: &Device) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "cuda") && device.is_cuda() && *ENABLED.get_or_init(|| std::env::var("DDPM_CUDA_KERNELS").is_ok_and(|v| v == "1"))
+}
+
+/// Whether the fused ops have a kernel for tensors on `device`: the CPU, or CUDA when
+/// [`cuda_kernels_enabled`].
+pub(crate) fn fused_device(device: &Device) -> bool {
+    device.is_cpu() || cuda_kernels_enabled(device)
+}
 
 /// The f32 values of a contiguous CPU storage, or an error naming the op and the argument.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {

@@ -27,6 +27,18 @@ struct Mse {
     weights: Option<Vec<f32>>,
 }
 
+impl Mse {
+    /// The weights on `dev` and whether there are any (the kernels read 1 for every sample without;
+    /// a one-value placeholder stands in then).
+    #[cfg(feature = "cuda")]
+    fn device_weights(&self, dev: &candle_core::CudaDevice) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, i32)> {
+        match &self.weights {
+            Some(w) => Ok((super::cuda::upload_f32(dev, w)?, 1)),
+            None => Ok((super::cuda::upload_f32(dev, &[1.0])?, 0)),
+        }
+    }
+}
+
 impl CustomOp2 for Mse {
     fn name(&self) -> &'static str {
         "ddpm-mse"
@@ -56,6 +68,22 @@ impl CustomOp2 for Mse {
             .sum();
         // L = (1 / N) sum_i ...
         Ok((CpuStorage::F32(vec![(total / self.n as f64) as f32]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, sp: &candle_core::CudaStorage, lp: &Layout, sy: &candle_core::CudaStorage, ly: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = sp.device().clone();
+        let (p, y) = (cuda::f32_view(sp, lp, self.name(), "prediction")?, cuda::f32_view(sy, ly, self.name(), "target")?);
+        let (w, has_w) = self.device_weights(&dev)?;
+        // sums_i = w_i (1 / M) sum_j (p_ij - y_ij)^2, one block per sample; then L = (1 / N) sum_i sums_i
+        let mut sums = cuda::zeros_f64(&dev, self.n)?;
+        let (m64, n64) = ((p.len() / self.n) as u64, self.n as u64);
+        cuda::launch!(&dev, "ddpm_mse_sample_sums", cuda::per_block(self.n); &p, &y, &w, &has_w, &mut sums, &m64);
+        let mut out = cuda::alloc_f32(&dev, 1)?;
+        cuda::launch!(&dev, "ddpm_mse_total", cuda::per_block(1); &sums, &n64, &mut out);
+        Ok((cuda::wrap(out, sp), Shape::from(())))
     }
 
     fn bwd(&self, p: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -96,6 +124,30 @@ impl CustomOp3 for MseBackward {
         });
         Ok((CpuStorage::F32(dp), lp.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sp: &candle_core::CudaStorage,
+        lp: &Layout,
+        sy: &candle_core::CudaStorage,
+        ly: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = sp.device().clone();
+        let (p, y, g) = (cuda::f32_view(sp, lp, self.name(), "prediction")?, cuda::f32_view(sy, ly, self.name(), "target")?, cuda::f32_view(sg, lg, self.name(), "gradient")?);
+        let (w, has_w) = self.0.device_weights(&dev)?;
+        let total = p.len();
+        let m = total / self.0.n;
+        let mut dp = cuda::alloc_f32(&dev, total)?;
+        // dp_ij = g 2 w_i (p_ij - y_ij) / (N M)
+        let (m64, total64, inv_nm) = (m as u64, total as u64, 1.0 / total as f64);
+        cuda::launch!(&dev, "ddpm_mse_backward", cuda::elementwise(total); &p, &y, &g, &w, &has_w, &mut dp, &m64, &total64, &inv_nm);
+        Ok((cuda::wrap(dp, sp), lp.shape().clone()))
+    }
 }
 
 /// The weighted mean squared error L = (1 / N) sum_i w_i mean_j (p_ij - y_ij)^2 of a prediction `p`
@@ -103,7 +155,7 @@ impl CustomOp3 for MseBackward {
 /// is the plain mean over every element). A scalar that backpropagates into `p`; `y` is treated as a
 /// constant.
 ///
-/// For contiguous f32 tensors on the CPU this is one fused op with a fused backward; otherwise it is
+/// For f32 tensors on the CPU (or CUDA, see [`super::cuda_kernels_enabled`]) this is one fused op with a fused backward; otherwise it is
 /// [`weighted_mse_composed`].
 pub fn weighted_mse(p: &Tensor, y: &Tensor, weights: Option<&[f32]>) -> Result<Tensor> {
     if p.dims() != y.dims() || p.rank() == 0 {
@@ -115,7 +167,7 @@ pub fn weighted_mse(p: &Tensor, y: &Tensor, weights: Option<&[f32]>) -> Result<T
             candle_core::bail!("weighted_mse: {} weights for a batch of {n}", w.len());
         }
     }
-    let fused = p.device().is_cpu() && p.dtype() == DType::F32 && y.dtype() == DType::F32 && p.elem_count() > 0;
+    let fused = super::fused_device(p.device()) && p.dtype() == DType::F32 && y.dtype() == DType::F32 && p.elem_count() > 0;
     if !fused {
         return weighted_mse_composed(p, y, weights);
     }

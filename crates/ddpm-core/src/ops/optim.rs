@@ -4,8 +4,9 @@
 //! each parameter and the EMA three more; for a 36M-parameter UNet that is several GB of fresh memory
 //! per step, which the kernel must zero page by page. Here, for contiguous f32 tensors on the CPU,
 //! each update is a multi-threaded pass that writes into the tensors' own storage and allocates
-//! nothing. [`fused_available`] says whether a set of tensors qualifies; callers keep the composed
-//! ops for the rest (GPUs, other dtypes).
+//! nothing; on CUDA, when [`super::cuda_kernels_enabled`], each is one kernel. [`fused_available`] says
+//! whether a set of tensors qualifies; callers keep the composed ops for the rest (other devices and
+//! dtypes).
 
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
@@ -13,9 +14,10 @@ use rayon::prelude::*;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 15;
 
-/// Whether every tensor is a contiguous f32 tensor on the CPU (what the in-place kernels take).
+/// Whether every tensor is a contiguous f32 tensor on the CPU, or on a CUDA device whose kernels are
+/// enabled ([`super::cuda_kernels_enabled`]): what the in-place kernels take.
 pub fn fused_available(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+    ts.iter().all(|t| super::fused_device(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
 /// The scalars of one AdamW step.
@@ -74,6 +76,22 @@ impl InplaceOp2 for RunningAverage {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<()> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        let x = cuda::f32_view(s2, l2, self.name(), "new values")?;
+        let mut avg = cuda::f32_view_mut(s1, l1, self.name(), "average")?;
+        let n = avg.len();
+        if x.len() != n {
+            candle_core::bail!("{}: average and new values differ in size", self.name());
+        }
+        let (n64, square) = (n as u64, self.square as i32);
+        cuda::launch!(&dev, "ddpm_running_average", cuda::elementwise(n); &mut avg, &x, &n64, &self.keep, &self.take, &self.scale, &square);
+        Ok(())
+    }
 }
 
 /// theta <- theta (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps).
@@ -104,6 +122,30 @@ impl InplaceOp3 for Apply {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        let (m, v) = (cuda::f32_view(s2, l2, self.name(), "first moment")?, cuda::f32_view(s3, l3, self.name(), "second moment")?);
+        let mut theta = cuda::f32_view_mut(s1, l1, self.name(), "parameter")?;
+        let n = theta.len();
+        if m.len() != n || v.len() != n {
+            candle_core::bail!("ddpm-adamw-apply: parameter and moments differ in size");
+        }
+        let n64 = n as u64;
+        cuda::launch!(&dev, "ddpm_adamw_apply", cuda::elementwise(n); &mut theta, &m, &v, &n64, &self.decay, &self.lr, &self.inv_bc1, &self.inv_bc2, &self.eps);
+        Ok(())
+    }
 }
 
 /// One AdamW step (Loshchilov and Hutter) written into `theta`, `m` and `v`, with k = `s.step`:
@@ -117,7 +159,7 @@ impl InplaceOp3 for Apply {
 /// must not share storage with each other or with `theta`.
 pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &AdamWStep) -> Result<()> {
     if !fused_available(&[theta, m, v, grad]) {
-        candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU");
+        candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA with DDPM_CUDA_KERNELS=1)");
     }
     let k = s.step.min(i32::MAX as u64) as i32;
     m.inplace_op2(grad, &RunningAverage::new(s.beta1, s.grad_scale, false))?;
@@ -136,7 +178,7 @@ pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &Ad
 /// [`fused_available`] and must not share storage).
 pub fn ema_update_(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<()> {
     if !fused_available(&[ema, theta]) {
-        candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU");
+        candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU (or CUDA with DDPM_CUDA_KERNELS=1)");
     }
     ema.inplace_op2(theta, &RunningAverage::new(decay, 1.0, false))
 }

@@ -1,0 +1,86 @@
+//! Launching the CUDA kernels of the fused ops (`src/ops/cuda/kernels.cu`, compiled to PTX by
+//! build.rs when the `cuda` feature is on).
+//!
+//! The kernels have not yet been run on a GPU by this project, so they are opt-in: the fused ops use
+//! them only when `DDPM_CUDA_KERNELS=1` is set (see [`super::cuda_kernels_enabled`]); otherwise CUDA
+//! tensors take the composed candle ops. `cargo test --features cuda` on a CUDA machine compares every
+//! kernel with the CPU kernel of the same op (`tests/ops_cuda.rs`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Layout, Result};
+
+pub(crate) use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+
+/// The PTX of `kernels.cu`.
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ddpm_kernels.ptx"));
+
+/// The name the module is cached under in each CUDA device.
+pub(crate) const MODULE: &str = "ddpm_core_kernels";
+
+/// Threads per block; `kernels.cu`'s block reductions are written for this size (its `THREADS`).
+const THREADS: u32 = 256;
+
+/// A launch configuration for a grid-stride loop over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A launch configuration with one block per unit of work (sample, or (sample, group) pair).
+pub(crate) fn per_block(blocks: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launches kernel `$name` on `$dev` with configuration `$cfg` and the arguments after the `;`, each a
+/// reference to a device view or to a scalar of the C type the kernel declares, in its order.
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        // loaded once per device, then taken from the device's module cache
+        let func = $dev.get_or_load_custom_func($name, $crate::ops::cuda::MODULE, $crate::ops::cuda::PTX)?;
+        let mut builder = func.builder();
+        $( $crate::ops::cuda::PushKernelArg::arg(&mut builder, $arg); )*
+        // SAFETY: the arguments follow kernels.cu's signature of `$name`, and the views cover the
+        // elements the kernel indexes.
+        unsafe { builder.launch($cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    }};
+}
+pub(crate) use launch;
+
+/// The f32 values of a contiguous CUDA storage, or an error naming the op and the argument.
+pub(crate) fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, op: &str, what: &str) -> Result<CudaView<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<f32>()?.slice(a..b)),
+        None => candle_core::bail!("{op}: {what} must be a contiguous f32 tensor"),
+    }
+}
+
+/// [`f32_view`] for a storage written in place.
+pub(crate) fn f32_view_mut<'a>(s: &'a mut CudaStorage, l: &Layout, op: &str, what: &str) -> Result<CudaViewMut<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b)),
+        None => candle_core::bail!("{op}: {what} must be a contiguous f32 tensor"),
+    }
+}
+
+/// A fresh f32 buffer of `len` values on `dev` (contents unspecified: the kernel writes them all).
+pub(crate) fn alloc_f32(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: every caller launches a kernel that writes each of the `len` values before they are read.
+    unsafe { dev.alloc::<f32>(len) }
+}
+
+/// A zeroed f64 buffer of `len` values on `dev` (reduction partials).
+pub(crate) fn zeros_f64(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f64>> {
+    dev.alloc_zeros::<f64>(len)
+}
+
+/// Host values copied to `dev` (per-sample weights).
+pub(crate) fn upload_f32(dev: &CudaDevice, values: &[f32]) -> Result<CudaSlice<f32>> {
+    dev.cuda_stream().clone_htod(values).w()
+}
+
+/// The storage of a result computed on the device of `like`.
+pub(crate) fn wrap(slice: CudaSlice<f32>, like: &CudaStorage) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, like.device().clone())
+}

@@ -1,0 +1,187 @@
+// CUDA kernels of ddpm-core's fused ops (f32 data), compiled to PTX by build.rs with the `cuda`
+// feature and launched from src/ops/cuda.rs. Each kernel computes what the CPU kernel of the same op
+// computes (see the Rust module docs for the formulas); reductions use f64 accumulators and a fixed
+// tree order, so results do not depend on scheduling.
+
+#include <stdint.h>
+
+// Threads per block of every kernel; the block reductions assume this power of two.
+#define THREADS 256
+
+// Sum of v over the block (every thread gets the total). Fixed tree order: deterministic.
+__device__ double block_sum(double v) {
+    __shared__ double sh[THREADS];
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned int s = THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    double total = sh[0];
+    __syncthreads();  // sh is reused by the next call
+    return total;
+}
+
+#define GRID_STRIDE(i, n) \
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < (n); i += (uint64_t)gridDim.x * blockDim.x)
+
+// a <- keep a + take f(scale x), f(u) = u or u^2 (AdamW's moments, the EMA).
+extern "C" __global__ void ddpm_running_average(float* a, const float* x, uint64_t n, float keep, float take,
+                                                float scale, int square) {
+    GRID_STRIDE(i, n) {
+        float u = x[i] * scale;
+        float fu = square ? u * u : u;
+        a[i] = keep * a[i] + take * fu;
+    }
+}
+
+// theta <- theta decay - lr (m inv_bc1) / (sqrt(v inv_bc2) + eps).
+extern "C" __global__ void ddpm_adamw_apply(float* theta, const float* m, const float* v, uint64_t n, float decay,
+                                            float lr, float inv_bc1, float inv_bc2, float eps) {
+    GRID_STRIDE(i, n) {
+        float update = (m[i] * inv_bc1) / (sqrtf(v[i] * inv_bc2) + eps);
+        theta[i] = theta[i] * decay - lr * update;
+    }
+}
+
+// out = [x' | x_0]: x_0 = clamp(cx x + cm m, -r, r) (clamp when clip), x' = c0 x_0 + ct x + sigma z.
+extern "C" __global__ void ddpm_step(const float* m, const float* x, const float* z, float* out, uint64_t n,
+                                     double cx, double cm, int clip, double r, double c0, double ct, double sigma,
+                                     int with_noise) {
+    GRID_STRIDE(i, n) {
+        double xv = x[i], mv = m[i];
+        double x0 = cx * xv + cm * mv;
+        if (clip) x0 = fmin(fmax(x0, -r), r);
+        double zv = with_noise ? (double)z[i] : 0.0;
+        out[i] = (float)(c0 * x0 + ct * xv + sigma * zv);
+        out[n + i] = (float)x0;
+    }
+}
+
+// One block per sample i: sums[i] = w_i (1 / M) sum_j (p_ij - y_ij)^2 (w_i = 1 without weights).
+extern "C" __global__ void ddpm_mse_sample_sums(const float* p, const float* y, const float* w, int has_w,
+                                                double* sums, uint64_t m) {
+    const uint64_t base = blockIdx.x * m;
+    double acc = 0.0;
+    for (uint64_t j = threadIdx.x; j < m; j += THREADS) {
+        float d = p[base + j] - y[base + j];
+        acc += (double)(d * d);
+    }
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) sums[blockIdx.x] = (has_w ? (double)w[blockIdx.x] : 1.0) * s / (double)m;
+}
+
+// One block: out[0] = (1 / N) sum_i sums[i].
+extern "C" __global__ void ddpm_mse_total(const double* sums, uint64_t n, float* out) {
+    double acc = 0.0;
+    for (uint64_t i = threadIdx.x; i < n; i += THREADS) acc += sums[i];
+    double s = block_sum(acc);
+    if (threadIdx.x == 0) out[0] = (float)(s / (double)n);
+}
+
+// dp_ij = k_i (p_ij - y_ij), k_i = g 2 w_i / (N M) rounded to f32, g = grad[0] (on the device).
+extern "C" __global__ void ddpm_mse_backward(const float* p, const float* y, const float* grad, const float* w,
+                                             int has_w, float* dp, uint64_t m, uint64_t total, double inv_nm) {
+    GRID_STRIDE(idx, total) {
+        uint64_t i = idx / m;
+        float k = (float)((double)grad[0] * 2.0 * inv_nm * (has_w ? (double)w[i] : 1.0));
+        dp[idx] = k * (p[idx] - y[idx]);
+    }
+}
+
+// Mean and rstd = 1 / sqrt(var + eps) of the block's group xs[0..M) (two passes, f64 sums).
+__device__ void group_stats(const float* xs, uint64_t m, double eps, float* mean_out, float* rstd_out) {
+    double acc = 0.0;
+    for (uint64_t j = threadIdx.x; j < m; j += THREADS) acc += (double)xs[j];
+    float mean = (float)(block_sum(acc) / (double)m);
+    acc = 0.0;
+    for (uint64_t j = threadIdx.x; j < m; j += THREADS) {
+        float d = xs[j] - mean;
+        acc += (double)(d * d);
+    }
+    double var = block_sum(acc) / (double)m;
+    *mean_out = mean;
+    *rstd_out = (float)(1.0 / sqrt(var + eps));
+}
+
+__device__ float sigmoidf(float y) { return 1.0f / (1.0f + expf(-y)); }
+
+// One block per (sample, group) pair ng, groups of cg channels of s positions (M = cg s):
+// out = y or y sigmoid(y), y = (x - mean) rstd gamma_c + beta_c.
+extern "C" __global__ void ddpm_group_norm(const float* x, const float* gamma, const float* beta, float* out,
+                                           uint64_t groups, uint64_t cg, uint64_t s, double eps, int silu) {
+    const uint64_t ng = blockIdx.x, g = ng % groups, m = cg * s;
+    const float* xs = x + ng * m;
+    float* os = out + ng * m;
+    float mean, rstd;
+    group_stats(xs, m, eps, &mean, &rstd);
+    for (uint64_t j = threadIdx.x; j < m; j += THREADS) {
+        uint64_t c = g * cg + j / s;
+        float a = rstd * gamma[c];
+        float y = xs[j] * a + (beta[c] - mean * a);
+        os[j] = silu ? y * sigmoidf(y) : y;
+    }
+}
+
+// Backward of ddpm_group_norm, one block per (sample, group) pair ng. Writes dx and, per channel c of
+// the group, part_a[n C + c] = sum_s dy and part_b[n C + c] = sum_s dy xhat (reduced over the samples
+// by ddpm_group_norm_params):
+//   dy = dout (no SiLU) or dout sg (1 + y (1 - sg)), sg = sigmoid(y)
+//   dx = rstd (gamma_c dy - m1 - xhat m2), m1 = sum_c gamma_c A_c / M, m2 = sum_c gamma_c B_c / M
+extern "C" __global__ void ddpm_group_norm_backward(const float* x, const float* gamma, const float* beta,
+                                                    const float* dout, float* dx, double* part_a, double* part_b,
+                                                    uint64_t c_total, uint64_t groups, uint64_t cg, uint64_t s,
+                                                    double eps, int silu) {
+    const uint64_t ng = blockIdx.x, n = ng / groups, g = ng % groups, m = cg * s;
+    const float* xs = x + ng * m;
+    const float* ds = dout + ng * m;
+    float* dxs = dx + ng * m;
+    float mean, rstd;
+    group_stats(xs, m, eps, &mean, &rstd);
+    double s1 = 0.0, s2 = 0.0;
+    for (uint64_t ci = 0; ci < cg; ci++) {
+        const uint64_t c = g * cg + ci;
+        const float a = rstd * gamma[c], b = beta[c] - mean * a;
+        double acc_a = 0.0, acc_b = 0.0;
+        for (uint64_t j = ci * s + threadIdx.x; j < (ci + 1) * s; j += THREADS) {
+            float dy = ds[j];
+            if (silu) {
+                float y = xs[j] * a + b;
+                float sg = sigmoidf(y);
+                dy = dy * sg * (1.0f + y * (1.0f - sg));
+            }
+            dxs[j] = dy;  // dy kept in dx until the second pass
+            acc_a += (double)dy;
+            acc_b += (double)(dy * ((xs[j] - mean) * rstd));
+        }
+        double ta = block_sum(acc_a), tb = block_sum(acc_b);
+        if (threadIdx.x == 0) {
+            part_a[n * c_total + c] = ta;
+            part_b[n * c_total + c] = tb;
+        }
+        s1 += (double)gamma[c] * ta;
+        s2 += (double)gamma[c] * tb;
+    }
+    const double m1 = s1 / (double)m, m2 = s2 / (double)m, r = (double)rstd;
+    // dx = k1 dy + k2 x + k3 with k1 = rstd gamma_c, k2 = -rstd^2 m2, k3 = -rstd m1 + mean rstd^2 m2
+    const float k2 = (float)(-r * r * m2), k3 = (float)(-r * m1 + (double)mean * r * r * m2);
+    // the barriers inside block_sum above order every first-pass write before these reads
+    for (uint64_t j = threadIdx.x; j < m; j += THREADS) {
+        float k1 = rstd * gamma[g * cg + j / s];
+        dxs[j] = k1 * dxs[j] + k2 * xs[j] + k3;
+    }
+}
+
+// dbeta_c = sum_n part_a[n C + c], dgamma_c = sum_n part_b[n C + c], summed in sample order.
+extern "C" __global__ void ddpm_group_norm_params(const double* part_a, const double* part_b, float* dgamma,
+                                                  float* dbeta, uint64_t n, uint64_t c_total) {
+    GRID_STRIDE(c, c_total) {
+        double sa = 0.0, sb = 0.0;
+        for (uint64_t k = 0; k < n; k++) {
+            sa += part_a[k * c_total + c];
+            sb += part_b[k * c_total + c];
+        }
+        dbeta[c] = (float)sa;
+        dgamma[c] = (float)sb;
+    }
+}

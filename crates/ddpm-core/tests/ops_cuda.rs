@@ -1,0 +1,116 @@
+//! The CUDA kernels of the fused ops against their CPU kernels (which the other ops_* tests check
+//! against the composed candle ops and hand-computed cases): values and gradients.
+//!
+//! Compiled with `--features cuda` only, and needs a CUDA GPU: `cargo test -p ddpm-core --features cuda
+//! --test ops_cuda` (nvcc on PATH, CUDA_COMPUTE_CAP set for the GPU). Without a GPU the tests fail
+//! with a message saying so.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use ddpm_core::ops::ddpm_step::{ddpm_step, StepScalars};
+use ddpm_core::ops::optim::{adamw_step_, ema_update_, AdamWStep};
+use ddpm_core::ops::{cuda_kernels_enabled, group_norm, weighted_mse};
+
+/// The first CUDA device, with the project's kernels switched on.
+fn gpu() -> Device {
+    // All tests set the same value, before any op reads it.
+    std::env::set_var("DDPM_CUDA_KERNELS", "1");
+    let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU (Device::new_cuda(0) failed)");
+    assert!(cuda_kernels_enabled(&dev));
+    dev
+}
+
+/// Uniform values in [-amp, amp) from a fixed LCG.
+fn values(len: usize, seed: u64, amp: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
+}
+
+/// Largest |a - b| relative to max(1, max |b|), with `a` brought to the CPU.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_device(&Device::Cpu).unwrap();
+    let d = (&a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    d / scale.max(1.0)
+}
+
+#[test]
+fn group_norm_matches_the_cpu_kernel() {
+    let gpu = gpu();
+    for silu in [false, true] {
+        let (n, c, h, w, groups) = (3, 8, 5, 7, 4);
+        let run = |dev: &Device| {
+            let x = Var::from_vec(values(n * c * h * w, 1, 3.0), (n, c, h, w), dev).unwrap();
+            let gamma = Var::from_vec(values(c, 2, 1.5), c, dev).unwrap();
+            let beta = Var::from_vec(values(c, 3, 0.5), c, dev).unwrap();
+            let r = Tensor::from_vec(values(n * c * h * w, 4, 1.0), (n, c, h, w), dev).unwrap();
+            let out = group_norm(&x, groups, &gamma, &beta, 1e-6, silu).unwrap();
+            let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |v: &Var| grads.get(v).unwrap().clone();
+            [out.clone(), g(&x), g(&gamma), g(&beta)]
+        };
+        let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+        for (name, (a, b)) in ["out", "dx", "dgamma", "dbeta"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
+            let d = rel_diff(a, b);
+            assert!(d < 1e-5, "group norm (silu {silu}) {name} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn weighted_mse_matches_the_cpu_kernel() {
+    let gpu = gpu();
+    for weights in [None, Some(vec![0.5f32, 2.0, 1.0, 3.0])] {
+        let run = |dev: &Device| {
+            let p = Var::from_vec(values(4 * 3 * 6 * 6, 5, 2.0), (4, 3, 6, 6), dev).unwrap();
+            let y = Tensor::from_vec(values(4 * 3 * 6 * 6, 6, 2.0), (4, 3, 6, 6), dev).unwrap();
+            let loss = weighted_mse(&p, &y, weights.as_deref()).unwrap();
+            let grad = loss.backward().unwrap().get(&p).unwrap().clone();
+            (loss, grad)
+        };
+        let ((lg, gg), (lc, gc)) = (run(&gpu), run(&Device::Cpu));
+        assert!(rel_diff(&lg, &lc) < 1e-6, "loss {lg} vs {lc}");
+        assert!(rel_diff(&gg, &gc) < 1e-6, "gradient differs by {}", rel_diff(&gg, &gc));
+    }
+}
+
+#[test]
+fn ddpm_step_matches_the_cpu_kernel() {
+    let gpu = gpu();
+    let s = StepScalars { x0_from_sample: 1.3, x0_from_output: -0.7, clip: Some(1.0), coef_x0: 0.4, coef_xt: 0.55, sigma: 0.12 };
+    for (clip, noisy) in [(Some(1.0), true), (None, true), (Some(1.0), false)] {
+        let s = StepScalars { clip, ..s };
+        let run = |dev: &Device| {
+            let t = |seed| Tensor::from_vec(values(2 * 3 * 8 * 8, seed, 2.0), (2, 3, 8, 8), dev).unwrap();
+            let (m, x, z) = (t(7), t(8), t(9));
+            ddpm_step(&m, &x, noisy.then_some(&z), s).unwrap()
+        };
+        let ((pg, xg), (pc, xc)) = (run(&gpu), run(&Device::Cpu));
+        assert!(rel_diff(&pg, &pc) < 1e-6 && rel_diff(&xg, &xc) < 1e-6, "clip {clip:?}, noise {noisy}");
+    }
+}
+
+#[test]
+fn adamw_and_ema_match_the_cpu_kernels() {
+    let gpu = gpu();
+    let step = |k| AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: k, grad_scale: 0.8 };
+    let run = |dev: &Device| {
+        let t = |seed, amp| Tensor::from_vec(values(1000, seed, amp), 1000, dev).unwrap();
+        let (theta, m, v, ema) = (t(10, 1.0), Tensor::zeros(1000, DType::F32, dev).unwrap(), Tensor::zeros(1000, DType::F32, dev).unwrap(), t(10, 1.0));
+        for k in 1..=3 {
+            adamw_step_(&theta, &m, &v, &t(10 + k, 0.1), &step(k)).unwrap();
+            ema_update_(&ema, &theta, 0.99).unwrap();
+        }
+        [theta, m, v, ema]
+    };
+    let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+    for (name, (a, b)) in ["theta", "m", "v", "ema"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
+        let d = rel_diff(a, b);
+        assert!(d < 1e-6, "{name} differs by {d}");
+    }
+}
