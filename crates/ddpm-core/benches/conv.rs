@@ -1,0 +1,48 @@
+//! Throughput of the fused convolution (forward, and forward + backward) for the layer shapes of the
+//! paper's CIFAR-10 UNet at batch 8, in GFLOP/s (2 multiply-adds per weight per output position).
+//!
+//!   cargo bench -p ddpm-core --bench conv            # RAYON_NUM_THREADS sets the threads
+//!
+//! The fastest of 15 timed runs after one warm-up run (on a shared machine the fastest run is the one
+//! least disturbed by other work).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use ddpm_core::ops::conv::conv2d;
+
+/// The fewest seconds of `runs` calls of `f` after one warm-up call.
+fn best_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.into_iter().fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let dev = Device::Cpu;
+    let b = 8;
+    println!("{:>28} {:>14} {:>18}", "layer (C -> O, side, k)", "fwd GFLOP/s", "fwd+bwd GFLOP/s");
+    // (in channels, out channels, side, kernel): the 3x3 and 1x1 convolutions at each resolution.
+    for (c, o, side, k) in [(128, 128, 32, 3), (256, 256, 16, 3), (256, 256, 8, 3), (256, 256, 4, 3), (512, 256, 16, 1), (256, 768, 16, 1)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, side, side), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, k, k), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap()).unwrap();
+        let flops = 2.0 * (b * o * side * side * c * k * k) as f64;
+        let fwd = best_secs(15, || {
+            conv2d(&x, &w, Some(&bias), 1, k / 2).unwrap();
+        });
+        // the backward is two products of the forward's size
+        let both = best_secs(15, || {
+            let y = conv2d(&x, &w, Some(&bias), 1, k / 2).unwrap();
+            y.sum_all().unwrap().backward().unwrap();
+        });
+        let name = format!("{c} -> {o}, {side}x{side}, {k}x{k}");
+        println!("{name:>28} {:>14.1} {:>18.1}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
+    }
+}
