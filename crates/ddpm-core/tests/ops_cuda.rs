@@ -6,6 +6,8 @@
 //! with a message saying so.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use ddpm_core::ops::ddpm_step::{ddpm_step, StepScalars};
 use ddpm_core::ops::optim::{adamw_step_, ema_update_, AdamWStep};
@@ -18,17 +20,6 @@ fn gpu() -> Device {
     let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU (Device::new_cuda(0) failed)");
     assert!(cuda_kernels_enabled(&dev));
     dev
-}
-
-/// Uniform values in [-amp, amp) from a fixed LCG.
-fn values(len: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
-        })
-        .collect()
 }
 
 /// Largest |a - b| relative to max(1, max |b|), with `a` brought to the CPU.
@@ -45,10 +36,10 @@ fn group_norm_matches_the_cpu_kernel() {
     for silu in [false, true] {
         let (n, c, h, w, groups) = (3, 8, 5, 7, 4);
         let run = |dev: &Device| {
-            let x = Var::from_vec(values(n * c * h * w, 1, 3.0), (n, c, h, w), dev).unwrap();
-            let gamma = Var::from_vec(values(c, 2, 1.5), c, dev).unwrap();
-            let beta = Var::from_vec(values(c, 3, 0.5), c, dev).unwrap();
-            let r = Tensor::from_vec(values(n * c * h * w, 4, 1.0), (n, c, h, w), dev).unwrap();
+            let x = Var::from_vec(common::lcg_values(n * c * h * w, 1, 3.0), (n, c, h, w), dev).unwrap();
+            let gamma = Var::from_vec(common::lcg_values(c, 2, 1.5), c, dev).unwrap();
+            let beta = Var::from_vec(common::lcg_values(c, 3, 0.5), c, dev).unwrap();
+            let r = Tensor::from_vec(common::lcg_values(n * c * h * w, 4, 1.0), (n, c, h, w), dev).unwrap();
             let out = group_norm(&x, groups, &gamma, &beta, 1e-6, silu).unwrap();
             let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g = |v: &Var| grads.get(v).unwrap().clone();
@@ -67,8 +58,8 @@ fn weighted_mse_matches_the_cpu_kernel() {
     let gpu = gpu();
     for weights in [None, Some(vec![0.5f32, 2.0, 1.0, 3.0])] {
         let run = |dev: &Device| {
-            let p = Var::from_vec(values(4 * 3 * 6 * 6, 5, 2.0), (4, 3, 6, 6), dev).unwrap();
-            let y = Tensor::from_vec(values(4 * 3 * 6 * 6, 6, 2.0), (4, 3, 6, 6), dev).unwrap();
+            let p = Var::from_vec(common::lcg_values(4 * 3 * 6 * 6, 5, 2.0), (4, 3, 6, 6), dev).unwrap();
+            let y = Tensor::from_vec(common::lcg_values(4 * 3 * 6 * 6, 6, 2.0), (4, 3, 6, 6), dev).unwrap();
             let loss = weighted_mse(&p, &y, weights.as_deref()).unwrap();
             let grad = loss.backward().unwrap().get(&p).unwrap().clone();
             (loss, grad)
@@ -86,7 +77,7 @@ fn ddpm_step_matches_the_cpu_kernel() {
     for (clip, noisy) in [(Some(1.0), true), (None, true), (Some(1.0), false)] {
         let s = StepScalars { clip, ..s };
         let run = |dev: &Device| {
-            let t = |seed| Tensor::from_vec(values(2 * 3 * 8 * 8, seed, 2.0), (2, 3, 8, 8), dev).unwrap();
+            let t = |seed| Tensor::from_vec(common::lcg_values(2 * 3 * 8 * 8, seed, 2.0), (2, 3, 8, 8), dev).unwrap();
             let (m, x, z) = (t(7), t(8), t(9));
             ddpm_step(&m, &x, noisy.then_some(&z), s).unwrap()
         };
@@ -100,7 +91,7 @@ fn adamw_and_ema_match_the_cpu_kernels() {
     let gpu = gpu();
     let step = |k| AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: k, grad_scale: 0.8 };
     let run = |dev: &Device| {
-        let t = |seed, amp| Tensor::from_vec(values(1000, seed, amp), 1000, dev).unwrap();
+        let t = |seed, amp| Tensor::from_vec(common::lcg_values(1000, seed, amp), 1000, dev).unwrap();
         let (theta, m, v, ema) = (t(10, 1.0), Tensor::zeros(1000, DType::F32, dev).unwrap(), Tensor::zeros(1000, DType::F32, dev).unwrap(), t(10, 1.0));
         for k in 1..=3 {
             adamw_step_(&theta, &m, &v, &t(10 + k, 0.1), &step(k)).unwrap();

@@ -1,4 +1,4 @@
-//! Shared helpers for the ddpm-core tests: the diffusers fixtures and error measurement.
+//! Shared helpers for the ddpm-core tests: the diffusers fixtures, error measurement and seeded test data.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -129,4 +129,16 @@ pub fn erf(x: f64) -> f64 {
 /// Phi(x) = 0.5 (1 + erf(x / sqrt 2)).
 pub fn phi(x: f64) -> f64 {
     0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
+}
+
+/// `len` values uniform in [-amp, amp) from a fixed linear congruential generator: repeatable test data
+/// that needs no RNG crate and is the same on every device.
+pub fn lcg_values(len: usize, seed: u64, amp: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
 }
