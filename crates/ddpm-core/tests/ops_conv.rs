@@ -40,6 +40,10 @@ fn check_bias(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, 
 #[test]
 fn same_padding_3x3() {
     check(2, 3, 4, (7, 5), (3, 1, 1));
+    // 5x5 kernel, padding 2: shifts of up to two rows and columns
+    check(2, 3, 4, (9, 6), (5, 1, 2));
+    // a kernel as large as the image
+    check(1, 2, 3, (3, 3), (3, 1, 1));
 }
 
 #[test]

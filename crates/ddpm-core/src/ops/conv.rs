@@ -46,6 +46,11 @@ impl Geometry {
     fn positions(&self) -> usize {
         self.oh * self.ow
     }
+    /// Stride 1 with "same" padding (2p = k - 1): the output has the input's size, and each row of
+    /// the column matrix is the image plane shifted by (ki - p, kj - p).
+    fn same_size(&self) -> bool {
+        self.stride == 1 && self.oh == self.h && self.ow == self.w
+    }
     /// A 1x1 kernel with stride 1 and no padding: the column matrix is the image itself.
     fn pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
@@ -66,6 +71,9 @@ impl Geometry {
 /// im2col of one image: x (C, H, W) -> cols (C k k, L), row r = (c k + ki) k + kj, column oy W' + ox,
 /// cols[r, oy W' + ox] = x[c, oy s + ki - p, ox s + kj - p] (0 outside the image).
 fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
+    if g.same_size() {
+        return im2col_same_size(g, x, cols);
+    }
     let (l, kk, hw) = (g.positions(), g.k * g.k, g.h * g.w);
     for (r, row) in cols.chunks_exact_mut(l).enumerate() {
         let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
@@ -88,6 +96,43 @@ fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
                 for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
                     *d = src[((ox * g.stride) as isize + base) as usize];
                 }
+            }
+        }
+    }
+}
+
+/// [`im2col_image`] for a stride-1 "same" convolution, where row r of cols is plane c shifted by
+/// (dy, dx) = (ki - p, kj - p): cols[r, j] = x[c, j + dy W + dx] for j = oy W + ox, except where
+/// oy + dy or ox + dx falls outside the image (0 there). One contiguous copy per row, then the
+/// |dx| edge columns whose source wrapped into the neighbouring image row are zeroed; the per-output-row
+/// copies of the general path cost a library call each, which dominated im2col for narrow images.
+fn im2col_same_size(g: &Geometry, x: &[f32], cols: &mut [f32]) {
+    let (w, hw, kk) = (g.w, g.h * g.w, g.k * g.k);
+    for (r, row) in cols.chunks_exact_mut(hw).enumerate() {
+        let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
+        let plane = &x[c * hw..(c + 1) * hw];
+        let (dy, dx) = (ki as isize - g.pad as isize, kj as isize - g.pad as isize);
+        // output rows whose source row oy + dy is inside the image
+        let oy_lo = (-dy).max(0) as usize;
+        let oy_hi = (g.h as isize - dy).clamp(0, g.h as isize) as usize;
+        let (j0, j1) = (oy_lo * w, (oy_hi * w).max(oy_lo * w));
+        row[..j0].fill(0.0);
+        row[j1..].fill(0.0);
+        // cols[r, j] = plane[j + shift], clipped to the plane; what the clip leaves out is an edge column
+        let shift = dy * w as isize + dx;
+        let lo = j0.max((-shift).max(0) as usize);
+        let hi = j1.min((hw as isize - shift).max(0) as usize);
+        if lo < hi {
+            row[lo..hi].copy_from_slice(&plane[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
+        }
+        row[j0..lo.max(j0)].fill(0.0);
+        row[hi.min(j1).max(j0)..j1].fill(0.0);
+        // columns ox < -dx and ox >= W - dx read across a row boundary: zero them, one column at a
+        // time down the rows (a fill per row would be a library call per row again)
+        let edges = (0..(-dx).max(0) as usize).chain(w - dx.max(0) as usize..w);
+        for ox in edges {
+            for v in row[j0..j1].iter_mut().skip(ox).step_by(w) {
+                *v = 0.0;
             }
         }
     }
