@@ -5,13 +5,13 @@
 # kernels and ours are compiled to PTX by their build scripts, and `cargo check` stops
 # before the link, which would need libcuda/cuBLAS/cuRAND/NVRTC from a CUDA machine.
 #
-#   scripts/check_cuda.sh            # toolkit under ~/.cache/ddpm-rs/cuda-toolkit
+#   scripts/check_cuda.sh            # toolkit under ~/.cache/ddpm-rs/cuda-toolkit ($XDG_CACHE_HOME if set)
 #   CUDA_TOOLKIT_DIR=/opt/x scripts/check_cuda.sh
 #   CUDA_CHECK_OPTIONAL=1 scripts/check_cuda.sh   # skip (exit 0) if PyPI cannot be reached
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOOLKIT="${CUDA_TOOLKIT_DIR:-$HOME/.cache/ddpm-rs/cuda-toolkit}"
+TOOLKIT="${CUDA_TOOLKIT_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/ddpm-rs/cuda-toolkit}"
 PYTHON="${PYTHON:-python3}"
 # Pinned so that every check compiles against the same toolkit.
 PACKAGES=(nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 nvidia-cuda-crt==13.5.37
