@@ -42,8 +42,10 @@ fn same_padding_3x3() {
     check(2, 3, 4, (7, 5), (3, 1, 1));
     // 5x5 kernel, padding 2: shifts of up to two rows and columns
     check(2, 3, 4, (9, 6), (5, 1, 2));
-    // a kernel as large as the image
+    // a kernel as large as the image, and larger: every shifted plane is partly or wholly padding
     check(1, 2, 3, (3, 3), (3, 1, 1));
+    check(2, 2, 3, (1, 1), (3, 1, 1));
+    check(1, 2, 3, (2, 1), (5, 1, 2));
 }
 
 #[test]
@@ -56,6 +58,8 @@ fn strided_3x3_without_padding() {
 #[test]
 fn strided_3x3_with_padding() {
     check(3, 2, 5, (8, 8), (3, 2, 1));
+    // a 1x1 image: every kernel offset but the centre lands in the padding
+    check(2, 2, 3, (1, 1), (3, 2, 1));
 }
 
 #[test]

@@ -60,9 +60,10 @@ impl Geometry {
         (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
     }
     /// For kernel offset `kj`, the output columns [lo, hi) whose input column ix = ox s + kj - p lies
-    /// inside the image: ox >= ceil((p - kj) / s) and ox s + kj - p <= W - 1.
+    /// inside the image: ox >= ceil((p - kj) / s) and ox s + kj - p <= W - 1 (empty, lo = hi, when the
+    /// offset reaches past a narrow image).
     fn col_range(&self, kj: usize) -> (usize, usize) {
-        let lo = self.pad.saturating_sub(kj).div_ceil(self.stride);
+        let lo = self.pad.saturating_sub(kj).div_ceil(self.stride).min(self.ow);
         let hi = if self.w + self.pad > kj { ((self.w - 1 + self.pad - kj) / self.stride + 1).min(self.ow) } else { 0 };
         (lo, hi.max(lo))
     }
@@ -89,7 +90,7 @@ fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
             let src = &plane[iy * g.w..(iy + 1) * g.w];
             dst[..lo].fill(0.0);
             dst[hi..].fill(0.0);
-            if g.stride == 1 {
+            if g.stride == 1 && lo < hi {
                 let s0 = (lo as isize + base) as usize;
                 dst[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
             } else {
@@ -113,23 +114,22 @@ fn im2col_same_size(g: &Geometry, x: &[f32], cols: &mut [f32]) {
         let plane = &x[c * hw..(c + 1) * hw];
         let (dy, dx) = (ki as isize - g.pad as isize, kj as isize - g.pad as isize);
         // output rows whose source row oy + dy is inside the image
-        let oy_lo = (-dy).max(0) as usize;
+        let oy_lo = ((-dy).max(0) as usize).min(g.h);
         let oy_hi = (g.h as isize - dy).clamp(0, g.h as isize) as usize;
         let (j0, j1) = (oy_lo * w, (oy_hi * w).max(oy_lo * w));
-        row[..j0].fill(0.0);
-        row[j1..].fill(0.0);
-        // cols[r, j] = plane[j + shift], clipped to the plane; what the clip leaves out is an edge column
+        // cols[r, j] = plane[j + shift] for j in [lo, hi): the valid rows [j0, j1) clipped to the plane
+        // (what the clip leaves out is an edge column); zero before and after
         let shift = dy * w as isize + dx;
-        let lo = j0.max((-shift).max(0) as usize);
-        let hi = j1.min((hw as isize - shift).max(0) as usize);
+        let lo = ((-shift).max(0) as usize).clamp(j0, j1);
+        let hi = ((hw as isize - shift).max(0) as usize).clamp(lo, j1);
+        row[..lo].fill(0.0);
         if lo < hi {
             row[lo..hi].copy_from_slice(&plane[(lo as isize + shift) as usize..(hi as isize + shift) as usize]);
         }
-        row[j0..lo.max(j0)].fill(0.0);
-        row[hi.min(j1).max(j0)..j1].fill(0.0);
+        row[hi..].fill(0.0);
         // columns ox < -dx and ox >= W - dx read across a row boundary: zero them, one column at a
         // time down the rows (a fill per row would be a library call per row again)
-        let edges = (0..(-dx).max(0) as usize).chain(w - dx.max(0) as usize..w);
+        let edges = (0..((-dx).max(0) as usize).min(w)).chain(w.saturating_sub(dx.max(0) as usize)..w);
         for ox in edges {
             for v in row[j0..j1].iter_mut().skip(ox).step_by(w) {
                 *v = 0.0;
@@ -151,7 +151,7 @@ fn col2im_image(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
             let Some(iy) = g.in_row(oy, ki) else { continue };
             let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
             // dx[c, iy, ox s + kj - p] += dcols[r, oy, ox] over the valid columns
-            if g.stride == 1 {
+            if g.stride == 1 && lo < hi {
                 let d0 = (lo as isize + base) as usize;
                 for (d, v) in dst[d0..d0 + hi - lo].iter_mut().zip(&src[lo..hi]) {
                     *d += v;
