@@ -14,14 +14,13 @@ use ddpm_core::ops::conv::conv2d;
 /// The fewest seconds of `runs` calls of `f` after one warm-up call.
 fn best_secs(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut t: Vec<f64> = (0..runs)
+    (0..runs)
         .map(|_| {
             let start = Instant::now();
             f();
             start.elapsed().as_secs_f64()
         })
-        .collect();
-    t.into_iter().fold(f64::INFINITY, f64::min)
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn main() {
