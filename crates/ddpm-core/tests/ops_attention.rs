@@ -55,10 +55,14 @@ fn hand_computed_case() {
     }
 }
 
-/// A channel count that is not 3 x heads x width is an error, not a panic.
+/// A channel count that is not 3 x heads x width, or zero heads, is an error, not a panic.
 #[test]
 fn bad_channel_count_is_an_error() {
     let x = Tensor::zeros((1, 10, 4), DType::F32, &Device::Cpu).unwrap();
     let err = attention(&x, 2, 1.0).unwrap_err().to_string();
     assert!(err.contains("10 channels"), "{err}");
+    // no heads at all (a division by zero before it was checked)
+    let x = Tensor::zeros((1, 12, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = attention(&x, 0, 1.0).unwrap_err().to_string();
+    assert!(err.contains("0 heads"), "{err}");
 }

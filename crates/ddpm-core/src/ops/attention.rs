@@ -16,7 +16,7 @@
 //!
 //! candle composes this from two transposed copies, a batched product, a scale, a five-op softmax and a
 //! second product, each with its own buffer and backward. Here, for contiguous f32 tensors on the CPU,
-//! each (sample, head) pair is five or seven `gemm` products on strided views of qkv with the
+//! each (sample, head) pair is two `gemm` products forward and five backward on strided views of qkv, with the
 //! (L, L) probabilities in a per-thread scratch buffer; P is recomputed in the backward rather than
 //! kept. Samples run in parallel. Everything else (CUDA, Metal, f16, bf16, f64) takes
 //! [`attention_composed`].
@@ -87,7 +87,7 @@ impl AttentionOp {
     /// The sizes of a call on a tensor of shape `shape`, checked against the head count.
     fn dims(&self, shape: &Shape) -> Result<Dims> {
         let (n, c3, l) = shape.dims3()?;
-        if c3 % (3 * self.heads) != 0 {
+        if self.heads == 0 || c3 % (3 * self.heads) != 0 {
             candle_core::bail!("attention: {c3} channels are not 3 x {} heads x a width", self.heads);
         }
         Ok(Dims { n, heads: self.heads, d: c3 / 3 / self.heads, l })
