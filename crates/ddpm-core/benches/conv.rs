@@ -1,5 +1,6 @@
 //! Throughput of the fused convolution (forward, and forward + backward) for the layer shapes of the
-//! paper's CIFAR-10 UNet at batch 8, in GFLOP/s (2 multiply-adds per weight per output position).
+//! paper's CIFAR-10 UNet at batch 8 and of the `mnist-small` UNet at batch 64, in GFLOP/s of the direct
+//! convolution (2 flops per weight per output position, whatever the algorithm does).
 //!
 //!   cargo bench -p ddpm-core --bench conv            # RAYON_NUM_THREADS sets the threads
 //!
@@ -25,10 +26,11 @@ fn best_secs(runs: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let dev = Device::Cpu;
-    let b = 8;
     println!("{:>28} {:>14} {:>18}", "layer (C -> O, side, k)", "fwd GFLOP/s", "fwd+bwd GFLOP/s");
-    // (in channels, out channels, side, kernel): the 3x3 and 1x1 convolutions at each resolution.
-    for (c, o, side, k) in [(128, 128, 32, 3), (256, 256, 16, 3), (256, 256, 8, 3), (256, 256, 4, 3), (512, 256, 16, 1), (256, 768, 16, 1)] {
+    // (batch, in channels, out channels, side, kernel): the 3x3 and 1x1 convolutions at each resolution
+    let cifar = [(8, 128, 128, 32, 3), (8, 256, 256, 16, 3), (8, 256, 256, 8, 3), (8, 256, 256, 4, 3), (8, 512, 256, 16, 1), (8, 256, 768, 16, 1)];
+    let mnist = [(64, 32, 32, 28, 3), (64, 64, 32, 28, 3), (64, 64, 64, 14, 3), (64, 128, 64, 14, 3), (64, 64, 64, 7, 3), (64, 128, 64, 7, 3)];
+    for (b, c, o, side, k) in cifar.into_iter().chain(mnist) {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, side, side), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, k, k), &dev).unwrap()).unwrap();
         let bias = Var::from_tensor(&Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap()).unwrap();
@@ -41,7 +43,7 @@ fn main() {
             let y = conv2d(&x, &w, Some(&bias), 1, k / 2).unwrap();
             y.sum_all().unwrap().backward().unwrap();
         });
-        let name = format!("{c} -> {o}, {side}x{side}, {k}x{k}");
+        let name = format!("b{b} {c} -> {o}, {side}x{side}, {k}x{k}");
         println!("{name:>28} {:>14.1} {:>18.1}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
     }
 }
