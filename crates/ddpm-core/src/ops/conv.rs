@@ -9,7 +9,8 @@
 //!   y_b    = w.reshape(O, C k k) @ cols_b    (O, L), which is already y's (b) slice
 //!
 //! and the backward is two more products per image, dW += dY_b cols_b^T and dcols_b = W^T dY_b,
-//! followed by col2im, the scatter-add adjoint of im2col. One image's column matrix lives in a
+//! followed by col2im, the scatter-add adjoint of im2col; for a stride-1 "same" convolution dx_b is
+//! instead W' @ im2col(dY_b), the convolution of dY with the flipped kernel. One image's column matrix lives in a
 //! per-thread scratch buffer that is reused from layer to layer and step to step, so no layer
 //! allocates a k^2-times-the-input buffer; it is rebuilt in the backward pass rather than kept. A 1x1
 //! kernel needs no column matrix at all. The images run in parallel on rayon's pool, each product on
@@ -300,12 +301,19 @@ impl CustomOp3 for ConvGrad {
     }
 }
 
-/// dx and dW of the im2col convolution (see [`ConvGrad`]): the images are split into one fixed group
-/// per thread, each group sums its dW in image order, and the groups' partial sums are added in order.
+/// dx and dW of the im2col convolution (see [`ConvGrad`]; for a stride-1 "same" convolution dx is the
+/// convolution of dY with the flipped kernel): the images are split into one fixed group per thread,
+/// each group sums its dW in image order, and the groups' partial sums are added in order.
 fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw_total: &mut [f32]) {
     let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
     let (par, nw) = (inner_parallelism(g.b), o * rows);
     let per_group = g.b.div_ceil(rayon::current_num_threads().max(1));
+    // A stride-1 "same" convolution's dx is itself a "same" convolution, of dY with the kernel flipped
+    // and its channels swapped: dx[c] = sum_o dY[o] * flip(W[o, c]). So dx_b (C, L) = W' (C, O k k) @
+    // im2col(dY_b), a product as large as the forward's written straight into dx, instead of
+    // W^T dY_b (C k k, L), whose inner dimension is only O, and a col2im scatter.
+    let flipped = (g.same_size() && !g.pointwise()).then(|| flip_kernel(w, o, g.c, g.k));
+    let gy = Geometry { c: o, ..*g };
     // One dW partial per group of images.
     let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(per_group * chw)
@@ -321,6 +329,16 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
                 if g.pointwise() {
                     dw_product(xb, &mut dw);
                     dcols_product(dxb);
+                } else if let Some(wf) = &flipped {
+                    with_scratch(&COLS, rows * l, |cols| {
+                        im2col_image(g, xb, cols);
+                        dw_product(cols, &mut dw);
+                    });
+                    with_scratch(&DCOLS, gy.rows() * l, |cols| {
+                        im2col_image(&gy, dyb, cols);
+                        // dx_b = W' @ im2col(dY_b)
+                        unsafe { sgemm((g.c, l, gy.rows()), dxb, false, 1.0, View::rows(wf, gy.rows()), View::rows(cols, l), par) };
+                    });
                 } else {
                     with_scratch(&COLS, rows * l, |cols| {
                         im2col_image(g, xb, cols);
@@ -338,6 +356,23 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
     for p in &partials {
         dw_total.iter_mut().zip(p).for_each(|(d, v)| *d += v);
     }
+}
+
+/// W' (C, O, k, k) with W'[c, o, i, j] = W[o, c, k - 1 - i, k - 1 - j]: the kernel of the convolution
+/// that maps dY to dx for a stride-1 "same" convolution with kernel W (O, C, k, k).
+fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
+    let kk = k * k;
+    let mut flipped = vec![0f32; w.len()];
+    for (oi, wo) in w.chunks_exact(c * kk).enumerate() {
+        for (ci, kernel) in wo.chunks_exact(kk).enumerate() {
+            let dst = &mut flipped[(ci * o + oi) * kk..(ci * o + oi + 1) * kk];
+            // reversing the k k entries flips both axes
+            for (d, v) in dst.iter_mut().zip(kernel.iter().rev()) {
+                *d = *v;
+            }
+        }
+    }
+    flipped
 }
 
 /// y = conv2d(x, w) + bias, square kernel, stride `stride`, zero padding `pad` on every side. The bias

@@ -83,11 +83,9 @@ impl Tiling {
     fn tiles(&self) -> usize {
         self.b * self.per_image()
     }
-    /// Sides of a zero-padded plane that holds every tile's 4x4 input: (2 th + 2, 2 tw + 2), with
-    /// image pixel (y, x) at (y + 1, x + 1).
-    fn padded(&self) -> (usize, usize) {
-        let (th, tw) = self.grid();
-        (2 * th + 2, 2 * tw + 2)
+    /// Rows of a zero-padded plane that holds every tile's 4x4 input, 2 th + 2 (image row y at y + 1).
+    fn padded_rows(&self) -> usize {
+        2 * self.grid().0 + 2
     }
 }
 
@@ -163,8 +161,9 @@ impl Drop for Entries {
         pool.push(std::mem::take(&mut self.data));
         if pool.len() > POOL_BUFFERS {
             // drop the smallest
-            let smallest = pool.iter().enumerate().min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
-            smallest.map(|i| pool.swap_remove(i));
+            if let Some(i) = pool.iter().enumerate().min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i) {
+                pool.swap_remove(i);
+            }
         }
     }
 }
@@ -359,8 +358,7 @@ macro_rules! with_avx2 {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            #[allow(clippy::redundant_closure_call)]
-            (|| $body)()
+            $body
         }
     };
 }
@@ -466,7 +464,7 @@ fn split_row(t: &Tiling) -> usize {
 
 /// Runs `f` with this thread's [`PlaneScratch`] for tiling `t`, the parity planes zeroed.
 fn with_plane_scratch<R>(t: &Tiling, f: impl FnOnce(PlaneScratch) -> R) -> R {
-    let (ph, row, stage) = (t.padded().0, split_row(t), P * (t.per_image() + 8));
+    let (ph, row, stage) = (t.padded_rows(), split_row(t), P * (t.per_image() + 8));
     with_scratch(&PLANE, 2 * ph * row + stage, |buf| {
         let (split, stage) = buf.split_at_mut(2 * ph * row);
         split.fill(0.0);
@@ -475,23 +473,30 @@ fn with_plane_scratch<R>(t: &Tiling, f: impl FnOnce(PlaneScratch) -> R) -> R {
     })
 }
 
-/// V (16, C, N): V[p][c][b T + tile] = (B^T d B)[p] for the 4x4 input tile d of image b, channel c.
-fn transform_input(t: &Tiling, x: &[f32]) -> Entries {
+/// 16 matrices (`channels`, N) built plane by plane from `src` (B, channels, H, W): `plane_fn` writes a
+/// plane's 16 rows of tiles into the scratch's stage, which goes to row c of the matrices, at the
+/// columns of image b's tiles.
+fn by_plane(t: &Tiling, src: &[f32], channels: usize, plane_fn: impl Fn(&[f32], &mut PlaneScratch) + Sync) -> Entries {
     let per = t.per_image();
-    let mut v = Entries::new(t.c, t.tiles());
-    let out = v.shared();
-    x.par_chunks_exact(t.h * t.w).enumerate().for_each(|(plane_index, plane)| {
-        let (bi, ci) = (plane_index / t.c, plane_index % t.c);
-        with_plane_scratch(t, |s| {
-            input_plane(t, plane, s.even, s.odd, s.stage);
+    let mut entries = Entries::new(channels, t.tiles());
+    let out = entries.shared();
+    src.par_chunks_exact(t.h * t.w).enumerate().for_each(|(plane_index, plane)| {
+        let (bi, ci) = (plane_index / channels, plane_index % channels);
+        with_plane_scratch(t, |mut s| {
+            plane_fn(plane, &mut s);
             // SAFETY: the tiles of image b, channel c are this task's own
             let dst = unsafe { out.rows16_mut(ci, bi * per..(bi + 1) * per) };
-            for (d, src) in dst.into_iter().zip(s.stage.chunks_exact(per + 8)) {
-                d.copy_from_slice(&src[..per]);
+            for (d, stage) in dst.into_iter().zip(s.stage.chunks_exact(per + 8)) {
+                d.copy_from_slice(&stage[..per]);
             }
         });
     });
-    v
+    entries
+}
+
+/// V (16, C, N): V[p][c][b T + tile] = (B^T d B)[p] for the 4x4 input tile d of image b, channel c.
+fn transform_input(t: &Tiling, x: &[f32]) -> Entries {
+    by_plane(t, x, t.c, |plane, s| input_plane(t, plane, s.even, s.odd, s.stage))
 }
 
 with_avx2! {
@@ -500,13 +505,14 @@ with_avx2! {
     fn input_plane(t: &Tiling, plane: &[f32], even: &mut [f32], odd: &mut [f32], stage: &mut [f32]) {
         let (th, tw) = t.grid();
         let (row, per) = (split_row(t), t.per_image());
-        // pixel (y, x) sits at padded (y + 1, x + 1): odd x in even[(x + 1) / 2], even x in odd[x / 2]
+        // pixel (y, x) sits at padded (y + 1, x + 1): even x in odd[x / 2], odd x in even[(x + 1) / 2];
+        // pair q holds pixels 2q and 2q + 1
         for (y, src) in plane.chunks_exact(t.w).enumerate() {
             let (e, o) = (&mut even[(y + 1) * row..(y + 2) * row], &mut odd[(y + 1) * row..(y + 2) * row]);
-            for (x, pair) in src.chunks(2).enumerate() {
-                o[x] = pair[0];
+            for (q, pair) in src.chunks(2).enumerate() {
+                o[q] = pair[0];
                 if let Some(&v) = pair.get(1) {
-                    e[x + 1] = v;
+                    e[q + 1] = v;
                 }
             }
         }
@@ -610,21 +616,7 @@ fn interleave(even: &[f32], odd: &[f32], dst: &mut [f32]) {
 
 /// dM (16, O, N) = A dY A^T per tile, the adjoint of [`transform_output`] (dY zero past an odd side).
 fn transform_output_grad(t: &Tiling, dy: &[f32]) -> Entries {
-    let (o, per) = (t.o, t.per_image());
-    let mut dm = Entries::new(o, t.tiles());
-    let out = dm.shared();
-    dy.par_chunks_exact(t.h * t.w).enumerate().for_each(|(plane_index, dyp)| {
-        let (bi, oi) = (plane_index / o, plane_index % o);
-        with_plane_scratch(t, |s| {
-            output_grad_plane(t, dyp, s.even, s.stage);
-            // SAFETY: the tiles of image b, channel o are this task's own
-            let dst = unsafe { out.rows16_mut(oi, bi * per..(bi + 1) * per) };
-            for (d, src) in dst.into_iter().zip(s.stage.chunks_exact(per + 8)) {
-                d.copy_from_slice(&src[..per]);
-            }
-        });
-    });
-    dm
+    by_plane(t, dy, t.o, |plane, s| output_grad_plane(t, plane, s.even, s.stage))
 }
 
 with_avx2! {
