@@ -10,9 +10,10 @@
 //!
 //! and the backward is two more products per image, dW += dY_b cols_b^T and dcols_b = W^T dY_b,
 //! followed by col2im, the scatter-add adjoint of im2col; for a stride-1 "same" convolution dx_b is
-//! instead W' @ im2col(dY_b), the convolution of dY with the flipped kernel. One image's column matrix lives in a
-//! per-thread scratch buffer that is reused from layer to layer and step to step, so no layer
-//! allocates a k^2-times-the-input buffer; it is rebuilt in the backward pass rather than kept. A 1x1
+//! instead W' @ im2col(dY_b), the convolution of dY with the flipped kernel. One image's column
+//! matrix lives in a per-thread scratch buffer that is reused from layer to layer and step to step, so
+//! no layer allocates a k^2-times-the-input buffer; it is rebuilt in the backward pass rather than
+//! kept. A 1x1
 //! kernel needs no column matrix at all. The images run in parallel on rayon's pool, each product on
 //! one thread (or, with fewer images than threads, each product on all of them). The products call
 //! the `gemm` crate (the kernel candle's own CPU matmul uses). On devices or dtypes without these
@@ -329,25 +330,22 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
                 if g.pointwise() {
                     dw_product(xb, &mut dw);
                     dcols_product(dxb);
-                } else if let Some(wf) = &flipped {
-                    with_scratch(&COLS, rows * l, |cols| {
-                        im2col_image(g, xb, cols);
-                        dw_product(cols, &mut dw);
-                    });
-                    with_scratch(&DCOLS, gy.rows() * l, |cols| {
+                    continue;
+                }
+                with_scratch(&COLS, rows * l, |cols| {
+                    im2col_image(g, xb, cols);
+                    dw_product(cols, &mut dw);
+                });
+                match &flipped {
+                    // dx_b = W' @ im2col(dY_b)
+                    Some(wf) => with_scratch(&DCOLS, gy.rows() * l, |cols| {
                         im2col_image(&gy, dyb, cols);
-                        // dx_b = W' @ im2col(dY_b)
                         unsafe { sgemm((g.c, l, gy.rows()), dxb, false, 1.0, View::rows(wf, gy.rows()), View::rows(cols, l), par) };
-                    });
-                } else {
-                    with_scratch(&COLS, rows * l, |cols| {
-                        im2col_image(g, xb, cols);
-                        dw_product(cols, &mut dw);
-                    });
-                    with_scratch(&DCOLS, rows * l, |dcols| {
+                    }),
+                    None => with_scratch(&DCOLS, rows * l, |dcols| {
                         dcols_product(dcols);
                         col2im_image(g, dcols, dxb);
-                    });
+                    }),
                 }
             }
             dw
