@@ -320,24 +320,21 @@ fn two_sided<T: Value, const I: usize, const J: usize, const K: usize, const L: 
     rows: impl Fn([T; I]) -> [T; K],
     cols: impl Fn([T; J]) -> [T; L],
 ) -> [[T; L]; K] {
-    // down the columns: t[:, j] = rows(x[:, j])
-    // (plain loops: the generic array constructors are not always inlined into the AVX2 copies)
-    let mut t = [[T::default(); K]; J];
-    for j in 0..J {
-        let mut col = [T::default(); I];
-        for i in 0..I {
-            col[i] = x[i][j];
+    // t (J, K): row j is L x[:, j]; then row k of the result is R t[:, k]
+    map_columns(map_columns(x, rows), cols)
+}
+
+/// The columns of an R x C matrix, each mapped by `f`: row c of the result is f(x[:, c]). (Plain
+/// loops: the generic array constructors are not always inlined into the AVX2 copies.)
+#[inline(always)]
+fn map_columns<T: Value, const R: usize, const C: usize, const N: usize>(x: [[T; C]; R], f: impl Fn([T; R]) -> [T; N]) -> [[T; N]; C] {
+    let mut out = [[T::default(); N]; C];
+    for (c, o) in out.iter_mut().enumerate() {
+        let mut col = [T::default(); R];
+        for (v, row) in col.iter_mut().zip(&x) {
+            *v = row[c];
         }
-        t[j] = rows(col);
-    }
-    // along the rows: out[k, :] = cols(t[k, :])
-    let mut out = [[T::default(); L]; K];
-    for k in 0..K {
-        let mut row = [T::default(); J];
-        for j in 0..J {
-            row[j] = t[j][k];
-        }
-        out[k] = cols(row);
+        *o = f(col);
     }
     out
 }
