@@ -20,8 +20,9 @@
 //! kernels the layer falls back to candle's `conv2d`.
 //!
 //! 3x3 stride-1 convolutions with padding 1 and at least [`WINOGRAD_MIN_CHANNELS`] input channels
-//! take Winograd's F(2x2, 3x3) instead (`ops/winograd.rs`): 2.25x fewer flops in the products, for
-//! transforms whose cost is about that of a product with 8-16 channels.
+//! take Winograd's F(2x2, 3x3) instead (`ops/winograd.rs`): 2.25x fewer flops in the products, plus
+//! tile transforms linear in C + O where the products are linear in C O, so it pays off for wide
+//! layers only.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
