@@ -16,9 +16,9 @@
 //!
 //! candle composes this from two transposed copies, a batched product, a scale, a five-op softmax and a
 //! second product, each with its own buffer and backward. Here, for contiguous f32 tensors on the CPU,
-//! each (sample, head) pair is two `gemm` products forward and five backward on strided views of qkv, with the
-//! (L, L) probabilities in a per-thread scratch buffer; P is recomputed in the backward rather than
-//! kept. Samples run in parallel. Everything else (CUDA, Metal, f16, bf16, f64) takes
+//! each (sample, head) pair is two `gemm` products forward and five backward on strided views of qkv,
+//! with the (L, L) probabilities in a per-thread scratch buffer; P is recomputed in the backward rather
+//! than kept. Samples run in parallel. Everything else (CUDA, Metal, f16, bf16, f64) takes
 //! [`attention_composed`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};

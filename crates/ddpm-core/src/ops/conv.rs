@@ -13,11 +13,10 @@
 //! instead W' @ im2col(dY_b), the convolution of dY with the flipped kernel. One image's column
 //! matrix lives in a per-thread scratch buffer that is reused from layer to layer and step to step, so
 //! no layer allocates a k^2-times-the-input buffer; it is rebuilt in the backward pass rather than
-//! kept. A 1x1
-//! kernel needs no column matrix at all. The images run in parallel on rayon's pool, each product on
-//! one thread (or, with fewer images than threads, each product on all of them). The products call
-//! the `gemm` crate (the kernel candle's own CPU matmul uses). On devices or dtypes without these
-//! kernels the layer falls back to candle's `conv2d`.
+//! kept. A 1x1 kernel needs no column matrix at all. The images run in parallel on rayon's pool, each
+//! product on one thread (or, with fewer images than threads, each product on all of them). The
+//! products call the `gemm` crate (the kernel candle's own CPU matmul uses). On devices or dtypes
+//! without these kernels the layer falls back to candle's `conv2d`.
 //!
 //! 3x3 stride-1 convolutions with padding 1 and at least [`WINOGRAD_MIN_CHANNELS`] input channels
 //! take Winograd's F(2x2, 3x3) instead (`ops/winograd.rs`): 2.25x fewer flops in the products, plus
@@ -380,8 +379,7 @@ fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 ///
 /// On the CPU in f32 this is im2col + one matrix product per image, or Winograd F(2x2, 3x3) for a
 /// wide 3x3 "same" convolution, with the analytic backward (see the module docs); elsewhere it is
-/// candle's `conv2d`. Both are differentiable in x, w and
-/// bias.
+/// candle's `conv2d`. Both are differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let (o, ci, k, k2) = w.dims4()?;

@@ -83,6 +83,11 @@ impl Tiling {
     fn tiles(&self) -> usize {
         self.b * self.per_image()
     }
+    /// Row length of [`PlaneScratch`]'s `even` and `odd`: tw + 1 columns and 8 of slack, so that a
+    /// chunk of eight tiles always loads eight values.
+    fn split_row(&self) -> usize {
+        self.grid().1 + 9
+    }
     /// Rows of a zero-padded plane that holds every tile's 4x4 input, 2 th + 2 (image row y at y + 1).
     fn padded_rows(&self) -> usize {
         2 * self.grid().0 + 2
@@ -192,13 +197,9 @@ thread_local! {
     static PLANE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// What the transforms compute on: f32 for the weights, [`Lanes`] for eight tiles at once.
-trait Value: Copy + Default + Add<Output = Self> + Sub<Output = Self> + Neg<Output = Self> + Mul<f32, Output = Self> {}
-impl Value for f32 {}
-impl Value for Lanes {}
-
-/// Eight f32 values, one per tile, so that each transform is a handful of 8-wide vector operations
-/// (the compiler keeps the fixed-size loops below in vector registers).
+/// Eight f32 values, one per tile (per input channel in the weight transforms), so that each
+/// transform is a handful of 8-wide vector operations (the compiler keeps the fixed-size loops below
+/// in vector registers).
 #[derive(Clone, Copy, Default)]
 struct Lanes([f32; 8]);
 
@@ -278,48 +279,48 @@ impl Mul<f32> for Lanes {
 
 /// t = B^T d for a 4-vector d (columns or rows of a tile).
 #[inline(always)]
-fn bt<T: Value>(d: [T; 4]) -> [T; 4] {
+fn bt(d: [Lanes; 4]) -> [Lanes; 4] {
     [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
 }
 
 /// B v for a 4-vector v: the adjoint of [`bt`].
 #[inline(always)]
-fn b<T: Value>(v: [T; 4]) -> [T; 4] {
+fn b(v: [Lanes; 4]) -> [Lanes; 4] {
     [v[0], v[1] - v[2] + v[3], v[1] + v[2] - v[0], -v[3]]
 }
 
 /// G g for a 3-vector g.
 #[inline(always)]
-fn g<T: Value>(v: [T; 3]) -> [T; 4] {
+fn g(v: [Lanes; 3]) -> [Lanes; 4] {
     [v[0], (v[0] + v[1] + v[2]) * 0.5, (v[0] - v[1] + v[2]) * 0.5, v[2]]
 }
 
 /// G^T u for a 4-vector u: the adjoint of [`g`].
 #[inline(always)]
-fn gt<T: Value>(u: [T; 4]) -> [T; 3] {
+fn gt(u: [Lanes; 4]) -> [Lanes; 3] {
     [u[0] + (u[1] + u[2]) * 0.5, (u[1] - u[2]) * 0.5, (u[1] + u[2]) * 0.5 + u[3]]
 }
 
 /// A^T m for a 4-vector m.
 #[inline(always)]
-fn at<T: Value>(m: [T; 4]) -> [T; 2] {
+fn at(m: [Lanes; 4]) -> [Lanes; 2] {
     [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
 }
 
 /// A y for a 2-vector y: the adjoint of [`at`].
 #[inline(always)]
-fn a<T: Value>(y: [T; 2]) -> [T; 4] {
+fn a(y: [Lanes; 2]) -> [Lanes; 4] {
     [y[0], y[0] + y[1], y[0] - y[1], -y[1]]
 }
 
 /// X' = L X R^T for an I x J matrix X given `rows` (L, applied down each column) and `cols` (R,
 /// applied along each row): the two-sided transforms B^T d B, B dV B^T, G g G^T, ...
 #[inline(always)]
-fn two_sided<T: Value, const I: usize, const J: usize, const K: usize, const L: usize>(
-    x: [[T; J]; I],
-    rows: impl Fn([T; I]) -> [T; K],
-    cols: impl Fn([T; J]) -> [T; L],
-) -> [[T; L]; K] {
+fn two_sided<const I: usize, const J: usize, const K: usize, const L: usize>(
+    x: [[Lanes; J]; I],
+    rows: impl Fn([Lanes; I]) -> [Lanes; K],
+    cols: impl Fn([Lanes; J]) -> [Lanes; L],
+) -> [[Lanes; L]; K] {
     // t (J, K): row j is L x[:, j]; then row k of the result is R t[:, k]
     map_columns(map_columns(x, rows), cols)
 }
@@ -327,10 +328,10 @@ fn two_sided<T: Value, const I: usize, const J: usize, const K: usize, const L: 
 /// The columns of an R x C matrix, each mapped by `f`: row c of the result is f(x[:, c]). (Plain
 /// loops: the generic array constructors are not always inlined into the AVX2 copies.)
 #[inline(always)]
-fn map_columns<T: Value, const R: usize, const C: usize, const N: usize>(x: [[T; C]; R], f: impl Fn([T; R]) -> [T; N]) -> [[T; N]; C] {
-    let mut out = [[T::default(); N]; C];
+fn map_columns<const R: usize, const C: usize, const N: usize>(x: [[Lanes; C]; R], f: impl Fn([Lanes; R]) -> [Lanes; N]) -> [[Lanes; N]; C] {
+    let mut out = [[Lanes::default(); N]; C];
     for (c, o) in out.iter_mut().enumerate() {
-        let mut col = [T::default(); R];
+        let mut col = [Lanes::default(); R];
         for (v, row) in col.iter_mut().zip(&x) {
             *v = row[c];
         }
@@ -453,15 +454,9 @@ struct PlaneScratch<'a> {
     stage: &'a mut [f32],
 }
 
-/// Row length of [`PlaneScratch`]'s `even` and `odd`: tw + 1 columns and 8 of slack, so that a chunk
-/// of eight tiles always loads eight values.
-fn split_row(t: &Tiling) -> usize {
-    t.grid().1 + 9
-}
-
 /// Runs `f` with this thread's [`PlaneScratch`] for tiling `t`, the parity planes zeroed.
 fn with_plane_scratch<R>(t: &Tiling, f: impl FnOnce(PlaneScratch) -> R) -> R {
-    let (ph, row, stage) = (t.padded_rows(), split_row(t), P * (t.per_image() + 8));
+    let (ph, row, stage) = (t.padded_rows(), t.split_row(), P * (t.per_image() + 8));
     with_scratch(&PLANE, 2 * ph * row + stage, |buf| {
         let (split, stage) = buf.split_at_mut(2 * ph * row);
         split.fill(0.0);
@@ -501,7 +496,7 @@ with_avx2! {
     /// at a time; `even` and `odd` must be zero.
     fn input_plane(t: &Tiling, plane: &[f32], even: &mut [f32], odd: &mut [f32], stage: &mut [f32]) {
         let (th, tw) = t.grid();
-        let (row, per) = (split_row(t), t.per_image());
+        let (row, per) = (t.split_row(), t.per_image());
         // pixel (y, x) sits at padded (y + 1, x + 1): even x in odd[x / 2], odd x in even[(x + 1) / 2];
         // pair q holds pixels 2q and 2q + 1
         for (y, src) in plane.chunks_exact(t.w).enumerate() {
@@ -620,7 +615,7 @@ with_avx2! {
     /// One plane of [`transform_output_grad`] into `stage` (16 rows of T + 8). `parts` (zeroed, at
     /// least 4 split rows) holds a row of tiles' two image rows split by column parity.
     fn output_grad_plane(t: &Tiling, dyp: &[f32], parts: &mut [f32], stage: &mut [f32]) {
-        let (row, per, tw) = (split_row(t), t.per_image(), t.grid().1);
+        let (row, per, tw) = (t.split_row(), t.per_image(), t.grid().1);
         for (ty, rows) in dyp.chunks(2 * t.w).enumerate() {
             // parts rows: image row 2ty even columns, odd columns, row 2ty + 1 even, odd; zero past the image
             parts[..4 * row].fill(0.0);
@@ -657,7 +652,7 @@ with_avx2! {
     /// padded plane's gradient split by column parity (`even`, `odd`, zeroed).
     fn input_grad_plane(t: &Tiling, vp: &[&[f32]; P], even: &mut [f32], odd: &mut [f32], dxp: &mut [f32]) {
         let (th, tw) = t.grid();
-        let row = split_row(t);
+        let row = t.split_row();
         for ty in 0..th {
             for k in (0..tw).step_by(8) {
                 // lanes past the row of tiles are zeroed: they would add another row's values
