@@ -2,7 +2,7 @@
 //! bias, for the kernel, stride and padding combinations the UNet uses and odd image sizes.
 
 use candle_core::{Device, Tensor, Var};
-use ddpm_core::ops::conv::{conv2d, WINOGRAD_MIN_CHANNELS};
+use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
 
 /// Largest |a - b| over all elements.
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -20,13 +20,24 @@ fn check(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad):
 
 /// [`check`] with a bias of `bias_rows` rows: 1 for a shared (O) bias, b for a per-image (B, O) one.
 fn check_bias(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad): (usize, usize, usize), bias_rows: usize) {
+    compare(b, c, o, (h, w), (k, stride, pad), bias_rows, false);
+}
+
+/// Our convolution against candle's `conv2d` (plus the bias) on random data: outputs, and the
+/// gradients of x, weight and bias. With `upsample`, ours is [`upsample2x_conv2d`] and the reference
+/// upsamples x first (3x3 kernel, stride 1, padding 1).
+fn compare(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad): (usize, usize, usize), bias_rows: usize, upsample: bool) {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap()).unwrap();
     let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
     let bias_shape = if bias_rows == 1 { vec![o] } else { vec![bias_rows, o] };
     let bias = Var::from_tensor(&Tensor::randn(0f32, 1., bias_shape, &dev).unwrap()).unwrap();
-    let ours = conv2d(&x, &wt, Some(&bias), stride, pad).unwrap();
-    let reference = x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((bias_rows, o, 1, 1)).unwrap()).unwrap();
+    let (ours, input) = if upsample {
+        (upsample2x_conv2d(&x, &wt, Some(&bias)).unwrap(), upsample_nearest2x(&x).unwrap())
+    } else {
+        (conv2d(&x, &wt, Some(&bias), stride, pad).unwrap(), x.as_tensor().clone())
+    };
+    let reference = input.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((bias_rows, o, 1, 1)).unwrap()).unwrap();
     assert_eq!(ours.dims(), reference.dims());
     // relative to the largest output (the reference sums C k k products in another order)
     let d = max_diff(&ours, &reference) / max_abs(&reference).max(1.0);
@@ -66,6 +77,23 @@ fn winograd_3x3() {
     check(1, c, 9, (17, 18), (3, 1, 1));
     check_bias(3, c, 7, (5, 8), (3, 1, 1), 3);
     check(2, c - 1, 5, (6, 7), (3, 1, 1));
+}
+
+#[test]
+fn upsample_then_3x3() {
+    // The four-phase 2x2 convolutions against upsampling then a 3x3 convolution: odd and even sides,
+    // a 1x1 image, one image (products on all threads), a per-image bias, more outputs than inputs.
+    for (b, c, o, side, bias_rows) in [(2, 3, 4, (5, 7), 1), (3, 4, 2, (6, 6), 3), (1, 2, 3, (1, 1), 1), (1, 5, 6, (4, 3), 1), (2, 1, 1, (2, 9), 1)] {
+        compare(b, c, o, side, (3, 1, 1), bias_rows, true);
+    }
+}
+
+#[test]
+fn nearest_upsampling_copies_each_pixel_four_times() {
+    // against candle's own nearest upsampling
+    let x = Tensor::randn(0f32, 1., (2, 3, 4, 5), &Device::Cpu).unwrap();
+    let ours = upsample_nearest2x(&x).unwrap();
+    assert_eq!(max_diff(&ours, &x.upsample_nearest2d(8, 10).unwrap()), 0.0);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use ddpm_core::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 use crate::attention::Attention;
-use crate::nn::{conv2d, upsample_nearest2x, Recorder};
+use crate::nn::{conv2d, Recorder};
 use crate::resnet::{ResnetBlock2D, ResnetParams};
 
 /// Halves the resolution with a 3x3 stride-2 conv (`downsamplers.0.conv`). With padding 0 the input
@@ -52,9 +52,11 @@ impl Upsample2D {
         })
     }
 
-    /// (N, C, H, W) -> (N, C, 2H, 2W).
+    /// (N, C, H, W) -> (N, C, 2H, 2W), without building the upsampled image on the CPU (see
+    /// [`ddpm_core::ops::conv::upsample2x_conv2d`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&upsample_nearest2x(x)?)
+        let c = &self.conv;
+        ddpm_core::ops::conv::upsample2x_conv2d(x, &c.weight, c.bias.as_ref())
     }
 }
 

@@ -1,5 +1,5 @@
 //! Building blocks shared by the UNet's modules: parameter creation (recorded under their
-//! state-dict names), group norm, SiLU, dropout and nearest upsampling.
+//! state-dict names), group norm, SiLU and dropout.
 
 use std::cell::RefCell;
 
@@ -164,16 +164,6 @@ pub(crate) fn dropout(x: &Tensor, p: f64, rng: Option<&mut NoiseRng>) -> Result<
         .to_dtype(x.dtype())?
         .to_device(x.device())?;
     x.mul(&mask)
-}
-
-/// Nearest-neighbour x2 upsampling of (N, C, H, W) to (N, C, 2H, 2W) by broadcast and reshape:
-/// y[n, c, 2i + a, 2j + b] = x[n, c, i, j] for a, b in {0, 1}. Its gradient sums the four copies
-/// (candle's `upsample_nearest2d` backward is slow and may overwrite instead of accumulate).
-pub(crate) fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    x.reshape((n, c, h, 1, w, 1))?
-        .broadcast_as((n, c, h, 2, w, 2))?
-        .reshape((n, c, 2 * h, 2 * w))
 }
 
 /// A `SimpleBackend` that hands out a zero of the requested shape without allocating it (a

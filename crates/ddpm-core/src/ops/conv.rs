@@ -22,12 +22,15 @@
 //! take Winograd's F(2x2, 3x3) instead (`ops/winograd.rs`): 2.25x fewer flops in the products, plus
 //! tile transforms linear in C + O where the products are linear in C O, so it pays off for wide
 //! layers only.
+//!
+//! A nearest x2 upsampling followed by a 3x3 convolution ([`upsample2x_conv2d`]) runs on the
+//! low-resolution input as four 2x2 convolutions, one per output phase (`ops/upsample_conv.rs`).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
-use super::winograd;
+use super::{upsample_conv, winograd};
 
 /// Input channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd F(2x2, 3x3)
 /// rather than im2col. Measured with `cargo bench -p ddpm-core --bench conv` and `ddpm bench` on 2
@@ -48,6 +51,9 @@ struct Geometry {
     pad: usize,
     oh: usize,
     ow: usize,
+    /// The input is upsampled x2 (nearest) before the convolution: H, W are the input's sides and
+    /// H', W' = 2H, 2W (a 3x3 kernel with stride 1 and padding 1 only).
+    upsample: bool,
 }
 
 impl Geometry {
@@ -71,6 +77,10 @@ impl Geometry {
     /// For kernel offset `ki` and output row `oy`, the input row iy = oy s + ki - p, if inside.
     fn in_row(&self, oy: usize, ki: usize) -> Option<usize> {
         (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
+    }
+    /// The shape of one input image.
+    fn plane(&self) -> Plane {
+        Plane { c: self.c, h: self.h, w: self.w }
     }
     /// The images' 2x2 tiling for a Winograd convolution to `o` output channels.
     fn tiling(&self, o: usize) -> winograd::Tiling {
@@ -119,20 +129,39 @@ fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// [`im2col_image`] for a stride-1 "same" convolution, where row r of cols is plane c shifted by
-/// (dy, dx) = (ki - p, kj - p): cols[r, j] = x[c, j + dy W + dx] for j = oy W + ox, except where
-/// oy + dy or ox + dx falls outside the image (0 there). One contiguous copy per row, then the
-/// |dx| edge columns whose source wrapped into the neighbouring image row are zeroed; the per-output-row
-/// copies of the general path cost a library call each, which dominated im2col for narrow images.
+/// [`im2col_image`] for a stride-1 "same" convolution: [`im2col_shifted`] with the padding on every
+/// side.
 fn im2col_same_size(g: &Geometry, x: &[f32], cols: &mut [f32]) {
-    let (w, hw, kk) = (g.w, g.h * g.w, g.k * g.k);
-    for (r, row) in cols.chunks_exact_mut(hw).enumerate() {
-        let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
+    im2col_shifted(Plane { c: g.c, h: g.h, w: g.w }, g.k, (g.pad, g.pad), x, cols)
+}
+
+/// The shape of one image: C planes of H x W.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plane {
+    /// Channels.
+    pub c: usize,
+    /// Rows.
+    pub h: usize,
+    /// Columns.
+    pub w: usize,
+}
+
+/// The column matrix (C k k, H W) of a stride-1 convolution whose output has the input's size, with
+/// kernel k, `py` rows of zero padding on top and `px` columns on the left (and what the kernel needs
+/// at the bottom and right). Row r = (c k + ki) k + kj is plane c shifted by (dy, dx) = (ki - py,
+/// kj - px): cols[r, j] = x[c, j + dy W + dx] for j = oy W + ox, except where oy + dy or ox + dx falls
+/// outside the image (0 there). One contiguous copy per row, then the |dx| edge columns whose source
+/// wrapped into the neighbouring image row are zeroed; the per-output-row copies of the general path
+/// cost a library call each, which dominated im2col for narrow images.
+pub(crate) fn im2col_shifted(p: Plane, k: usize, (py, px): (usize, usize), x: &[f32], cols: &mut [f32]) {
+    let (w, hw, kk) = (p.w, p.h * p.w, k * k);
+    for (r, row) in cols.chunks_exact_mut(hw).enumerate().take(p.c * kk) {
+        let (c, ki, kj) = (r / kk, (r / k) % k, r % k);
         let plane = &x[c * hw..(c + 1) * hw];
-        let (dy, dx) = (ki as isize - g.pad as isize, kj as isize - g.pad as isize);
+        let (dy, dx) = (ki as isize - py as isize, kj as isize - px as isize);
         // output rows whose source row oy + dy is inside the image
-        let oy_lo = ((-dy).max(0) as usize).min(g.h);
-        let oy_hi = (g.h as isize - dy).clamp(0, g.h as isize) as usize;
+        let oy_lo = ((-dy).max(0) as usize).min(p.h);
+        let oy_hi = (p.h as isize - dy).clamp(0, p.h as isize) as usize;
         let (j0, j1) = (oy_lo * w, (oy_hi * w).max(oy_lo * w));
         // cols[r, j] = plane[j + shift] for j in [lo, hi): the valid rows [j0, j1) clipped to the plane
         // (what the clip leaves out is an edge column); zero before and after
@@ -216,6 +245,10 @@ impl CustomOp3 for ConvOp {
         if x.len() != g.b * chw || w.len() != o * rows || (bias.len() != o && bias.len() != g.b * o) {
             candle_core::bail!("ddpm-conv2d: argument sizes do not match {g:?}");
         }
+        if g.upsample {
+            let y = upsample_conv::forward(g.plane(), g.b, x, w, bias);
+            return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
+        }
         if winograd::applies(g.c, g.k, g.stride, g.pad) {
             let y = winograd::forward(&g.tiling(o), x, w, bias);
             return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
@@ -284,7 +317,9 @@ impl CustomOp3 for ConvGrad {
         let mut packed = vec![0f32; nx + nw + self.bias_len];
         let (dx, dparams) = packed.split_at_mut(nx);
         let (dw_total, dbias) = dparams.split_at_mut(nw);
-        if winograd::applies(g.c, g.k, g.stride, g.pad) {
+        if g.upsample {
+            upsample_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total);
+        } else if winograd::applies(g.c, g.k, g.stride, g.pad) {
             winograd::backward(&g.tiling(o), x, w, dy, dx, dw_total);
         } else {
             conv_grad_im2col(&g, o, x, w, dy, dx, dw_total);
@@ -358,7 +393,7 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
 
 /// W' (C, O, k, k) with W'[c, o, i, j] = W[o, c, k - 1 - i, k - 1 - j]: the kernel of the convolution
 /// that maps dY to dx for a stride-1 "same" convolution with kernel W (O, C, k, k).
-fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
+pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
     let kk = k * k;
     let mut flipped = vec![0f32; w.len()];
     for (oi, wo) in w.chunks_exact(c * kk).enumerate() {
@@ -381,6 +416,42 @@ fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// wide 3x3 "same" convolution, with the analytic backward (see the module docs); elsewhere it is
 /// candle's `conv2d`. Both are differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
+    if !fused(x, w, bias) {
+        return add_bias(x.conv2d(w, pad, stride, 1, 1)?, bias, bias_rows);
+    }
+    let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1, upsample: false };
+    apply(x, w, bias, g)
+}
+
+/// y = conv2d(upsample_nearest2x(x), w) + bias with a 3x3 kernel, stride 1 and padding 1: a UNet's
+/// upsampler, (B, C, H, W) -> (B, O, 2H, 2W), bias as in [`conv2d`].
+///
+/// On the CPU in f32 it runs on x itself as four 2x2 convolutions, one per output phase, with 4/9 of
+/// the flops and no upsampled image (`ops/upsample_conv.rs`); elsewhere it upsamples with
+/// [`upsample_nearest2x`] and calls candle's `conv2d`. Differentiable in x, w and bias.
+pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, 1, 1)?;
+    if k != 3 {
+        candle_core::bail!("upsample2x_conv2d: the kernel must be 3x3, weight is {:?}", w.dims());
+    }
+    if !fused(x, w, bias) {
+        return add_bias(upsample_nearest2x(x)?.conv2d(w, 1, 1, 1, 1)?, bias, bias_rows);
+    }
+    let g = Geometry { b, c, h, w: wd, k, stride: 1, pad: 1, oh: 2 * h, ow: 2 * wd, upsample: true };
+    apply(x, w, bias, g)
+}
+
+/// Nearest-neighbour x2 upsampling of (N, C, H, W) to (N, C, 2H, 2W) by broadcast and reshape:
+/// y[n, c, 2i + a, 2j + b] = x[n, c, i, j] for a, b in {0, 1}. Its gradient sums the four copies.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, 2, w, 2))?.reshape((n, c, 2 * h, 2 * w))
+}
+
+/// Checks the arguments of a convolution and returns (B, C, H, W, k, rows of the bias): 1 for a
+/// shared (O) bias, B for a per-image (B, O) one.
+fn check_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<(usize, usize, usize, usize, usize, usize)> {
     let (b, c, h, wd) = x.dims4()?;
     let (o, ci, k, k2) = w.dims4()?;
     if ci != c || k != k2 {
@@ -389,24 +460,33 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     if stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
         candle_core::bail!("conv2d: kernel {k} with stride {stride} and padding {pad} does not fit a {h}x{wd} input");
     }
-    // rows of the bias: 1 for a shared (O) bias, B for a per-image (B, O) one
     let bias_rows = match bias.map(|t| t.dims()) {
         None => 1,
         Some([bo]) if *bo == o => 1,
         Some([bb, bo]) if *bb == b && *bo == o => b,
         Some(d) => candle_core::bail!("conv2d: bias is {d:?}, need ({o}) or ({b}, {o})"),
     };
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)) {
-        let y = x.conv2d(w, pad, stride, 1, 1)?;
-        return match bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((bias_rows, o, 1, 1))?),
-            None => Ok(y),
-        };
+    Ok((b, c, h, wd, k, bias_rows))
+}
+
+/// Whether the fused CPU kernels take these tensors: all on the CPU in f32.
+fn fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)
+}
+
+/// y + bias broadcast over the positions, for the composed fallback.
+fn add_bias(y: Tensor, bias: Option<&Tensor>, bias_rows: usize) -> Result<Tensor> {
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((bias_rows, y.dim(1)?, 1, 1))?),
+        None => Ok(y),
     }
-    let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1 };
+}
+
+/// Runs the fused convolution op of geometry `g` (a missing bias is zero).
+fn apply(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: Geometry) -> Result<Tensor> {
     let bias = match bias {
         Some(t) => t.contiguous()?,
-        None => Tensor::zeros(o, DType::F32, x.device())?,
+        None => Tensor::zeros(w.dim(0)?, DType::F32, x.device())?,
     };
     x.contiguous()?.apply_op3(&w.contiguous()?, &bias, ConvOp(g))
 }

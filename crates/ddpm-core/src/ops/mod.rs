@@ -16,6 +16,7 @@ pub mod group_norm;
 pub(crate) mod matmul;
 pub mod mse;
 pub mod optim;
+pub(crate) mod upsample_conv;
 pub(crate) mod winograd;
 
 pub use attention::{attention, attention_composed};
