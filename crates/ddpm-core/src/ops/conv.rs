@@ -30,7 +30,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use rayon::prelude::*;
 
 use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
-use super::{upsample_conv, winograd};
+use super::{direct_conv, upsample_conv, winograd};
 
 /// Input channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd F(2x2, 3x3)
 /// rather than im2col. Measured with `cargo bench -p ddpm-core --bench conv` and `ddpm bench` on 2
@@ -77,6 +77,11 @@ impl Geometry {
     /// For kernel offset `ki` and output row `oy`, the input row iy = oy s + ki - p, if inside.
     fn in_row(&self, oy: usize, ki: usize) -> Option<usize> {
         (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
+    }
+    /// Whether the direct AVX2 kernel takes this convolution: 3x3, stride 1, padding 1, narrower
+    /// than Winograd's threshold, on a CPU with AVX2 and FMA.
+    fn direct(&self) -> bool {
+        !self.upsample && self.k == 3 && self.stride == 1 && self.pad == 1 && !winograd::applies(self.c, self.k, self.stride, self.pad) && direct_conv::available()
     }
     /// The shape of one input image.
     fn plane(&self) -> Plane {
@@ -249,6 +254,10 @@ impl CustomOp3 for ConvOp {
             let y = upsample_conv::forward(g.plane(), g.b, x, w, bias);
             return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
         }
+        if g.direct() {
+            let y = direct_conv::forward(g.plane(), g.b, x, w, bias);
+            return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
+        }
         if winograd::applies(g.c, g.k, g.stride, g.pad) {
             let y = winograd::forward(&g.tiling(o), x, w, bias);
             return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
@@ -350,6 +359,11 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
     // W^T dY_b (C k k, L), whose inner dimension is only O, and a col2im scatter.
     let flipped = (g.same_size() && !g.pointwise()).then(|| flip_kernel(w, o, g.c, g.k));
     let gy = Geometry { c: o, ..*g };
+    // the direct kernel takes the whole batch's dx at once
+    let direct = g.direct();
+    if let (true, Some(wf)) = (direct, &flipped) {
+        direct_conv::forward_into(gy.plane(), g.b, dy, wf, &vec![0f32; g.c], dx);
+    }
     // One dW partial per group of images.
     let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(per_group * chw)
@@ -372,6 +386,7 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
                     dw_product(cols, &mut dw);
                 });
                 match &flipped {
+                    Some(_) if direct => {}
                     // dx_b = W' @ im2col(dY_b)
                     Some(wf) => with_scratch(&DCOLS, gy.rows() * l, |cols| {
                         im2col_image(&gy, dyb, cols);

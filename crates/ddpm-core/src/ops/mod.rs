@@ -12,6 +12,7 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod ddpm_step;
+pub(crate) mod direct_conv;
 pub mod group_norm;
 pub(crate) mod matmul;
 pub mod mse;

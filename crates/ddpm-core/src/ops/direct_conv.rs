@@ -1,0 +1,172 @@
+//! Direct 3x3 stride-1 "same" convolution with AVX2 + FMA for the narrow layers (fewer than
+//! `WINOGRAD_MIN_CHANNELS` input channels), where im2col + a matrix product spends as much time
+//! building and packing the column matrix as multiplying: here each block of 4 output channels x 24
+//! positions is accumulated in 12 vector registers straight from the input planes.
+//!
+//! Each input plane is first copied into a zero-padded plane of width W' = W + 2, so that output
+//! position (i, j) reads padded pixels (i + ki, j + kj) for the taps (ki, kj). Flattening the padded
+//! grid, output p = i W' + j reads input p + ki W' + kj: the output rows run together into one
+//! contiguous range of H W' positions (the two columns j >= W of each row are computed and dropped),
+//! so the kernel has no edges to handle. The weights are repacked per block of 4 output channels as
+//! [c][tap][4] (zero for channels past O), so a block's inner step is 3 loads of 8 positions, 4
+//! broadcasts and 12 fused multiply-adds:
+//!
+//!   out[o, p] = sum over c, ki, kj of W[o, c, ki, kj] padded[c, p + ki W' + kj]
+//!   y[o, i, j] = out[o, i W' + j] + bias[o]
+//!
+//! Only on x86-64 CPUs with AVX2 and FMA ([`available`]); elsewhere the caller keeps im2col.
+
+use rayon::prelude::*;
+
+use super::conv::{image_bias, Plane};
+use super::matmul::with_scratch;
+
+/// Output channels per block.
+const OB: usize = 4;
+/// 8-lane vectors of positions per block.
+const PV: usize = 2;
+/// Positions per block.
+const PB: usize = 8 * PV;
+
+/// Whether the direct kernel can run here: x86-64 with AVX2 and FMA.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The padded layout of one image: width W' = W + 2, the flattened output range rounded up to whole
+/// blocks, and the stride between padded planes (room for the last block's farthest tap).
+#[derive(Debug, Clone, Copy)]
+struct Padded {
+    wp: usize,
+    positions: usize,
+    plane: usize,
+}
+
+impl Padded {
+    fn new(p: Plane) -> Self {
+        let wp = p.w + 2;
+        let positions = (p.h * wp).div_ceil(PB) * PB;
+        // the last block reads up to positions - 1 + 2 W' + 2; (H + 2) W' covers the padded image
+        let plane = (positions + 2 * wp + 2).max((p.h + 2) * wp).div_ceil(8) * 8;
+        Padded { wp, positions, plane }
+    }
+}
+
+/// Copies the images x (B, C, H, W) into zero-padded planes (B, C, plane): pixel (i, j) of plane c
+/// goes to (i + 1) W' + j + 1.
+fn pad_images(p: Plane, pd: Padded, x: &[f32], padded: &mut [f32]) {
+    padded.par_chunks_mut(pd.plane).zip(x.par_chunks(p.h * p.w)).for_each(|(dst, src)| {
+        dst.fill(0.0);
+        for (i, row) in src.chunks_exact(p.w).enumerate() {
+            let at = (i + 1) * pd.wp + 1;
+            dst[at..at + p.w].copy_from_slice(row);
+        }
+    });
+}
+
+/// W (O, C, 3, 3) repacked per block of [`OB`] output channels as [c][tap][OB], zero for the
+/// channels past O.
+fn pack_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let blocks = o.div_ceil(OB);
+    let mut packed = vec![0f32; blocks * c * 9 * OB];
+    for (oi, wo) in w.chunks_exact(c * 9).enumerate() {
+        let (blk, lane) = (oi / OB, oi % OB);
+        for (ci, kernel) in wo.chunks_exact(9).enumerate() {
+            for (t, &v) in kernel.iter().enumerate() {
+                packed[((blk * c + ci) * 9 + t) * OB + lane] = v;
+            }
+        }
+    }
+    packed
+}
+
+/// y (B, O, H, W) = conv3x3(x, w, padding 1) + bias for x (B, C, H, W), w (O, C, 3, 3) and bias (O) or
+/// (B, O). Requires [`available`].
+pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; b * w.len() / (9 * p.c) * p.h * p.w];
+    forward_into(p, b, x, w, bias, &mut y);
+    y
+}
+
+/// [`forward`] written into `y` (B, O, H, W).
+pub(crate) fn forward_into(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
+    let pd = Padded::new(p);
+    let (hw, o) = (p.h * p.w, w.len() / (9 * p.c));
+    let mut padded = vec![0f32; b * p.c * pd.plane];
+    pad_images(p, pd, x, &mut padded);
+    let packed = pack_weights(w, o, p.c);
+    y.par_chunks_mut(o * hw).zip(padded.par_chunks(p.c * pd.plane)).enumerate().for_each(|(bi, (yb, xb))| {
+        let bias = image_bias(bias, o, bi);
+        yb.par_chunks_mut(OB * hw).enumerate().for_each(|(blk, yblk)| {
+            with_scratch(&OUT, OB * pd.positions, |out| {
+                let wk = &packed[blk * p.c * 9 * OB..(blk + 1) * p.c * 9 * OB];
+                // SAFETY: `available` was checked by the caller; xb holds C planes of pd.plane values,
+                // out OB rows of pd.positions, wk C 9 OB weights
+                unsafe { block_row(xb, pd, p.c, wk, out) };
+                // y[o, i, j] = out[o, i W' + j] + bias[o]
+                for (lane, yo) in yblk.chunks_exact_mut(hw).enumerate() {
+                    let (src, bv) = (&out[lane * pd.positions..], bias[blk * OB + lane]);
+                    for (i, yrow) in yo.chunks_exact_mut(p.w).enumerate() {
+                        for (d, s) in yrow.iter_mut().zip(&src[i * pd.wp..]) {
+                            *d = s + bv;
+                        }
+                    }
+                }
+            })
+        });
+    });
+}
+
+thread_local! {
+    /// Per-thread scratch for one block's output rows (OB, positions).
+    static OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// out (OB, positions) for one block of output channels over all positions.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `xb` holds `c` padded planes, `wk` c 9 OB weights and `out`
+/// OB pd.positions values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_row(xb: &[f32], pd: Padded, c: usize, wk: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(xb.len() >= c * pd.plane && wk.len() >= c * 9 * OB && out.len() >= OB * pd.positions);
+    let taps: [usize; 9] = std::array::from_fn(|t| (t / 3) * pd.wp + t % 3);
+    for p0 in (0..pd.positions).step_by(PB) {
+        let mut acc = [[_mm256_setzero_ps(); PV]; OB];
+        for ci in 0..c {
+            let xc = xb.as_ptr().add(ci * pd.plane + p0);
+            let wc = wk.as_ptr().add(ci * 9 * OB);
+            for (t, &off) in taps.iter().enumerate() {
+                let mut v = [_mm256_setzero_ps(); PV];
+                for (k, vk) in v.iter_mut().enumerate() {
+                    *vk = _mm256_loadu_ps(xc.add(off + 8 * k));
+                }
+                for (lane, acc_o) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_broadcast_ss(&*wc.add(t * OB + lane));
+                    for (a, &vk) in acc_o.iter_mut().zip(&v) {
+                        *a = _mm256_fmadd_ps(wv, vk, *a);
+                    }
+                }
+            }
+        }
+        for (lane, acc_o) in acc.iter().enumerate() {
+            for (k, a) in acc_o.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(lane * pd.positions + p0 + 8 * k), *a);
+            }
+        }
+    }
+}
+
+/// Never called: [`available`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_row(_: &[f32], _: Padded, _: usize, _: &[f32], _: &mut [f32]) {
+    unreachable!("direct convolution without AVX2")
+}
