@@ -328,6 +328,8 @@ impl CustomOp3 for ConvGrad {
         let (dw_total, dbias) = dparams.split_at_mut(nw);
         if g.upsample {
             upsample_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total);
+        } else if g.direct() {
+            direct_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total);
         } else if winograd::applies(g.c, g.k, g.stride, g.pad) {
             winograd::backward(&g.tiling(o), x, w, dy, dx, dw_total);
         } else {
@@ -359,11 +361,6 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
     // W^T dY_b (C k k, L), whose inner dimension is only O, and a col2im scatter.
     let flipped = (g.same_size() && !g.pointwise()).then(|| flip_kernel(w, o, g.c, g.k));
     let gy = Geometry { c: o, ..*g };
-    // the direct kernel takes the whole batch's dx at once
-    let direct = g.direct();
-    if let (true, Some(wf)) = (direct, &flipped) {
-        direct_conv::forward_into(gy.plane(), g.b, dy, wf, &vec![0f32; g.c], dx);
-    }
     // One dW partial per group of images.
     let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(per_group * chw)
@@ -386,7 +383,6 @@ fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx
                     dw_product(cols, &mut dw);
                 });
                 match &flipped {
-                    Some(_) if direct => {}
                     // dx_b = W' @ im2col(dY_b)
                     Some(wf) => with_scratch(&DCOLS, gy.rows() * l, |cols| {
                         im2col_image(&gy, dyb, cols);

@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::conv::{image_bias, Plane};
-use super::matmul::with_scratch;
+use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
 
 /// Output channels per block.
 const OB: usize = 4;
@@ -89,19 +89,24 @@ fn pack_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
 /// y (B, O, H, W) = conv3x3(x, w, padding 1) + bias for x (B, C, H, W), w (O, C, 3, 3) and bias (O) or
 /// (B, O). Requires [`available`].
 pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+    let pd = Padded::new(p);
     let mut y = vec![0f32; b * w.len() / (9 * p.c) * p.h * p.w];
-    forward_into(p, b, x, w, bias, &mut y);
+    conv_padded(p, pd, &padded(p, pd, x), w, bias, &mut y);
     y
 }
 
-/// [`forward`] written into `y` (B, O, H, W).
-pub(crate) fn forward_into(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
-    let pd = Padded::new(p);
-    let (hw, o) = (p.h * p.w, w.len() / (9 * p.c));
-    let mut padded = vec![0f32; b * p.c * pd.plane];
+/// The zero-padded planes (B, C, plane) of the images x (B, C, H, W).
+fn padded(p: Plane, pd: Padded, x: &[f32]) -> Vec<f32> {
+    let mut padded = vec![0f32; x.len() / (p.h * p.w) * pd.plane];
     pad_images(p, pd, x, &mut padded);
+    padded
+}
+
+/// y (B, O, H, W) = conv3x3 + bias of the images whose padded planes (B, C, plane) are `xp`.
+fn conv_padded(p: Plane, pd: Padded, xp: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
+    let (hw, o) = (p.h * p.w, w.len() / (9 * p.c));
     let packed = pack_weights(w, o, p.c);
-    y.par_chunks_mut(o * hw).zip(padded.par_chunks(p.c * pd.plane)).enumerate().for_each(|(bi, (yb, xb))| {
+    y.par_chunks_mut(o * hw).zip(xp.par_chunks(p.c * pd.plane)).enumerate().for_each(|(bi, (yb, xb))| {
         let bias = image_bias(bias, o, bi);
         yb.par_chunks_mut(OB * hw).enumerate().for_each(|(blk, yblk)| {
             with_scratch(&OUT, OB * pd.positions, |out| {
@@ -121,6 +126,56 @@ pub(crate) fn forward_into(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32
             })
         });
     });
+}
+
+/// dx (B, C, H, W) and dW (O, C, 3, 3) of [`forward`] for the output gradient dy (B, O, H, W), both
+/// overwritten. Requires [`available`].
+///
+/// dx is the convolution of dY with the flipped kernel (channels swapped), by the same kernel. dW
+/// needs no column matrix: with dY in the padded layout too, dY_b's output p sits at padded index
+/// p + W' + 1 (the dropped columns p = i W' + j, j >= W, land on zero padding), so for tap
+/// t = (ki, kj) at offset off_t = ki W' + kj
+///
+///   dW[:, :, t] += dYpad_b[:, W' + 1 + p] (O, H W') @ (xpad_b[:, off_t + p])^T (H W', C)
+///
+/// nine products per image over strided views of the padded planes. The images are split into one
+/// fixed group per thread, each group sums its dW in image order and the groups are added in order,
+/// so the result does not depend on scheduling.
+pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw_total: &mut [f32]) {
+    let (c, o) = (p.c, w.len() / (9 * p.c));
+    let pd = Padded::new(p);
+    let pdy = Plane { c: o, ..p };
+    let (xp, dyp) = (padded(p, pd, x), padded(pdy, pd, dy));
+    conv_padded(pdy, pd, &dyp, &super::conv::flip_kernel(w, o, c, 3), &vec![0f32; c], dx);
+    let par = inner_parallelism(b);
+    let per_group = b.div_ceil(rayon::current_num_threads().max(1));
+    let n = p.h * pd.wp;
+    // dW per tap (9, O, C), one partial per group of images
+    let partials: Vec<Vec<f32>> = xp
+        .par_chunks(per_group * c * pd.plane)
+        .zip(dyp.par_chunks(per_group * o * pd.plane))
+        .map(|(xg, dyg)| {
+            let mut dwt = vec![0f32; 9 * o * c];
+            for (xb, dyb) in xg.chunks_exact(c * pd.plane).zip(dyg.chunks_exact(o * pd.plane)) {
+                for (t, dw) in dwt.chunks_exact_mut(o * c).enumerate() {
+                    let off = (t / 3) * pd.wp + t % 3;
+                    // SAFETY: row o of the left view reads dyb[o plane + W' + 1 + p] and column c of
+                    // the right one xb[c plane + off + p] for p < H W', inside the planes (see Padded)
+                    unsafe { sgemm((o, c, n), dw, true, 1.0, View::rows(&dyb[pd.wp + 1..], pd.plane), View::transposed(&xb[off..], pd.plane), par) };
+                }
+            }
+            dwt
+        })
+        .collect();
+    dw_total.fill(0.0);
+    for dwt in &partials {
+        for (t, dw) in dwt.chunks_exact(o * c).enumerate() {
+            // dW[o, c, t] += dW_t[o, c]
+            for (d, v) in dw_total.iter_mut().skip(t).step_by(9).zip(dw) {
+                *d += v;
+            }
+        }
+    }
 }
 
 thread_local! {

@@ -101,6 +101,7 @@ fn sigmoid_f32(y: f32) -> f32 {
 
 /// Mean and rstd = 1 / sqrt(var + eps) of one group's values, two-pass (mean first, then the sum of
 /// squared deviations), f32 lanes within blocks of [`BLOCK`] elements, f64 across blocks.
+#[inline(always)]
 fn group_stats(xs: &[f32], eps: f64) -> (f32, f32) {
     let m = xs.len().max(1) as f64;
     let mut total = 0f64;
@@ -136,6 +137,7 @@ fn group_stats(xs: &[f32], eps: f64) -> (f32, f32) {
 
 /// (sum dy, sum dy xhat) over one channel, xhat = (x - mean) rstd: f32 lanes within blocks of
 /// [`BLOCK`] elements, f64 across blocks.
+#[inline(always)]
 fn sum_dy_dyxhat(dy: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
     let (mut ta, mut tb) = (0f64, 0f64);
     for (db, xb) in dy.chunks(BLOCK).zip(x.chunks(BLOCK)) {
@@ -157,6 +159,79 @@ fn sum_dy_dyxhat(dy: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
         tb += acc_b.iter().map(|&v| v as f64).sum::<f64>();
     }
     (ta, tb)
+}
+
+with_avx2! {
+    /// The forward of one group (x's `s`-value channel planes `xs`, with the group's gamma and beta):
+    /// out = a x + b per channel, a = rstd gamma, b = beta - mean a, then out = y sigmoid(y) with
+    /// `silu`.
+    fn forward_group(xs: &[f32], o: &mut [f32], gamma: &[f32], beta: &[f32], s: usize, eps: f64, silu: bool) {
+        let (mean, rstd) = group_stats(xs, eps);
+        for (ci, (xr, or)) in xs.chunks_exact(s).zip(o.chunks_exact_mut(s)).enumerate() {
+            // y = (x - mean) rstd gamma + beta = a x + b
+            let a = rstd * gamma[ci];
+            let b = beta[ci] - mean * a;
+            if silu {
+                // out = y sigmoid(y)
+                for (ov, &xv) in or.iter_mut().zip(xr) {
+                    let y = xv * a + b;
+                    *ov = y * sigmoid_f32(y);
+                }
+            } else {
+                for (ov, &xv) in or.iter_mut().zip(xr) {
+                    *ov = xv * a + b;
+                }
+            }
+        }
+    }
+}
+
+with_avx2! {
+    /// The backward of one group: dx from x, the output gradient `ds` and the group's gamma and
+    /// beta, and the group's per-channel partial sums `part` = [A_c = sum dy | B_c = sum dy xhat].
+    fn backward_group(xs: &[f32], ds: &[f32], dxs: &mut [f32], part: &mut [f64], gamma: &[f32], beta: &[f32], s: usize, eps: f64, silu: bool) {
+        let (cg, m) = (gamma.len(), xs.len());
+        let (mean, rstd) = group_stats(xs, eps);
+        let (mut s1, mut s2) = (0f64, 0f64);
+        // pass 1: dy -> dx buffer, A_c = sum dy, B_c = sum dy xhat
+        for ci in 0..cg {
+            let (gam, bet) = (gamma[ci], beta[ci]);
+            let a = rstd * gam;
+            let b = bet - mean * a;
+            let xr = &xs[ci * s..(ci + 1) * s];
+            let dr = &ds[ci * s..(ci + 1) * s];
+            let dyr = &mut dxs[ci * s..(ci + 1) * s];
+            if silu {
+                // dy = dout s (1 + y (1 - s)),  y = a x + b,  s = sigmoid(y)
+                for ((dy, &xv), &dv) in dyr.iter_mut().zip(xr).zip(dr) {
+                    let y = xv * a + b;
+                    let sg = sigmoid_f32(y);
+                    *dy = dv * sg * (1.0 + y * (1.0 - sg));
+                }
+            } else {
+                dyr.copy_from_slice(dr);
+            }
+            let (ta, tb) = sum_dy_dyxhat(dyr, xr, mean, rstd);
+            part[ci] = ta;
+            part[cg + ci] = tb;
+            s1 += gam as f64 * ta;
+            s2 += gam as f64 * tb;
+        }
+        let m1 = s1 / m as f64;
+        let m2 = s2 / m as f64;
+        // pass 2: dx = rstd (gamma dy - m1 - (x - mean) rstd m2) = k1 dy + k2 x + k3
+        let r = rstd as f64;
+        let k2 = (-r * r * m2) as f32;
+        let k3 = (-r * m1 + mean as f64 * r * r * m2) as f32;
+        for ci in 0..cg {
+            let k1 = rstd * gamma[ci];
+            let xr = &xs[ci * s..(ci + 1) * s];
+            let dyr = &mut dxs[ci * s..(ci + 1) * s];
+            for (v, &xv) in dyr.iter_mut().zip(xr) {
+                *v = k1 * *v + k2 * xv + k3;
+            }
+        }
+    }
 }
 
 /// The fused forward: `(x, gamma, beta) -> out`, see the module docs for the formulas.
@@ -190,26 +265,8 @@ impl CustomOp3 for GroupNormOp {
         let (cg, s, m) = (d.cg(), d.s, d.m());
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(m).zip(x.par_chunks(m)).enumerate().for_each(|(ng, (o, xs))| {
-            let g = ng % d.groups;
-            let (mean, rstd) = group_stats(xs, self.eps);
-            for ci in 0..cg {
-                let c = g * cg + ci;
-                // y = (x - mean) rstd gamma + beta = a x + b
-                let a = rstd * gamma[c];
-                let b = beta[c] - mean * a;
-                let (xr, or) = (&xs[ci * s..(ci + 1) * s], &mut o[ci * s..(ci + 1) * s]);
-                if self.silu {
-                    // out = y sigmoid(y)
-                    for (ov, &xv) in or.iter_mut().zip(xr) {
-                        let y = xv * a + b;
-                        *ov = y * sigmoid_f32(y);
-                    }
-                } else {
-                    for (ov, &xv) in or.iter_mut().zip(xr) {
-                        *ov = xv * a + b;
-                    }
-                }
-            }
+            let cs = (ng % d.groups) * cg..(ng % d.groups + 1) * cg;
+            forward_group(xs, o, &gamma[cs.clone()], &beta[cs], s, self.eps, self.silu);
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
@@ -308,54 +365,11 @@ impl CustomOp3 for GroupNormBackward {
         // partials[ng] = [A_{c} for c in group | B_{c} for c in group]
         let mut partials = vec![0f64; d.n * d.groups * 2 * cg];
         let (dx, dparams) = packed.split_at_mut(numel);
-        dx.par_chunks_mut(m).zip(partials.par_chunks_mut(2 * cg)).enumerate().for_each(
-            |(ng, (dxs, part))| {
-                let g = ng % d.groups;
-                let xs = &x[ng * m..(ng + 1) * m];
-                let ds = &dout[ng * m..(ng + 1) * m];
-                let (mean, rstd) = group_stats(xs, self.eps);
-                let (mut s1, mut s2) = (0f64, 0f64);
-                // pass 1: dy -> dx buffer, A_c = sum dy, B_c = sum dy xhat
-                for ci in 0..cg {
-                    let c = g * cg + ci;
-                    let (gam, bet) = (gamma[c], beta[c]);
-                    let a = rstd * gam;
-                    let b = bet - mean * a;
-                    let xr = &xs[ci * s..(ci + 1) * s];
-                    let dr = &ds[ci * s..(ci + 1) * s];
-                    let dyr = &mut dxs[ci * s..(ci + 1) * s];
-                    if self.silu {
-                        // dy = dout s (1 + y (1 - s)),  y = a x + b,  s = sigmoid(y)
-                        for ((dy, &xv), &dv) in dyr.iter_mut().zip(xr).zip(dr) {
-                            let y = xv * a + b;
-                            let sg = sigmoid_f32(y);
-                            *dy = dv * sg * (1.0 + y * (1.0 - sg));
-                        }
-                    } else {
-                        dyr.copy_from_slice(dr);
-                    }
-                    let (ta, tb) = sum_dy_dyxhat(dyr, xr, mean, rstd);
-                    part[ci] = ta;
-                    part[cg + ci] = tb;
-                    s1 += gam as f64 * ta;
-                    s2 += gam as f64 * tb;
-                }
-                let m1 = s1 / m as f64;
-                let m2 = s2 / m as f64;
-                // pass 2: dx = rstd (gamma dy - m1 - (x - mean) rstd m2) = k1 dy + k2 x + k3
-                let r = rstd as f64;
-                let k2 = (-r * r * m2) as f32;
-                let k3 = (-r * m1 + mean as f64 * r * r * m2) as f32;
-                for ci in 0..cg {
-                    let k1 = rstd * gamma[g * cg + ci];
-                    let xr = &xs[ci * s..(ci + 1) * s];
-                    let dyr = &mut dxs[ci * s..(ci + 1) * s];
-                    for (v, &xv) in dyr.iter_mut().zip(xr) {
-                        *v = k1 * *v + k2 * xv + k3;
-                    }
-                }
-            },
-        );
+        dx.par_chunks_mut(m).zip(partials.par_chunks_mut(2 * cg)).enumerate().for_each(|(ng, (dxs, part))| {
+            let cs = (ng % d.groups) * cg..(ng % d.groups + 1) * cg;
+            let (xs, ds) = (&x[ng * m..(ng + 1) * m], &dout[ng * m..(ng + 1) * m]);
+            backward_group(xs, ds, dxs, part, &gamma[cs.clone()], &beta[cs], s, self.eps, self.silu);
+        });
         // dbeta_c = sum_n A_{n,c}, dgamma_c = sum_n B_{n,c}
         let (dgamma, dbeta) = dparams.split_at_mut(d.c);
         for c in 0..d.c {

@@ -340,27 +340,6 @@ fn map_columns<const R: usize, const C: usize, const N: usize>(x: [[Lanes; C]; R
     out
 }
 
-/// Defines `fn $name(args) body` twice, once compiled for AVX2, and calls the AVX2 copy when the CPU
-/// has it (the transforms' 8-wide lanes then take one instruction instead of two). Same results
-/// either way: the compiler fuses or reorders no floating-point operation.
-macro_rules! with_avx2 {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) $body
-                if std::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            $body
-        }
-    };
-}
-
 /// The 4x4 tile whose entry (i, j) is `entry(4 i + j)`.
 #[inline(always)]
 fn tile16(entry: impl Fn(usize) -> Lanes) -> [[Lanes; 4]; 4] {
