@@ -161,11 +161,22 @@ fn sum_dy_dyxhat(dy: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
     (ta, tb)
 }
 
+/// One group's gamma and beta, the channel plane size `s`, eps and whether SiLU follows.
+#[derive(Clone, Copy)]
+struct GroupArgs<'a> {
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    s: usize,
+    eps: f64,
+    silu: bool,
+}
+
 with_avx2! {
-    /// The forward of one group (x's `s`-value channel planes `xs`, with the group's gamma and beta):
+    /// The forward of one group (x's channel planes `xs`):
     /// out = a x + b per channel, a = rstd gamma, b = beta - mean a, then out = y sigmoid(y) with
     /// `silu`.
-    fn forward_group(xs: &[f32], o: &mut [f32], gamma: &[f32], beta: &[f32], s: usize, eps: f64, silu: bool) {
+    fn forward_group(xs: &[f32], o: &mut [f32], args: GroupArgs<'_>) {
+        let GroupArgs { gamma, beta, s, eps, silu } = args;
         let (mean, rstd) = group_stats(xs, eps);
         for (ci, (xr, or)) in xs.chunks_exact(s).zip(o.chunks_exact_mut(s)).enumerate() {
             // y = (x - mean) rstd gamma + beta = a x + b
@@ -187,9 +198,9 @@ with_avx2! {
 }
 
 with_avx2! {
-    /// The backward of one group: dx from x, the output gradient `ds` and the group's gamma and
-    /// beta, and the group's per-channel partial sums `part` = [A_c = sum dy | B_c = sum dy xhat].
-    fn backward_group(xs: &[f32], ds: &[f32], dxs: &mut [f32], part: &mut [f64], gamma: &[f32], beta: &[f32], s: usize, eps: f64, silu: bool) {
+    /// The backward of one group: dx from x and the output gradient `ds`, and the group's per-channel partial sums `part` = [A_c = sum dy | B_c = sum dy xhat].
+    fn backward_group(xs: &[f32], ds: &[f32], dxs: &mut [f32], part: &mut [f64], args: GroupArgs<'_>) {
+        let GroupArgs { gamma, beta, s, eps, silu } = args;
         let (cg, m) = (gamma.len(), xs.len());
         let (mean, rstd) = group_stats(xs, eps);
         let (mut s1, mut s2) = (0f64, 0f64);
@@ -266,7 +277,7 @@ impl CustomOp3 for GroupNormOp {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(m).zip(x.par_chunks(m)).enumerate().for_each(|(ng, (o, xs))| {
             let cs = (ng % d.groups) * cg..(ng % d.groups + 1) * cg;
-            forward_group(xs, o, &gamma[cs.clone()], &beta[cs], s, self.eps, self.silu);
+            forward_group(xs, o, GroupArgs { gamma: &gamma[cs.clone()], beta: &beta[cs], s, eps: self.eps, silu: self.silu });
         });
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
@@ -368,7 +379,7 @@ impl CustomOp3 for GroupNormBackward {
         dx.par_chunks_mut(m).zip(partials.par_chunks_mut(2 * cg)).enumerate().for_each(|(ng, (dxs, part))| {
             let cs = (ng % d.groups) * cg..(ng % d.groups + 1) * cg;
             let (xs, ds) = (&x[ng * m..(ng + 1) * m], &dout[ng * m..(ng + 1) * m]);
-            backward_group(xs, ds, dxs, part, &gamma[cs.clone()], &beta[cs], s, self.eps, self.silu);
+            backward_group(xs, ds, dxs, part, GroupArgs { gamma: &gamma[cs.clone()], beta: &beta[cs], s, eps: self.eps, silu: self.silu });
         });
         // dbeta_c = sum_n A_{n,c}, dgamma_c = sum_n B_{n,c}
         let (dgamma, dbeta) = dparams.split_at_mut(d.c);
