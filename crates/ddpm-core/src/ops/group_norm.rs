@@ -172,9 +172,8 @@ struct GroupArgs<'a> {
 }
 
 with_avx2! {
-    /// The forward of one group (x's channel planes `xs`):
-    /// out = a x + b per channel, a = rstd gamma, b = beta - mean a, then out = y sigmoid(y) with
-    /// `silu`.
+    /// The forward of one group (x's channel planes `xs`): out = a x + b per channel, a = rstd gamma,
+    /// b = beta - mean a, then out = y sigmoid(y) with `silu`.
     fn forward_group(xs: &[f32], o: &mut [f32], args: GroupArgs<'_>) {
         let GroupArgs { gamma, beta, s, eps, silu } = args;
         let (mean, rstd) = group_stats(xs, eps);
@@ -198,7 +197,8 @@ with_avx2! {
 }
 
 with_avx2! {
-    /// The backward of one group: dx from x and the output gradient `ds`, and the group's per-channel partial sums `part` = [A_c = sum dy | B_c = sum dy xhat].
+    /// The backward of one group: dx from x and the output gradient `ds`, and the group's
+    /// per-channel partial sums `part` = [A_c = sum dy | B_c = sum dy xhat].
     fn backward_group(xs: &[f32], ds: &[f32], dxs: &mut [f32], part: &mut [f64], args: GroupArgs<'_>) {
         let GroupArgs { gamma, beta, s, eps, silu } = args;
         let (cg, m) = (gamma.len(), xs.len());
