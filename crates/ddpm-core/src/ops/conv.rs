@@ -29,7 +29,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
+use super::matmul::{assume_init_vec, init_rows, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
 use super::{direct_conv, upsample_conv, winograd};
 
 /// Input channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd F(2x2, 3x3)
@@ -263,12 +263,10 @@ impl CustomOp3 for ConvOp {
             return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
         }
         let par = inner_parallelism(g.b);
-        let mut y = vec![0f32; g.b * o * l];
+        let mut y = uninit_vec(g.b * o * l);
         y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).enumerate().for_each(|(b, (yb, xb))| {
             // y_b starts as bias_b[o] at every position of channel o; the product is added onto it
-            for (row, &bv) in yb.chunks_exact_mut(l).zip(image_bias(bias, o, b)) {
-                row.fill(bv);
-            }
+            let yb = init_rows(yb, l, image_bias(bias, o, b));
             // y_b += W @ cols_b (cols_b = x_b for a pointwise kernel)
             let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, true, 1.0, View::rows(w, rows), View::rows(cols, l), par) };
             if g.pointwise() {
@@ -280,6 +278,8 @@ impl CustomOp3 for ConvOp {
                 });
             }
         });
+        // SAFETY: init_rows wrote every image's rows
+        let y = unsafe { assume_init_vec(y) };
         Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))))
     }
 

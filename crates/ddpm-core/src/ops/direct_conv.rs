@@ -16,10 +16,12 @@
 //!
 //! Only on x86-64 CPUs with AVX2 and FMA ([`available`]); elsewhere the caller keeps im2col.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::conv::{image_bias, Plane};
-use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
+use super::matmul::{as_uninit, assume_init_vec, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
 
 /// Output channels per block.
 const OB: usize = 4;
@@ -58,16 +60,27 @@ impl Padded {
     }
 }
 
-/// Copies the images x (B, C, H, W) into zero-padded planes (B, C, plane): pixel (i, j) of plane c
-/// goes to (i + 1) W' + j + 1.
-fn pad_images(p: Plane, pd: Padded, x: &[f32], padded: &mut [f32]) {
+/// The zero-padded planes (B, C, plane) of the images x (B, C, H, W): pixel (i, j) of plane c goes
+/// to (i + 1) W' + j + 1, everything else is 0. One pass writes each value once.
+fn padded(p: Plane, pd: Padded, x: &[f32]) -> Vec<f32> {
+    let mut padded = uninit_vec(x.len() / (p.h * p.w) * pd.plane);
+    let zero = MaybeUninit::new(0f32);
     padded.par_chunks_mut(pd.plane).zip(x.par_chunks(p.h * p.w)).for_each(|(dst, src)| {
-        dst.fill(0.0);
+        // the top row and row 1's left padding
+        dst[..pd.wp + 1].fill(zero);
         for (i, row) in src.chunks_exact(p.w).enumerate() {
             let at = (i + 1) * pd.wp + 1;
-            dst[at..at + p.w].copy_from_slice(row);
+            for (d, &v) in dst[at..at + p.w].iter_mut().zip(row) {
+                d.write(v);
+            }
+            // row i's right padding and row i + 1's left padding
+            dst[at + p.w..at + pd.wp].fill(zero);
         }
+        // the bottom row and the tail
+        dst[(p.h + 1) * pd.wp + 1..].fill(zero);
     });
+    // SAFETY: the ranges above cover every plane from 0 to pd.plane
+    unsafe { assume_init_vec(padded) }
 }
 
 /// W (O, C, 3, 3) repacked per block of [`OB`] output channels as [c][tap][OB], zero for the
@@ -90,20 +103,15 @@ fn pack_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
 /// (B, O). Requires [`available`].
 pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
     let pd = Padded::new(p);
-    let mut y = vec![0f32; b * w.len() / (9 * p.c) * p.h * p.w];
+    let mut y = uninit_vec(b * w.len() / (9 * p.c) * p.h * p.w);
     conv_padded(p, pd, &padded(p, pd, x), w, bias, &mut y);
-    y
+    // SAFETY: conv_padded writes every output value
+    unsafe { assume_init_vec(y) }
 }
 
-/// The zero-padded planes (B, C, plane) of the images x (B, C, H, W).
-fn padded(p: Plane, pd: Padded, x: &[f32]) -> Vec<f32> {
-    let mut padded = vec![0f32; x.len() / (p.h * p.w) * pd.plane];
-    pad_images(p, pd, x, &mut padded);
-    padded
-}
-
-/// y (B, O, H, W) = conv3x3 + bias of the images whose padded planes (B, C, plane) are `xp`.
-fn conv_padded(p: Plane, pd: Padded, xp: &[f32], w: &[f32], bias: &[f32], y: &mut [f32]) {
+/// y (B, O, H, W) = conv3x3 + bias of the images whose padded planes (B, C, plane) are `xp`; every
+/// value of y is written.
+fn conv_padded(p: Plane, pd: Padded, xp: &[f32], w: &[f32], bias: &[f32], y: &mut [MaybeUninit<f32>]) {
     let (hw, o) = (p.h * p.w, w.len() / (9 * p.c));
     let packed = pack_weights(w, o, p.c);
     y.par_chunks_mut(o * hw).zip(xp.par_chunks(p.c * pd.plane)).enumerate().for_each(|(bi, (yb, xb))| {
@@ -119,7 +127,7 @@ fn conv_padded(p: Plane, pd: Padded, xp: &[f32], w: &[f32], bias: &[f32], y: &mu
                     let (src, bv) = (&out[lane * pd.positions..], bias[blk * OB + lane]);
                     for (i, yrow) in yo.chunks_exact_mut(p.w).enumerate() {
                         for (d, s) in yrow.iter_mut().zip(&src[i * pd.wp..]) {
-                            *d = s + bv;
+                            d.write(s + bv);
                         }
                     }
                 }
@@ -146,7 +154,7 @@ pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx:
     let pd = Padded::new(p);
     let pdy = Plane { c: o, ..p };
     let (xp, dyp) = (padded(p, pd, x), padded(pdy, pd, dy));
-    conv_padded(pdy, pd, &dyp, &super::conv::flip_kernel(w, o, c, 3), &vec![0f32; c], dx);
+    conv_padded(pdy, pd, &dyp, &super::conv::flip_kernel(w, o, c, 3), &vec![0f32; c], as_uninit(dx));
     let par = inner_parallelism(b);
     let per_group = b.div_ceil(rayon::current_num_threads().max(1));
     let n = p.h * pd.wp;

@@ -30,8 +30,12 @@
 //! [`super::cuda_kernels_enabled`]. Everything else (Metal, f16, bf16, f64, strided input) takes the
 //! composed candle ops, which are differentiable too.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::matmul::{assume_init_vec, uninit_vec};
 
 /// Number of f32 accumulators per reduction: eight independent lanes let the compiler vectorise
 /// the inner loops (a single scalar accumulator would force a serial dependency chain).
@@ -174,7 +178,7 @@ struct GroupArgs<'a> {
 with_avx2! {
     /// The forward of one group (x's channel planes `xs`): out = a x + b per channel, a = rstd gamma,
     /// b = beta - mean a, then out = y sigmoid(y) with `silu`.
-    fn forward_group(xs: &[f32], o: &mut [f32], args: GroupArgs<'_>) {
+    fn forward_group(xs: &[f32], o: &mut [MaybeUninit<f32>], args: GroupArgs<'_>) {
         let GroupArgs { gamma, beta, s, eps, silu } = args;
         let (mean, rstd) = group_stats(xs, eps);
         for (ci, (xr, or)) in xs.chunks_exact(s).zip(o.chunks_exact_mut(s)).enumerate() {
@@ -185,11 +189,11 @@ with_avx2! {
                 // out = y sigmoid(y)
                 for (ov, &xv) in or.iter_mut().zip(xr) {
                     let y = xv * a + b;
-                    *ov = y * sigmoid_f32(y);
+                    ov.write(y * sigmoid_f32(y));
                 }
             } else {
                 for (ov, &xv) in or.iter_mut().zip(xr) {
-                    *ov = xv * a + b;
+                    ov.write(xv * a + b);
                 }
             }
         }
@@ -274,11 +278,13 @@ impl CustomOp3 for GroupNormOp {
             candle_core::bail!("ddpm-group-norm: argument sizes do not match {:?}", d);
         }
         let (cg, s, m) = (d.cg(), d.s, d.m());
-        let mut out = vec![0f32; x.len()];
+        let mut out = uninit_vec(x.len());
         out.par_chunks_mut(m).zip(x.par_chunks(m)).enumerate().for_each(|(ng, (o, xs))| {
             let cs = (ng % d.groups) * cg..(ng % d.groups + 1) * cg;
             forward_group(xs, o, GroupArgs { gamma: &gamma[cs.clone()], beta: &beta[cs], s, eps: self.eps, silu: self.silu });
         });
+        // SAFETY: forward_group writes every value of its group, and the groups cover x
+        let out = unsafe { assume_init_vec(out) };
         Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 

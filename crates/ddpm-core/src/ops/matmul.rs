@@ -1,7 +1,9 @@
 //! The matrix product the fused CPU kernels share: strided f32 views, one `gemm` call, per-thread
-//! scratch buffers and the choice between parallel tasks and parallel products.
+//! scratch buffers, output buffers that are not zero-filled first, and the choice between parallel
+//! tasks and parallel products.
 
 use std::cell::RefCell;
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::thread::LocalKey;
 
 /// A strided view of an f32 matrix for [`sgemm`]: element (i, j) is at `ptr[i rs + j cs]`.
@@ -74,4 +76,41 @@ pub(crate) fn inner_parallelism(tasks: usize) -> gemm::Parallelism {
     } else {
         gemm::Parallelism::Rayon(threads)
     }
+}
+
+/// A buffer of `len` values for a kernel that writes every one of them: no zero-fill pass (which
+/// for a layer's output costs as much as writing it).
+pub(crate) fn uninit_vec(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit values need no initialisation
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The values of a buffer from [`uninit_vec`] once written.
+///
+/// # Safety
+/// Every value of `v` must have been written.
+pub(crate) unsafe fn assume_init_vec(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller wrote every value
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// An initialised slice seen as one that a kernel for [`uninit_vec`] buffers writes to (it only
+/// writes valid values, so the slice stays initialised).
+pub(crate) fn as_uninit(s: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; MaybeUninit<f32> accepts every f32 and nothing else writes uninit values
+    unsafe { &mut *(s as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// Writes `values[r]` into every value of row r (rows of `row_len` values) and returns the slice,
+/// now initialised.
+pub(crate) fn init_rows<'a>(s: &'a mut [MaybeUninit<f32>], row_len: usize, values: &[f32]) -> &'a mut [f32] {
+    assert_eq!(s.len(), row_len * values.len(), "init_rows: {} values are not {} rows of {row_len}", s.len(), values.len());
+    for (row, &v) in s.chunks_exact_mut(row_len).zip(values) {
+        row.fill(MaybeUninit::new(v));
+    }
+    // SAFETY: every value was written just above
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }

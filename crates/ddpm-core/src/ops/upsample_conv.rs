@@ -21,10 +21,12 @@
 //! the last being the adjoint of the phase convolution: x's pixel (i', j') met dY_ab[i, j] through tap
 //! (t, s) when i' = i + t - 1 + a, i.e. i = i' + (1 - t) - a.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::conv::{im2col_shifted, image_bias, Plane};
-use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
+use super::matmul::{assume_init_vec, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
 
 /// The four output phases (a, b): row parity a, column parity b.
 const PHASES: [(usize, usize); 4] = [(0, 0), (0, 1), (1, 0), (1, 1)];
@@ -65,9 +67,11 @@ fn phase_pixels((h, w): (usize, usize), (a, b): (usize, usize)) -> impl Iterator
 }
 
 /// Writes `phase` (rows, H W) into phase (a, b) of the (rows, 2H, 2W) image `full`.
-fn scatter_phase(phase: &[f32], full: &mut [f32], (h, w): (usize, usize), ab: (usize, usize)) {
+fn scatter_phase(phase: &[f32], full: &mut [MaybeUninit<f32>], (h, w): (usize, usize), ab: (usize, usize)) {
     for (f, p) in full.chunks_exact_mut(4 * h * w).zip(phase.chunks_exact(h * w)) {
-        phase_pixels((h, w), ab).for_each(|(fi, pi)| f[fi] = p[pi]);
+        phase_pixels((h, w), ab).for_each(|(fi, pi)| {
+            f[fi].write(p[pi]);
+        });
     }
 }
 
@@ -84,7 +88,7 @@ pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) ->
     let (hw, o) = (p.h * p.w, w.len() / (9 * p.c));
     let kernels = phase_kernels(w);
     let par = inner_parallelism(b);
-    let mut y = vec![0f32; b * o * 4 * hw];
+    let mut y = uninit_vec(b * o * 4 * hw);
     y.par_chunks_mut(o * 4 * hw).zip(x.par_chunks(p.c * hw)).enumerate().for_each(|(bi, (yb, xb))| {
         with_scratch(&COLS, 4 * p.c * hw, |cols| {
             with_scratch(&PHASE, o * hw, |out| {
@@ -100,7 +104,8 @@ pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) ->
             })
         })
     });
-    y
+    // SAFETY: the four phases write every pixel of every plane
+    unsafe { assume_init_vec(y) }
 }
 
 /// dx (B, C, H, W, zero on entry) and dW (O, C, 3, 3) of [`forward`] for the output gradient dy.
