@@ -21,7 +21,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::conv::{image_bias, Plane};
-use super::matmul::{as_uninit, assume_init_vec, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
+use super::matmul::{as_uninit, assume_init_vec, uninit_vec, with_scratch};
 
 /// Output channels per block.
 const OB: usize = 4;
@@ -142,48 +142,106 @@ fn conv_padded(p: Plane, pd: Padded, xp: &[f32], w: &[f32], bias: &[f32], y: &mu
 /// dx is the convolution of dY with the flipped kernel (channels swapped), by the same kernel. dW
 /// needs no column matrix: with dY in the padded layout too, dY_b's output p sits at padded index
 /// p + W' + 1 (the dropped columns p = i W' + j, j >= W, land on zero padding), so for tap
-/// t = (ki, kj) at offset off_t = ki W' + kj
+/// (ki, kj)
 ///
-///   dW[:, :, t] += dYpad_b[:, W' + 1 + p] (O, H W') @ (xpad_b[:, off_t + p])^T (H W', C)
+///   dW[o, c, ki, kj] = sum over b and p < H W' of dYpad_b[o, W' + 1 + p] xpad_b[c, ki W' + kj + p]
 ///
-/// nine products per image over strided views of the padded planes. The images are split into one
-/// fixed group per thread, each group sums its dW in image order and the groups are added in order,
-/// so the result does not depend on scheduling.
+/// accumulated by [`weight_grad_block`] for 4 output channels and one kernel row at a time. The
+/// images are split into one fixed group per thread, each group sums its dW in image order and the
+/// groups are added in order, so the result does not depend on scheduling.
 pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw_total: &mut [f32]) {
     let (c, o) = (p.c, w.len() / (9 * p.c));
     let pd = Padded::new(p);
     let pdy = Plane { c: o, ..p };
     let (xp, dyp) = (padded(p, pd, x), padded(pdy, pd, dy));
     conv_padded(pdy, pd, &dyp, &super::conv::flip_kernel(w, o, c, 3), &vec![0f32; c], as_uninit(dx));
-    let par = inner_parallelism(b);
-    let per_group = b.div_ceil(rayon::current_num_threads().max(1));
-    let n = p.h * pd.wp;
-    // dW per tap (9, O, C), one partial per group of images
-    let partials: Vec<Vec<f32>> = xp
-        .par_chunks(per_group * c * pd.plane)
-        .zip(dyp.par_chunks(per_group * o * pd.plane))
-        .map(|(xg, dyg)| {
-            let mut dwt = vec![0f32; 9 * o * c];
-            for (xb, dyb) in xg.chunks_exact(c * pd.plane).zip(dyg.chunks_exact(o * pd.plane)) {
-                for (t, dw) in dwt.chunks_exact_mut(o * c).enumerate() {
-                    let off = (t / 3) * pd.wp + t % 3;
-                    // SAFETY: row o of the left view reads dyb[o plane + W' + 1 + p] and column c of
-                    // the right one xb[c plane + off + p] for p < H W', inside the planes (see Padded)
-                    unsafe { sgemm((o, c, n), dw, true, 1.0, View::rows(&dyb[pd.wp + 1..], pd.plane), View::transposed(&xb[off..], pd.plane), par) };
-                }
+    let groups = rayon::current_num_threads().clamp(1, b);
+    let per_group = b.div_ceil(groups);
+    // tasks: (group of images, block of output channels), each summing its images in order
+    let blocks = o.div_ceil(OB);
+    let partials: Vec<Vec<f32>> = (0..b.div_ceil(per_group) * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (group, blk) = (task / blocks, task % blocks);
+            let rows = OB.min(o - blk * OB);
+            let mut dw = vec![0f32; rows * c * 9];
+            for bi in group * per_group..((group + 1) * per_group).min(b) {
+                let xb = &xp[bi * c * pd.plane..(bi + 1) * c * pd.plane];
+                let dyb = &dyp[(bi * o + blk * OB) * pd.plane..(bi * o + blk * OB + rows) * pd.plane];
+                weight_grad(xb, dyb, pd, p.h, c, &mut dw);
             }
-            dwt
+            dw
         })
         .collect();
     dw_total.fill(0.0);
-    for dwt in &partials {
-        for (t, dw) in dwt.chunks_exact(o * c).enumerate() {
-            // dW[o, c, t] += dW_t[o, c]
-            for (d, v) in dw_total.iter_mut().skip(t).step_by(9).zip(dw) {
-                *d += v;
+    for (task, dw) in partials.iter().enumerate() {
+        let blk = task % blocks;
+        let at = blk * OB * c * 9;
+        for (d, v) in dw_total[at..at + dw.len()].iter_mut().zip(dw) {
+            *d += v;
+        }
+    }
+}
+
+/// dw (rows, C, 3, 3) += the weight gradient of one image for `rows` <= [`OB`] output channels whose
+/// padded output-gradient planes are `dyb`, with the image's padded planes `xb`.
+fn weight_grad(xb: &[f32], dyb: &[f32], pd: Padded, h: usize, c: usize, dw: &mut [f32]) {
+    // SAFETY (all arms): the caller checked `available`; the planes are whole (see Padded)
+    match dyb.len() / pd.plane {
+        4 => unsafe { weight_grad_block::<4>(xb, dyb, pd, h, c, dw) },
+        3 => unsafe { weight_grad_block::<3>(xb, dyb, pd, h, c, dw) },
+        2 => unsafe { weight_grad_block::<2>(xb, dyb, pd, h, c, dw) },
+        1 => unsafe { weight_grad_block::<1>(xb, dyb, pd, h, c, dw) },
+        r => unreachable!("weight_grad: {r} rows in a block of {OB}"),
+    }
+}
+
+/// [`weight_grad`] for R rows: for each input channel and kernel row ki, R x 3 accumulators of 8
+/// positions, summed over p < H W' (rounded up to 8; the positions past it read zero gradient):
+/// acc[o][kj] += dYpad[o, W' + 1 + p] xpad[c, ki W' + kj + p], then dw[o, c, ki, kj] += the sum of
+/// acc[o][kj]'s lanes.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `xb` holds c padded planes, `dyb` R, and `dw` R c 9 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weight_grad_block<const R: usize>(xb: &[f32], dyb: &[f32], pd: Padded, h: usize, c: usize, dw: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = (h * pd.wp).div_ceil(8) * 8;
+    // the farthest reads: dY at W' + 1 + n - 1, x at 2 W' + 2 + n - 1, both inside a plane
+    assert!(pd.wp + n < pd.plane && 2 * pd.wp + 2 + n <= pd.plane);
+    assert!(xb.len() >= c * pd.plane && dyb.len() >= R * pd.plane && dw.len() >= R * c * 9);
+    let dy0 = dyb.as_ptr().add(pd.wp + 1);
+    for ci in 0..c {
+        for ki in 0..3 {
+            let x0 = xb.as_ptr().add(ci * pd.plane + ki * pd.wp);
+            let mut acc = [[_mm256_setzero_ps(); 3]; R];
+            for p in (0..n).step_by(8) {
+                let xv = [_mm256_loadu_ps(x0.add(p)), _mm256_loadu_ps(x0.add(p + 1)), _mm256_loadu_ps(x0.add(p + 2))];
+                for (o, acc_o) in acc.iter_mut().enumerate() {
+                    let d = _mm256_loadu_ps(dy0.add(o * pd.plane + p));
+                    for (a, &xk) in acc_o.iter_mut().zip(&xv) {
+                        *a = _mm256_fmadd_ps(d, xk, *a);
+                    }
+                }
+            }
+            for (o, acc_o) in acc.iter().enumerate() {
+                for (kj, a) in acc_o.iter().enumerate() {
+                    // the sum of the 8 lanes
+                    let s4 = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+                    dw[(o * c + ci) * 9 + ki * 3 + kj] += _mm_cvtss_f32(s1);
+                }
             }
         }
     }
+}
+
+/// Never called: [`available`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn weight_grad_block<const R: usize>(_: &[f32], _: &[f32], _: Padded, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("direct convolution without AVX2")
 }
 
 thread_local! {
