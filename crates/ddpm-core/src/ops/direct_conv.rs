@@ -1,15 +1,16 @@
 //! Direct 3x3 stride-1 "same" convolution with AVX2 + FMA for the narrow layers (fewer than
 //! `WINOGRAD_MIN_CHANNELS` input channels), where im2col + a matrix product spends as much time
-//! building and packing the column matrix as multiplying: here each block of 4 output channels x 24
-//! positions is accumulated in 12 vector registers straight from the input planes.
+//! building and packing the column matrix as multiplying: here each block of 4 output channels x 16
+//! positions is accumulated in 8 vector registers straight from the input planes.
 //!
-//! Each input plane is first copied into a zero-padded plane of width W' = W + 2, so that output
-//! position (i, j) reads padded pixels (i + ki, j + kj) for the taps (ki, kj). Flattening the padded
-//! grid, output p = i W' + j reads input p + ki W' + kj: the output rows run together into one
-//! contiguous range of H W' positions (the two columns j >= W of each row are computed and dropped),
-//! so the kernel has no edges to handle. The weights are repacked per block of 4 output channels as
-//! [c][tap][4] (zero for channels past O), so a block's inner step is 3 loads of 8 positions, 4
-//! broadcasts and 12 fused multiply-adds:
+//! Each input plane is first copied into a zero-padded plane of width W' = W + 1: a zero row above
+//! and below, and one zero column that serves as both the right padding of a row and the left
+//! padding of the next. Output position (i, j) reads padded pixels (i + ki, j + kj) for the taps
+//! (ki, kj). Flattening the padded grid, output p = i W' + j reads input p + ki W' + kj: the output
+//! rows run together into one contiguous range of H W' positions (the column j = W of each row is
+//! computed and dropped), so the kernel has no edges to handle. The weights are repacked per block of
+//! 4 output channels as [c][tap][4] (zero for channels past O), so a block's inner step is 2 loads of
+//! 8 positions, 4 broadcasts and 8 fused multiply-adds:
 //!
 //!   out[o, p] = sum over c, ki, kj of W[o, c, ki, kj] padded[c, p + ki W' + kj]
 //!   y[o, i, j] = out[o, i W' + j] + bias[o]
@@ -41,7 +42,7 @@ pub(crate) fn available() -> bool {
     false
 }
 
-/// The padded layout of one image: width W' = W + 2, the flattened output range rounded up to whole
+/// The padded layout of one image: width W' = W + 1, the flattened output range rounded up to whole
 /// blocks, and the stride between padded planes (room for the last block's farthest tap).
 #[derive(Debug, Clone, Copy)]
 struct Padded {
@@ -52,7 +53,7 @@ struct Padded {
 
 impl Padded {
     fn new(p: Plane) -> Self {
-        let wp = p.w + 2;
+        let wp = p.w + 1;
         let positions = (p.h * wp).div_ceil(PB) * PB;
         // the last block reads up to positions - 1 + 2 W' + 2; (H + 2) W' covers the padded image
         let plane = (positions + 2 * wp + 2).max((p.h + 2) * wp).div_ceil(8) * 8;
@@ -61,7 +62,8 @@ impl Padded {
 }
 
 /// The zero-padded planes (B, C, plane) of the images x (B, C, H, W): pixel (i, j) of plane c goes
-/// to (i + 1) W' + j + 1, everything else is 0. One pass writes each value once.
+/// to (i + 1) W' + j + 1, everything else is 0 (row 0, row H + 1 and on, and column 0, which padded
+/// row i + 1 reads as column W' when it reaches past its right edge). One pass writes each value once.
 fn padded(p: Plane, pd: Padded, x: &[f32]) -> Vec<f32> {
     let mut padded = uninit_vec(x.len() / (p.h * p.w) * pd.plane);
     let zero = MaybeUninit::new(0f32);
@@ -73,7 +75,7 @@ fn padded(p: Plane, pd: Padded, x: &[f32]) -> Vec<f32> {
             for (d, &v) in dst[at..at + p.w].iter_mut().zip(row) {
                 d.write(v);
             }
-            // row i's right padding and row i + 1's left padding
+            // column 0 of padded row i + 2: row i's right padding and row i + 1's left padding
             dst[at + p.w..at + pd.wp].fill(zero);
         }
         // the bottom row and the tail
@@ -141,7 +143,7 @@ fn conv_padded(p: Plane, pd: Padded, xp: &[f32], w: &[f32], bias: &[f32], y: &mu
 ///
 /// dx is the convolution of dY with the flipped kernel (channels swapped), by the same kernel. dW
 /// needs no column matrix: with dY in the padded layout too, dY_b's output p sits at padded index
-/// p + W' + 1 (the dropped columns p = i W' + j, j >= W, land on zero padding), so for tap
+/// p + W' + 1 (the dropped column p = i W' + W lands on zero padding), so for tap
 /// (ki, kj)
 ///
 ///   dW[o, c, ki, kj] = sum over b and p < H W' of dYpad_b[o, W' + 1 + p] xpad_b[c, ki W' + kj + p]
