@@ -18,10 +18,12 @@
 //! products call the `gemm` crate (the kernel candle's own CPU matmul uses). On devices or dtypes
 //! without these kernels the layer falls back to candle's `conv2d`.
 //!
-//! 3x3 stride-1 convolutions with padding 1 and at least [`WINOGRAD_MIN_CHANNELS`] input channels
-//! take Winograd's F(2x2, 3x3) instead (`ops/winograd.rs`): 2.25x fewer flops in the products, plus
-//! tile transforms linear in C + O where the products are linear in C O, so it pays off for wide
-//! layers only.
+//! 3x3 stride-1 convolutions with padding 1 take one of two other paths: with at least
+//! [`WINOGRAD_MIN_CHANNELS`] input channels Winograd's F(2x2, 3x3) (`ops/winograd.rs`): 2.25x fewer
+//! flops in the products, plus tile transforms linear in C + O where the products are linear in C O,
+//! so it pays off for wide layers only; with fewer, on CPUs with AVX2 and FMA, a direct kernel on
+//! zero-padded planes for the output, the input gradient and the weight gradient
+//! (`ops/direct_conv.rs`), which skips the column matrix and the products' packing.
 //!
 //! A nearest x2 upsampling followed by a 3x3 convolution ([`upsample2x_conv2d`]) runs on the
 //! low-resolution input as four 2x2 convolutions, one per output phase (`ops/upsample_conv.rs`).
@@ -33,9 +35,10 @@ use super::matmul::{assume_init_vec, init_rows, inner_parallelism, sgemm, uninit
 use super::{direct_conv, upsample_conv, winograd};
 
 /// Input channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd F(2x2, 3x3)
-/// rather than im2col. Measured with `cargo bench -p ddpm-core --bench conv` and `ddpm bench` on 2
-/// cores: with 128 or more channels (the CIFAR-10 model's layers) Winograd trains 1.4x faster; with
-/// 32-64 (mnist-small) the transforms cost as much as they save.
+/// rather than the direct kernel (or im2col without AVX2). Measured against im2col with `cargo bench
+/// -p ddpm-core --bench conv` and `ddpm bench` on 2 cores: with 128 or more channels (the CIFAR-10
+/// model's layers) Winograd trains 1.4x faster; with 32-64 (mnist-small) the transforms cost as much
+/// as they save, and the direct kernel is faster still.
 pub const WINOGRAD_MIN_CHANNELS: usize = 128;
 
 /// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
