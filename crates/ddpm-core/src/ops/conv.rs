@@ -357,7 +357,7 @@ impl CustomOp3 for ConvGrad {
 fn conv_grad_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw_total: &mut [f32]) {
     let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
     let (par, nw) = (inner_parallelism(g.b), o * rows);
-    let per_group = g.b.div_ceil(rayon::current_num_threads().max(1));
+    let per_group = g.b.div_ceil(rayon::current_num_threads().max(1)).max(1);
     // A stride-1 "same" convolution's dx is itself a "same" convolution, of dY with the kernel flipped
     // and its channels swapped: dx[c] = sum_o dY[o] * flip(W[o, c]). So dx_b (C, L) = W' (C, O k k) @
     // im2col(dY_b), a product as large as the forward's written straight into dx, instead of

@@ -46,8 +46,11 @@ pub(crate) fn available() -> bool {
 /// blocks, and the stride between padded planes (room for the last block's farthest tap).
 #[derive(Debug, Clone, Copy)]
 struct Padded {
+    /// Width of a padded row: W + 1.
     wp: usize,
+    /// Output positions computed per plane: H W' rounded up to whole blocks of [`PB`].
     positions: usize,
+    /// Values per padded plane.
     plane: usize,
 }
 
@@ -157,8 +160,7 @@ pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx:
     let pdy = Plane { c: o, ..p };
     let (xp, dyp) = (padded(p, pd, x), padded(pdy, pd, dy));
     conv_padded(pdy, pd, &dyp, &super::conv::flip_kernel(w, o, c, 3), &vec![0f32; c], as_uninit(dx));
-    let groups = rayon::current_num_threads().clamp(1, b);
-    let per_group = b.div_ceil(groups);
+    let per_group = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
     // tasks: (group of images, block of output channels), each summing its images in order
     let blocks = o.div_ceil(OB);
     let partials: Vec<Vec<f32>> = (0..b.div_ceil(per_group) * blocks)

@@ -116,7 +116,7 @@ pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx:
     // flip(K_ab) (C, O, 2, 2): the kernels of the adjoint convolutions
     let flipped = phase_kernels(w).map(|k| super::conv::flip_kernel(&k, o, c, 2));
     let par = inner_parallelism(b);
-    let per_group = b.div_ceil(rayon::current_num_threads().max(1));
+    let per_group = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
     let dy_plane = Plane { c: o, ..p };
     let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(per_group * c * hw)
