@@ -41,6 +41,19 @@ use super::{direct_conv, upsample_conv, winograd};
 /// as they save, and the direct kernel is faster still.
 pub const WINOGRAD_MIN_CHANNELS: usize = 128;
 
+/// How the CPU computes a convolution (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algorithm {
+    /// Nearest x2 upsampling + 3x3: four 2x2 phase convolutions (`ops/upsample_conv.rs`).
+    UpsamplePhases,
+    /// Winograd F(2x2, 3x3) (`ops/winograd.rs`).
+    Winograd,
+    /// The direct AVX2 + FMA 3x3 kernel (`ops/direct_conv.rs`).
+    Direct,
+    /// im2col + one matrix product per image.
+    Im2col,
+}
+
 /// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
 /// output side H' = (H + 2p - k) / s + 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,10 +94,19 @@ impl Geometry {
     fn in_row(&self, oy: usize, ki: usize) -> Option<usize> {
         (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
     }
-    /// Whether the direct AVX2 kernel takes this convolution: 3x3, stride 1, padding 1, narrower
-    /// than Winograd's threshold, on a CPU with AVX2 and FMA.
-    fn direct(&self) -> bool {
-        !self.upsample && self.k == 3 && self.stride == 1 && self.pad == 1 && !winograd::applies(self.c, self.k, self.stride, self.pad) && direct_conv::available()
+    /// The algorithm that computes this convolution (forward and backward alike): the upsampler's
+    /// phase convolutions; Winograd for a wide 3x3 "same" convolution; the direct AVX2 kernel for a
+    /// narrower one on a CPU with AVX2 and FMA; im2col for everything else.
+    fn algorithm(&self) -> Algorithm {
+        if self.upsample {
+            Algorithm::UpsamplePhases
+        } else if winograd::applies(self.c, self.k, self.stride, self.pad) {
+            Algorithm::Winograd
+        } else if self.k == 3 && self.stride == 1 && self.pad == 1 && direct_conv::available() {
+            Algorithm::Direct
+        } else {
+            Algorithm::Im2col
+        }
     }
     /// The shape of one input image.
     fn plane(&self) -> Plane {
@@ -140,7 +162,7 @@ fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
 /// [`im2col_image`] for a stride-1 "same" convolution: [`im2col_shifted`] with the padding on every
 /// side.
 fn im2col_same_size(g: &Geometry, x: &[f32], cols: &mut [f32]) {
-    im2col_shifted(Plane { c: g.c, h: g.h, w: g.w }, g.k, (g.pad, g.pad), x, cols)
+    im2col_shifted(g.plane(), g.k, (g.pad, g.pad), x, cols)
 }
 
 /// The shape of one image: C planes of H x W.
@@ -236,8 +258,8 @@ pub(crate) fn image_bias(bias: &[f32], o: usize, b: usize) -> &[f32] {
     }
 }
 
-/// The convolution `(x, w, bias) -> y`, per image: y_b (O, L) = W (O, C k k) @ im2col(x_b) + bias_b,
-/// with bias (O) shared by the images or (B, O) one row per image. Its backward is [`ConvGrad`].
+/// The convolution `(x, w, bias) -> y` by the geometry's [`Algorithm`], with bias (O) shared by the
+/// images or (B, O) one row per image. Its backward is [`ConvGrad`].
 struct ConvOp(Geometry);
 
 impl CustomOp3 for ConvOp {
@@ -248,41 +270,17 @@ impl CustomOp3 for ConvOp {
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout, sb: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let (x, w, bias) = (super::f32_slice(sx, lx, self.name(), "x")?, super::f32_slice(sw, lw, self.name(), "weight")?, super::f32_slice(sb, lb, self.name(), "bias")?);
-        let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
+        let (rows, chw) = (g.rows(), g.c * g.h * g.w);
         let o = w.len() / rows;
         if x.len() != g.b * chw || w.len() != o * rows || (bias.len() != o && bias.len() != g.b * o) {
             candle_core::bail!("ddpm-conv2d: argument sizes do not match {g:?}");
         }
-        if g.upsample {
-            let y = upsample_conv::forward(g.plane(), g.b, x, w, bias);
-            return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
-        }
-        if g.direct() {
-            let y = direct_conv::forward(g.plane(), g.b, x, w, bias);
-            return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
-        }
-        if winograd::applies(g.c, g.k, g.stride, g.pad) {
-            let y = winograd::forward(&g.tiling(o), x, w, bias);
-            return Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))));
-        }
-        let par = inner_parallelism(g.b);
-        let mut y = uninit_vec(g.b * o * l);
-        y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).enumerate().for_each(|(b, (yb, xb))| {
-            // y_b starts as bias_b[o] at every position of channel o; the product is added onto it
-            let yb = init_rows(yb, l, image_bias(bias, o, b));
-            // y_b += W @ cols_b (cols_b = x_b for a pointwise kernel)
-            let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, true, 1.0, View::rows(w, rows), View::rows(cols, l), par) };
-            if g.pointwise() {
-                product(xb, yb);
-            } else {
-                with_scratch(&COLS, rows * l, |cols| {
-                    im2col_image(&g, xb, cols);
-                    product(cols, yb);
-                });
-            }
-        });
-        // SAFETY: init_rows wrote every image's rows
-        let y = unsafe { assume_init_vec(y) };
+        let y = match g.algorithm() {
+            Algorithm::UpsamplePhases => upsample_conv::forward(g.plane(), g.b, x, w, bias),
+            Algorithm::Winograd => winograd::forward(&g.tiling(o), x, w, bias),
+            Algorithm::Direct => direct_conv::forward(g.plane(), g.b, x, w, bias),
+            Algorithm::Im2col => conv_im2col(&g, o, x, w, bias),
+        };
         Ok((CpuStorage::F32(y), Shape::from((g.b, o, g.oh, g.ow))))
     }
 
@@ -329,14 +327,11 @@ impl CustomOp3 for ConvGrad {
         let mut packed = vec![0f32; nx + nw + self.bias_len];
         let (dx, dparams) = packed.split_at_mut(nx);
         let (dw_total, dbias) = dparams.split_at_mut(nw);
-        if g.upsample {
-            upsample_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total);
-        } else if g.direct() {
-            direct_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total);
-        } else if winograd::applies(g.c, g.k, g.stride, g.pad) {
-            winograd::backward(&g.tiling(o), x, w, dy, dx, dw_total);
-        } else {
-            conv_grad_im2col(&g, o, x, w, dy, dx, dw_total);
+        match g.algorithm() {
+            Algorithm::UpsamplePhases => upsample_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total),
+            Algorithm::Winograd => winograd::backward(&g.tiling(o), x, w, dy, dx, dw_total),
+            Algorithm::Direct => direct_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total),
+            Algorithm::Im2col => conv_grad_im2col(&g, o, x, w, dy, dx, dw_total),
         }
         // s_b[o] = sum over the positions of dY_b[o]; dbias = s, or sum_b s_b for a shared bias
         let sums: Vec<f32> = dy.par_chunks(l).map(|row| row.iter().sum()).collect();
@@ -349,6 +344,30 @@ impl CustomOp3 for ConvGrad {
         }
         Ok((CpuStorage::F32(packed), Shape::from(nx + nw + self.bias_len)))
     }
+}
+
+/// y (B, O, H', W') of the im2col convolution: per image, y_b = bias_b + W (O, C k k) @ im2col(x_b)
+/// (x_b itself for a pointwise kernel), the product written onto the bias.
+fn conv_im2col(g: &Geometry, o: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+    let (rows, l, chw) = (g.rows(), g.positions(), g.c * g.h * g.w);
+    let par = inner_parallelism(g.b);
+    let mut y = uninit_vec(g.b * o * l);
+    y.par_chunks_mut(o * l).zip(x.par_chunks(chw)).enumerate().for_each(|(b, (yb, xb))| {
+        // y_b starts as bias_b[o] at every position of channel o; the product is added onto it
+        let yb = init_rows(yb, l, image_bias(bias, o, b));
+        // y_b += W @ cols_b (cols_b = x_b for a pointwise kernel)
+        let product = |cols: &[f32], yb: &mut [f32]| unsafe { sgemm((o, l, rows), yb, true, 1.0, View::rows(w, rows), View::rows(cols, l), par) };
+        if g.pointwise() {
+            product(xb, yb);
+        } else {
+            with_scratch(&COLS, rows * l, |cols| {
+                im2col_image(g, xb, cols);
+                product(cols, yb);
+            });
+        }
+    });
+    // SAFETY: init_rows wrote every image's rows
+    unsafe { assume_init_vec(y) }
 }
 
 /// dx and dW of the im2col convolution (see [`ConvGrad`]; for a stride-1 "same" convolution dx is the
@@ -426,9 +445,10 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// is (O), shared by the images, or (B, O), one row per image (a per-sample shift such as a time
 /// embedding, added without a separate pass over y).
 ///
-/// On the CPU in f32 this is im2col + one matrix product per image, or Winograd F(2x2, 3x3) for a
-/// wide 3x3 "same" convolution, with the analytic backward (see the module docs); elsewhere it is
-/// candle's `conv2d`. Both are differentiable in x, w and bias.
+/// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
+/// 3x3 "same" convolution or the direct AVX2 kernel for a narrower one, with the analytic backward
+/// (see the module docs); elsewhere it is candle's `conv2d`. Both are differentiable in x, w and
+/// bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
     if !fused(x, w, bias) {
