@@ -7,22 +7,12 @@
 //! The fastest of 15 timed runs after one warm-up run (on a shared machine the fastest run is the one
 //! least disturbed by other work).
 
-use std::time::Instant;
+mod common;
 
 use candle_core::{Device, Tensor, Var};
 use ddpm_core::ops::conv::conv2d;
 
-/// The fewest seconds of `runs` calls of `f` after one warm-up call.
-fn best_secs(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+use common::best_secs;
 
 fn main() {
     let dev = Device::Cpu;

@@ -37,9 +37,10 @@ use rayon::prelude::*;
 
 use super::matmul::{assume_init_vec, uninit_vec};
 
-/// Number of f32 accumulators per reduction: eight independent lanes let the compiler vectorise
-/// the inner loops (a single scalar accumulator would force a serial dependency chain).
-const LANES: usize = 8;
+/// Number of f32 accumulators per reduction: independent lanes let the compiler vectorise the inner
+/// loops (a single scalar accumulator would force a serial dependency chain), and 32 of them are four
+/// 8-wide vectors, so consecutive vector adds do not wait on each other either.
+const LANES: usize = 32;
 
 /// Elements summed in f32 lanes before the partial sums are flushed into an f64 total, which bounds
 /// the rounding error of large groups.
@@ -103,6 +104,24 @@ fn sigmoid_f32(y: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-y))
 }
 
+/// The sum of a block's [`LANES`] partial sums, added in the order of a vector reduction (lane l
+/// with lane l + n for n = LANES / 2, LANES / 4, ..., 1). `black_box` keeps the lanes one array in
+/// memory at the end of the block, so the loops that fill them compile to whole 8-wide vector adds
+/// (summing the lanes as f64 in registers made the compiler split them into 1-, 2- and 4-wide
+/// pieces). The block's total is one f32 sum of at most [`BLOCK`] values.
+#[inline(always)]
+fn lane_sum(acc: [f32; LANES]) -> f64 {
+    let mut acc = std::hint::black_box(acc);
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for l in 0..n {
+            acc[l] += acc[l + n];
+        }
+    }
+    acc[0] as f64
+}
+
 /// Mean and rstd = 1 / sqrt(var + eps) of one group's values, two-pass (mean first, then the sum of
 /// squared deviations), f32 lanes within blocks of [`BLOCK`] elements, f64 across blocks.
 #[inline(always)]
@@ -118,7 +137,7 @@ fn group_stats(xs: &[f32], eps: f64) -> (f32, f32) {
                 acc[l] += ch[l];
             }
         }
-        total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
+        total += lane_sum(acc) + rest as f64;
     }
     let mean = total / m;
     let mean32 = mean as f32;
@@ -133,7 +152,7 @@ fn group_stats(xs: &[f32], eps: f64) -> (f32, f32) {
                 acc[l] += d * d;
             }
         }
-        sq += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
+        sq += lane_sum(acc) + rest as f64;
     }
     let var = sq / m;
     (mean32, (1.0 / (var + eps).sqrt()) as f32)
@@ -159,8 +178,8 @@ fn sum_dy_dyxhat(dy: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f64, f64) {
                 acc_b[l] += dl[l] * ((xl[l] - mean) * rstd);
             }
         }
-        ta += acc_a.iter().map(|&v| v as f64).sum::<f64>();
-        tb += acc_b.iter().map(|&v| v as f64).sum::<f64>();
+        ta += lane_sum(acc_a);
+        tb += lane_sum(acc_b);
     }
     (ta, tb)
 }
