@@ -15,6 +15,9 @@
 //!   out[o, p] = sum over c, ki, kj of W[o, c, ki, kj] padded[c, p + ki W' + kj]
 //!   y[o, i, j] = out[o, i W' + j] + bias[o]
 //!
+//! The upsampler's four 2x2 phase convolutions (`ops/upsample_conv.rs`) run on the same padded planes
+//! with 4 taps each instead of 9, their outputs placed on every other pixel ([`upsample_forward`]).
+//!
 //! Only on x86-64 CPUs with AVX2 and FMA ([`available`]); elsewhere the caller keeps im2col.
 
 use std::mem::MaybeUninit;
@@ -88,20 +91,46 @@ fn padded(p: Plane, pd: Padded, x: &[f32]) -> Vec<f32> {
     unsafe { assume_init_vec(padded) }
 }
 
-/// W (O, C, 3, 3) repacked per block of [`OB`] output channels as [c][tap][OB], zero for the
-/// channels past O.
-fn pack_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+/// W (O, C, T) (T taps per kernel, e.g. a 3x3 kernel's 9) repacked per block of [`OB`] output
+/// channels as [c][tap][OB], zero for the channels past O.
+fn pack_weights(w: &[f32], o: usize, c: usize, t: usize) -> Vec<f32> {
     let blocks = o.div_ceil(OB);
-    let mut packed = vec![0f32; blocks * c * 9 * OB];
-    for (oi, wo) in w.chunks_exact(c * 9).enumerate() {
+    let mut packed = vec![0f32; blocks * c * t * OB];
+    for (oi, wo) in w.chunks_exact(c * t).enumerate() {
         let (blk, lane) = (oi / OB, oi % OB);
-        for (ci, kernel) in wo.chunks_exact(9).enumerate() {
-            for (t, &v) in kernel.iter().enumerate() {
-                packed[((blk * c + ci) * 9 + t) * OB + lane] = v;
+        for (ci, kernel) in wo.chunks_exact(t).enumerate() {
+            for (ti, &v) in kernel.iter().enumerate() {
+                packed[((blk * c + ci) * t + ti) * OB + lane] = v;
             }
         }
     }
     packed
+}
+
+/// The padded-plane offsets of a 3x3 kernel's taps (ki, kj): ki W' + kj.
+fn taps_3x3(pd: Padded) -> [usize; 9] {
+    std::array::from_fn(|t| (t / 3) * pd.wp + t % 3)
+}
+
+/// Where a block's outputs go: output p = i W' + j (i < H, j < W) of channel o is written to
+/// y[o * plane + start + i * row + j * col] of the image's output.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    /// Values per output channel.
+    plane: usize,
+    /// Distance between consecutive output rows i.
+    row: usize,
+    /// Distance between consecutive output columns j.
+    col: usize,
+    /// Where output (0, 0) goes.
+    start: usize,
+}
+
+impl Placement {
+    /// Same-size output, row by row: y[o, i, j].
+    fn dense(p: Plane) -> Self {
+        Placement { plane: p.h * p.w, row: p.w, col: 1, start: 0 }
+    }
 }
 
 /// y (B, O, H, W) = conv3x3(x, w, padding 1) + bias for x (B, C, H, W), w (O, C, 3, 3) and bias (O) or
@@ -109,36 +138,71 @@ fn pack_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
 pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
     let pd = Padded::new(p);
     let mut y = uninit_vec(b * w.len() / (9 * p.c) * p.h * p.w);
-    conv_padded(p, pd, &padded(p, pd, x), w, bias, &mut y);
+    conv_padded(p, pd, &padded(p, pd, x), (w, taps_3x3(pd)), bias, &mut y, Placement::dense(p));
     // SAFETY: conv_padded writes every output value
     unsafe { assume_init_vec(y) }
 }
 
-/// y (B, O, H, W) = conv3x3 + bias of the images whose padded planes (B, C, plane) are `xp`; every
-/// value of y is written.
-fn conv_padded(p: Plane, pd: Padded, xp: &[f32], w: &[f32], bias: &[f32], y: &mut [MaybeUninit<f32>]) {
-    let (hw, o) = (p.h * p.w, w.len() / (9 * p.c));
-    let packed = pack_weights(w, o, p.c);
-    y.par_chunks_mut(o * hw).zip(xp.par_chunks(p.c * pd.plane)).enumerate().for_each(|(bi, (yb, xb))| {
+/// y = the convolution + bias of the images whose padded planes (B, C, plane) are `xp`, with the
+/// kernel (w (O, C, T), taps) whose tap t reads padded offset taps[t] from the output position, the
+/// outputs placed by `place`; every value of y that `place` names is written.
+fn conv_padded<const T: usize>(
+    p: Plane,
+    pd: Padded,
+    xp: &[f32],
+    (w, taps): (&[f32], [usize; T]),
+    bias: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    place: Placement,
+) {
+    let o = w.len() / (T * p.c);
+    let packed = pack_weights(w, o, p.c, T);
+    y.par_chunks_mut(o * place.plane).zip(xp.par_chunks(p.c * pd.plane)).enumerate().for_each(|(bi, (yb, xb))| {
         let bias = image_bias(bias, o, bi);
-        yb.par_chunks_mut(OB * hw).enumerate().for_each(|(blk, yblk)| {
+        yb.par_chunks_mut(OB * place.plane).enumerate().for_each(|(blk, yblk)| {
             with_scratch(&OUT, OB * pd.positions, |out| {
-                let wk = &packed[blk * p.c * 9 * OB..(blk + 1) * p.c * 9 * OB];
+                let wk = &packed[blk * p.c * T * OB..(blk + 1) * p.c * T * OB];
                 // SAFETY: `available` was checked by the caller; xb holds C planes of pd.plane values,
-                // out OB rows of pd.positions, wk C 9 OB weights
-                unsafe { block_row(xb, pd, p.c, wk, out) };
-                // y[o, i, j] = out[o, i W' + j] + bias[o]
-                for (lane, yo) in yblk.chunks_exact_mut(hw).enumerate() {
+                // out OB rows of pd.positions, wk C T OB weights, and every tap lies within 2 W' + 2
+                unsafe { block_row(xb, pd, p.c, (wk, &taps), out) };
+                for (lane, yo) in yblk.chunks_exact_mut(place.plane).enumerate() {
                     let (src, bv) = (&out[lane * pd.positions..], bias[blk * OB + lane]);
-                    for (i, yrow) in yo.chunks_exact_mut(p.w).enumerate() {
-                        for (d, s) in yrow.iter_mut().zip(&src[i * pd.wp..]) {
-                            d.write(s + bv);
+                    for i in 0..p.h {
+                        // y[o, i, j] = out[o, i W' + j] + bias[o], at the place of (i, j)
+                        let (row, dst) = (&src[i * pd.wp..i * pd.wp + p.w], &mut yo[place.start + i * place.row..]);
+                        if place.col == 1 {
+                            dst.iter_mut().zip(row).for_each(|(d, s)| {
+                                d.write(s + bv);
+                            });
+                        } else {
+                            dst.iter_mut().step_by(place.col).zip(row).for_each(|(d, s)| {
+                                d.write(s + bv);
+                            });
                         }
                     }
                 }
             })
         });
     });
+}
+
+/// y (B, O, 2H, 2W) = conv3x3(up2(x)) + bias of a nearest x2 upsampling and a 3x3 convolution, for
+/// x (B, C, H, W), bias (O) or (B, O) and the four phase kernels `phases` (O, C, 2, 2) of
+/// `ops/upsample_conv.rs` in its (a, b) order: phase (a, b) is a 2x2 convolution whose tap (t, s)
+/// reads x[i + a - 1 + t, j + b - 1 + s], padded offset (a + t) W' + b + s from output i W' + j, and
+/// whose output (i, j) goes to pixel (2i + a, 2j + b). Requires [`available`].
+pub(crate) fn upsample_forward(p: Plane, b: usize, x: &[f32], phases: &[(usize, usize)], kernels: &[Vec<f32>], bias: &[f32]) -> Vec<f32> {
+    let pd = Padded::new(p);
+    let o = kernels[0].len() / (4 * p.c);
+    let xp = padded(p, pd, x);
+    let mut y = uninit_vec(b * o * 4 * p.h * p.w);
+    for (&(a, bb), k) in phases.iter().zip(kernels) {
+        let taps = [a * pd.wp + bb, a * pd.wp + bb + 1, (a + 1) * pd.wp + bb, (a + 1) * pd.wp + bb + 1];
+        let place = Placement { plane: 4 * p.h * p.w, row: 4 * p.w, col: 2, start: a * 2 * p.w + bb };
+        conv_padded(p, pd, &xp, (k, taps), bias, &mut y, place);
+    }
+    // SAFETY: the four phases place every pixel (2i + a, 2j + b) of every output plane
+    unsafe { assume_init_vec(y) }
 }
 
 /// dx (B, C, H, W) and dW (O, C, 3, 3) of [`forward`] for the output gradient dy (B, O, H, W), both
@@ -159,7 +223,8 @@ pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx:
     let pd = Padded::new(p);
     let pdy = Plane { c: o, ..p };
     let (xp, dyp) = (padded(p, pd, x), padded(pdy, pd, dy));
-    conv_padded(pdy, pd, &dyp, &super::conv::flip_kernel(w, o, c, 3), &vec![0f32; c], as_uninit(dx));
+    let flipped = super::conv::flip_kernel(w, o, c, 3);
+    conv_padded(pdy, pd, &dyp, (&flipped, taps_3x3(pd)), &vec![0f32; c], as_uninit(dx), Placement::dense(p));
     let per_group = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
     // tasks: (group of images, block of output channels), each summing its images in order
     let blocks = o.div_ceil(OB);
@@ -253,22 +318,23 @@ thread_local! {
     static OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// out (OB, positions) for one block of output channels over all positions.
+/// out (OB, positions) for one block of output channels over all positions, with T taps at padded
+/// offsets `taps` and weights `wk` packed as [c][tap][OB].
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `xb` holds `c` padded planes, `wk` c 9 OB weights and `out`
-/// OB pd.positions values.
+/// The CPU must support AVX2 and FMA; `xb` holds `c` padded planes, `wk` c T OB weights, `out`
+/// OB pd.positions values, and no tap offset exceeds 2 W' + 2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_row(xb: &[f32], pd: Padded, c: usize, wk: &[f32], out: &mut [f32]) {
+unsafe fn block_row<const T: usize>(xb: &[f32], pd: Padded, c: usize, (wk, taps): (&[f32], &[usize; T]), out: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(xb.len() >= c * pd.plane && wk.len() >= c * 9 * OB && out.len() >= OB * pd.positions);
-    let taps: [usize; 9] = std::array::from_fn(|t| (t / 3) * pd.wp + t % 3);
+    assert!(xb.len() >= c * pd.plane && wk.len() >= c * T * OB && out.len() >= OB * pd.positions);
+    assert!(taps.iter().all(|&off| off <= 2 * pd.wp + 2));
     for p0 in (0..pd.positions).step_by(PB) {
         let mut acc = [[_mm256_setzero_ps(); PV]; OB];
         for ci in 0..c {
             let xc = xb.as_ptr().add(ci * pd.plane + p0);
-            let wc = wk.as_ptr().add(ci * 9 * OB);
+            let wc = wk.as_ptr().add(ci * T * OB);
             for (t, &off) in taps.iter().enumerate() {
                 let mut v = [_mm256_setzero_ps(); PV];
                 for (k, vk) in v.iter_mut().enumerate() {
@@ -292,6 +358,6 @@ unsafe fn block_row(xb: &[f32], pd: Padded, c: usize, wk: &[f32], out: &mut [f32
 
 /// Never called: [`available`] is false off x86-64.
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_row(_: &[f32], _: Padded, _: usize, _: &[f32], _: &mut [f32]) {
+unsafe fn block_row<const T: usize>(_: &[f32], _: Padded, _: usize, _: (&[f32], &[usize; T]), _: &mut [f32]) {
     unreachable!("direct convolution without AVX2")
 }

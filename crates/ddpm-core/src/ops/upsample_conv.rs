@@ -26,6 +26,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::conv::{im2col_shifted, image_bias, Plane};
+use super::direct_conv;
 use super::matmul::{assume_init_vec, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
 
 /// The four output phases (a, b): row parity a, column parity b.
@@ -83,16 +84,26 @@ fn gather_phase(full: &[f32], phase: &mut [f32], (h, w): (usize, usize), ab: (us
 }
 
 /// y (B, O, 2H, 2W) = conv3x3(up2(x)) + bias for x (B, C, H, W), w (O, C, 3, 3) and bias (O) or
-/// (B, O).
+/// (B, O): the phase convolutions by the direct kernel (`ops/direct_conv.rs`) on CPUs with AVX2 and
+/// FMA, else by im2col and a matrix product.
 pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
-    let (hw, o) = (p.h * p.w, w.len() / (9 * p.c));
     let kernels = phase_kernels(w);
+    if direct_conv::available() {
+        direct_conv::upsample_forward(p, b, x, &PHASES, &kernels, bias)
+    } else {
+        forward_im2col(p, b, x, &kernels, bias)
+    }
+}
+
+/// [`forward`] by im2col and one matrix product per phase and image, from the phase kernels.
+fn forward_im2col(p: Plane, b: usize, x: &[f32], kernels: &[Vec<f32>; 4], bias: &[f32]) -> Vec<f32> {
+    let (hw, o) = (p.h * p.w, kernels[0].len() / (4 * p.c));
     let par = inner_parallelism(b);
     let mut y = uninit_vec(b * o * 4 * hw);
     y.par_chunks_mut(o * 4 * hw).zip(x.par_chunks(p.c * hw)).enumerate().for_each(|(bi, (yb, xb))| {
         with_scratch(&COLS, 4 * p.c * hw, |cols| {
             with_scratch(&PHASE, o * hw, |out| {
-                for (&(a, bb), k) in PHASES.iter().zip(&kernels) {
+                for (&(a, bb), k) in PHASES.iter().zip(kernels) {
                     im2col_shifted(p, 2, (1 - a, 1 - bb), xb, cols);
                     // out (O, H W) = bias + K_ab (O, 4 C) @ cols_ab
                     for (row, &bv) in out.chunks_exact_mut(hw).zip(image_bias(bias, o, bi)) {
@@ -155,6 +166,33 @@ pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx:
                     *d += dkc[tap(a, r / 3) * 2 + tap(bb, r % 3)];
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The direct kernel's phase convolutions agree with im2col + products (the integration tests
+    /// reach only the one the CPU selects).
+    #[test]
+    fn direct_and_im2col_phases_agree() {
+        if !direct_conv::available() {
+            return;
+        }
+        // sides odd and even, output channels in whole and partial blocks, a shared and a per-image bias
+        for (b, c, o, h, w, per_image) in [(2, 3, 5, 5, 4, false), (1, 8, 4, 3, 7, true), (3, 1, 1, 1, 1, false)] {
+            let value = |i: usize, k: usize| ((i * 7919 + k * 104_729) % 1000) as f32 / 500.0 - 1.0;
+            let x: Vec<f32> = (0..b * c * h * w).map(|i| value(i, 1)).collect();
+            let wt: Vec<f32> = (0..o * c * 9).map(|i| value(i, 2)).collect();
+            let bias: Vec<f32> = (0..if per_image { b * o } else { o }).map(|i| value(i, 3)).collect();
+            let p = Plane { c, h, w };
+            let kernels = phase_kernels(&wt);
+            let direct = direct_conv::upsample_forward(p, b, &x, &PHASES, &kernels, &bias);
+            let im2col = forward_im2col(p, b, &x, &kernels, &bias);
+            let diff = direct.iter().zip(&im2col).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "b {b}, c {c}, o {o}, {h}x{w}: differ by {diff}");
         }
     }
 }
