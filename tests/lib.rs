@@ -21,11 +21,11 @@ pub fn ddpm(args: &[&str]) -> anyhow::Result<()> {
     ddpm_cli::run(parse(args))
 }
 
-/// The error of `ddpm ARGS...` as the binary prints it (the causes joined by ": "); panics on success.
+/// The error of `ddpm ARGS...` as the binary prints it ([`ddpm_cli::error_line`]); panics on success.
 pub fn ddpm_err(args: &[&str]) -> String {
     match ddpm(args) {
         Ok(()) => panic!("ddpm {} succeeded but should have failed", args.join(" ")),
-        Err(e) => e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "),
+        Err(e) => ddpm_cli::error_line(&e),
     }
 }
 

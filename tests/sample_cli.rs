@@ -97,6 +97,10 @@ fn bad_input_gives_one_line_errors() {
     std::fs::create_dir(&empty).unwrap();
     let e = ddpm_err(&["sample", "--model", empty.to_str().unwrap(), "--out", tmp.path().join("x.png").to_str().unwrap(), "--device", "cpu"]);
     assert!(e.contains("config.json"), "{e}");
+    // A config without weights: the error says which file is missing beside it.
+    std::fs::write(empty.join("config.json"), "{}").unwrap();
+    let e = ddpm_err(&["sample", "--model", empty.to_str().unwrap(), "--out", tmp.path().join("x.png").to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("has no diffusion_pytorch_model.safetensors"), "{e}");
     // A PNG of the wrong size for interpolation.
     let small = tmp.path().join("small.png");
     image::GrayImage::new(10, 10).save(&small).unwrap();

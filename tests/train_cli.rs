@@ -105,6 +105,13 @@ fn bad_input_gives_one_line_errors() {
     assert!(e.contains("/no/such/folder") && e.contains("no such folder"), "{e}");
     let e = with(&["--beta-schedule", "quadratic"]);
     assert!(e.contains("beta_schedule"), "{e}");
+    // A config field of the wrong type: the file and the field, each named once.
+    let bad = tmp.path().join("bad.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cfg).unwrap()).unwrap();
+    json["block_out_channels"] = serde_json::json!([8, "x"]);
+    std::fs::write(&bad, json.to_string()).unwrap();
+    let e = ddpm_err(&["bench", "--unet-config", bad.to_str().unwrap(), "--steps", "1", "--batch-size", "1"]);
+    assert!(e.contains("bad.json") && e.matches("`block_out_channels`").count() == 1, "{e}");
     // The ddpm-cifar10 preset takes 32x32 RGB images, MNIST is 28x28 grey.
     let e = ddpm_err(&["train", "--preset", "ddpm-cifar10", "--max-images", "16", "--out", out, "--device", "cpu"]);
     assert!(e.contains("28x28") && e.contains("sample_size is 32"), "{e}");

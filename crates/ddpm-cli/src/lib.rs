@@ -38,6 +38,23 @@ pub enum Cli {
     Bench(bench::BenchArgs),
 }
 
+/// An error and its causes on one line, outermost first, joined by ": ", as the binary prints it. A
+/// cause whose text the line already holds is left out: several error types print their source in
+/// their own message (`{path}: {source}`), and the chain would otherwise repeat it.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli {

@@ -33,9 +33,7 @@ fn main() {
     keep_freed_memory();
     let cli = ddpm_cli::Cli::parse();
     if let Err(e) = ddpm_cli::run(cli) {
-        // One line: the causes joined, outermost first.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", msg.join(": "));
+        eprintln!("error: {}", ddpm_cli::error_line(&e));
         std::process::exit(1);
     }
 }

@@ -74,11 +74,14 @@ fn weights_in(dir: &Path) -> Option<PathBuf> {
 /// (`unet/` and `scheduler/` subfolders). The root layout wins when both are complete.
 pub fn find_model_files(dir: impl AsRef<Path>) -> Result<ModelFiles> {
     let dir = dir.as_ref();
+    // a config without weights beside it, named in the error
+    let mut lone_config = None;
     for unet_dir in [dir.to_path_buf(), dir.join("unet")] {
         let config = unet_dir.join(CONFIG_NAME);
         if !config.is_file() {
             continue;
         }
+        lone_config.get_or_insert_with(|| config.clone());
         if let Some(weights) = weights_in(&unet_dir) {
             let scheduler_config = [
                 dir.join(SCHEDULER_CONFIG_NAME),
@@ -102,7 +105,10 @@ pub fn find_model_files(dir: impl AsRef<Path>) -> Result<ModelFiles> {
         what: dir.display().to_string(),
         files,
         places: dir.display().to_string(),
-        reason: String::new(),
+        reason: match lone_config {
+            Some(c) => format!("; {} has no {SAFETENSORS_NAME} or {BIN_NAME} beside it", c.display()),
+            None => String::new(),
+        },
     })
 }
 
