@@ -2,7 +2,7 @@
 //! bias, for the kernel, stride and padding combinations the UNet uses and odd image sizes.
 
 use candle_core::{Device, Tensor, Var};
-use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
+use ddpm_core::ops::conv::{conv2d, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
 
 /// Largest |a - b| over all elements.
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -20,22 +20,33 @@ fn check(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad):
 
 /// [`check`] with a bias of `bias_rows` rows: 1 for a shared (O) bias, b for a per-image (B, O) one.
 fn check_bias(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad): (usize, usize, usize), bias_rows: usize) {
-    compare(b, c, o, (h, w), (k, stride, pad), bias_rows, false);
+    compare(b, c, o, (h, w), (k, stride, pad), bias_rows, Path::Conv);
 }
 
-/// Our convolution against candle's `conv2d` (plus the bias) on random data: outputs, and the
-/// gradients of x, weight and bias. With `upsample`, ours is [`upsample2x_conv2d`] and the reference
-/// upsamples x first (3x3 kernel, stride 1, padding 1).
-fn compare(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad): (usize, usize, usize), bias_rows: usize, upsample: bool) {
+/// Which of our convolutions a test runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    /// [`conv2d`] (the CPU kernels).
+    Conv,
+    /// [`upsample2x_conv2d`], against upsampling and then a 3x3 convolution.
+    Upsample,
+    /// [`conv2d_columns`] (what CUDA runs with the project's kernels).
+    Columns,
+}
+
+/// Our convolution on `path` against candle's `conv2d` (plus the bias) on random data: outputs, and the
+/// gradients of x, weight and bias. For [`Path::Upsample`] the reference upsamples x first (3x3
+/// kernel, stride 1, padding 1).
+fn compare(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad): (usize, usize, usize), bias_rows: usize, path: Path) {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, h, w), &dev).unwrap()).unwrap();
     let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
     let bias_shape = if bias_rows == 1 { vec![o] } else { vec![bias_rows, o] };
     let bias = Var::from_tensor(&Tensor::randn(0f32, 1., bias_shape, &dev).unwrap()).unwrap();
-    let (ours, input) = if upsample {
-        (upsample2x_conv2d(&x, &wt, Some(&bias)).unwrap(), upsample_nearest2x(&x).unwrap())
-    } else {
-        (conv2d(&x, &wt, Some(&bias), stride, pad).unwrap(), x.as_tensor().clone())
+    let (ours, input) = match path {
+        Path::Upsample => (upsample2x_conv2d(&x, &wt, Some(&bias)).unwrap(), upsample_nearest2x(&x).unwrap()),
+        Path::Conv => (conv2d(&x, &wt, Some(&bias), stride, pad).unwrap(), x.as_tensor().clone()),
+        Path::Columns => (conv2d_columns(&x, &wt, Some(&bias), stride, pad).unwrap(), x.as_tensor().clone()),
     };
     let reference = input.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((bias_rows, o, 1, 1)).unwrap()).unwrap();
     assert_eq!(ours.dims(), reference.dims());
@@ -96,7 +107,23 @@ fn upsample_then_3x3() {
     // The four-phase 2x2 convolutions against upsampling then a 3x3 convolution: odd and even sides,
     // a 1x1 image, one image (products on all threads), a per-image bias, more outputs than inputs.
     for (b, c, o, side, bias_rows) in [(2, 3, 4, (5, 7), 1), (3, 4, 2, (6, 6), 3), (1, 2, 3, (1, 1), 1), (1, 5, 6, (4, 3), 1), (2, 1, 1, (2, 9), 1)] {
-        compare(b, c, o, side, (3, 1, 1), bias_rows, true);
+        compare(b, c, o, side, (3, 1, 1), bias_rows, Path::Upsample);
+    }
+}
+
+#[test]
+fn by_columns() {
+    // The column-matrix convolution (CUDA's path, here with the CPU im2col and col2im): "same" 3x3 and
+    // 5x5, strided with and without padding, 1x1, a 1x1 image, a per-image bias.
+    for (b, c, o, side, kernel, bias_rows) in [
+        (2, 3, 4, (7, 5), (3, 1, 1), 1),
+        (2, 3, 4, (9, 6), (5, 1, 2), 1),
+        (3, 2, 5, (8, 8), (3, 2, 1), 3),
+        (2, 4, 4, (9, 7), (3, 2, 0), 1),
+        (2, 6, 3, (4, 5), (1, 1, 0), 2),
+        (2, 2, 3, (1, 1), (3, 1, 1), 1),
+    ] {
+        compare(b, c, o, side, kernel, bias_rows, Path::Columns);
     }
 }
 

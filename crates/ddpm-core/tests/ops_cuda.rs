@@ -11,6 +11,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use ddpm_core::ops::ddpm_step::{ddpm_step, StepScalars};
 use ddpm_core::ops::optim::{adamw_step_, ema_update_, AdamWStep};
+use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d};
 use ddpm_core::ops::{cuda_kernels_enabled, group_norm, weighted_mse};
 
 /// The first CUDA device, with the project's kernels switched on.
@@ -103,5 +104,39 @@ fn adamw_and_ema_match_the_cpu_kernels() {
     for (name, (a, b)) in ["theta", "m", "v", "ema"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
         let d = rel_diff(a, b);
         assert!(d < 1e-6, "{name} differs by {d}");
+    }
+}
+
+#[test]
+fn convolutions_match_the_cpu_kernels() {
+    // On the GPU the convolution runs by columns (im2col and col2im kernels around cuBLAS products);
+    // on the CPU by the CPU kernels: "same" 3x3, strided, 1x1, a per-image bias and the upsampler.
+    let gpu = gpu();
+    for (b, c, o, (h, w), (k, stride, pad), per_image, upsample) in [
+        (2, 3, 5, (7, 6), (3, 1, 1), false, false),
+        (3, 4, 4, (9, 8), (3, 2, 1), true, false),
+        (2, 6, 3, (4, 5), (1, 1, 0), false, false),
+        (2, 3, 4, (5, 7), (3, 1, 1), true, true),
+    ] {
+        let run = |dev: &Device| {
+            let x = Var::from_vec(common::lcg_values(b * c * h * w, 5, 1.0), (b, c, h, w), dev).unwrap();
+            let wt = Var::from_vec(common::lcg_values(o * c * k * k, 6, 0.3), (o, c, k, k), dev).unwrap();
+            let bias_shape = if per_image { vec![b, o] } else { vec![o] };
+            let bias = Var::from_vec(common::lcg_values(bias_shape.iter().product(), 7, 1.0), bias_shape, dev).unwrap();
+            let y = if upsample {
+                upsample2x_conv2d(&x, &wt, Some(&bias)).unwrap()
+            } else {
+                conv2d(&x, &wt, Some(&bias), stride, pad).unwrap()
+            };
+            let r = Tensor::from_vec(common::lcg_values(y.elem_count(), 8, 1.0), y.shape(), dev).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |v: &Var| grads.get(v).unwrap().clone();
+            [y.clone(), g(&x), g(&wt), g(&bias)]
+        };
+        let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+        for (name, (a, b)) in ["y", "dx", "dw", "dbias"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
+            let d = rel_diff(a, b);
+            assert!(d < 1e-5, "convolution (k {k}, stride {stride}, upsample {upsample}) {name} differs by {d}");
+        }
     }
 }

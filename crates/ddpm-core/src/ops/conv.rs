@@ -15,8 +15,9 @@
 //! no layer allocates a k^2-times-the-input buffer; it is rebuilt in the backward pass rather than
 //! kept. A 1x1 kernel needs no column matrix at all. The images run in parallel on rayon's pool, each
 //! product on one thread (or, with fewer images than threads, each product on all of them). The
-//! products call the `gemm` crate (the kernel candle's own CPU matmul uses). On devices or dtypes
-//! without these kernels the layer falls back to candle's `conv2d`.
+//! products call the `gemm` crate (the kernel candle's own CPU matmul uses). CUDA tensors with the
+//! project's kernels enabled take the same column-matrix formulation with CUDA im2col / col2im and
+//! candle's products (`ops/columns.rs`); other devices and dtypes fall back to candle's `conv2d`.
 //!
 //! 3x3 stride-1 convolutions with padding 1 take one of two other paths: with at least
 //! [`WINOGRAD_MIN_CHANNELS`] input channels Winograd's F(2x2, 3x3) (`ops/winograd.rs`): 2.25x fewer
@@ -31,6 +32,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::columns;
 use super::matmul::{assume_init_vec, init_rows, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
 use super::{direct_conv, upsample_conv, winograd};
 
@@ -57,28 +59,28 @@ enum Algorithm {
 /// Geometry of one convolution: input (B, C, H, W), square kernel k, stride s, symmetric padding p;
 /// output side H' = (H + 2p - k) / s + 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Geometry {
+    pub(super) b: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     /// The input is upsampled x2 (nearest) before the convolution: H, W are the input's sides and
     /// H', W' = 2H, 2W (a 3x3 kernel with stride 1 and padding 1 only).
-    upsample: bool,
+    pub(super) upsample: bool,
 }
 
 impl Geometry {
     /// Rows of the column matrix: C k k.
-    fn rows(&self) -> usize {
+    pub(super) fn rows(&self) -> usize {
         self.c * self.k * self.k
     }
     /// Output positions per image: L = H' W'.
-    fn positions(&self) -> usize {
+    pub(super) fn positions(&self) -> usize {
         self.oh * self.ow
     }
     /// Stride 1 with "same" padding (2p = k - 1): the output has the input's size, and each row of
@@ -128,7 +130,7 @@ impl Geometry {
 
 /// im2col of one image: x (C, H, W) -> cols (C k k, L), row r = (c k + ki) k + kj, column oy W' + ox,
 /// cols[r, oy W' + ox] = x[c, oy s + ki - p, ox s + kj - p] (0 outside the image).
-fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
+pub(super) fn im2col_image(g: &Geometry, x: &[f32], cols: &mut [f32]) {
     if g.same_size() {
         return im2col_same_size(g, x, cols);
     }
@@ -216,7 +218,7 @@ pub(crate) fn im2col_shifted(p: Plane, k: usize, (py, px): (usize, usize), x: &[
 
 /// col2im of one image, the adjoint of [`im2col_image`]: dcols (C k k, L) is added into dx (C, H, W),
 /// each entry back onto the input pixel it was copied from. `dx` must start at zero.
-fn col2im_image(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
+pub(super) fn col2im_image(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
     let (l, kk, hw) = (g.positions(), g.k * g.k, g.h * g.w);
     for (r, row) in cols.chunks_exact(l).enumerate() {
         let (c, ki, kj) = (r / kk, (r / g.k) % g.k, r % g.k);
@@ -447,15 +449,31 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 ///
 /// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
 /// 3x3 "same" convolution or the direct AVX2 kernel for a narrower one, with the analytic backward
-/// (see the module docs); elsewhere it is candle's `conv2d`. Both are differentiable in x, w and
-/// bias.
+/// (see the module docs); on CUDA in f32 with the project's kernels enabled
+/// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
+/// differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
-    if !fused(x, w, bias) {
-        return add_bias(x.conv2d(w, pad, stride, 1, 1)?, bias, bias_rows);
+    let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1, upsample: false };
+    if fused(x, w, bias) {
+        apply(x, w, bias, g)
+    } else if by_columns(x, w, bias) {
+        columns::conv2d(x, w, bias, bias_rows, g)
+    } else {
+        add_bias(x.conv2d(w, pad, stride, 1, 1)?, bias, bias_rows)
+    }
+}
+
+/// [`conv2d`] as column matrices and a matrix product on any device (`ops/columns.rs`): im2col, a
+/// product per image by candle's matmul, col2im in the backward; what CUDA tensors run with the
+/// project's kernels enabled. f32 only.
+pub fn conv2d_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
+    if [x, w].into_iter().chain(bias).any(|t| t.dtype() != DType::F32) {
+        candle_core::bail!("conv2d_columns: x, weight and bias must be f32");
     }
     let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1, upsample: false };
-    apply(x, w, bias, g)
+    columns::conv2d(x, w, bias, bias_rows, g)
 }
 
 /// y = conv2d(upsample_nearest2x(x), w) + bias with a 3x3 kernel, stride 1 and padding 1: a UNet's
@@ -463,14 +481,19 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
 ///
 /// On the CPU in f32 it runs on x itself as four 2x2 convolutions, one per output phase, with 4/9 of
 /// the flops and no upsampled image (`ops/upsample_conv.rs`); elsewhere it upsamples with
-/// [`upsample_nearest2x`] and calls candle's `conv2d`. Differentiable in x, w and bias.
+/// [`upsample_nearest2x`] and convolves as [`conv2d`] does there. Differentiable in x, w and bias.
 pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, 1, 1)?;
     if k != 3 {
         candle_core::bail!("upsample2x_conv2d: the kernel must be 3x3, weight is {:?}", w.dims());
     }
     if !fused(x, w, bias) {
-        return add_bias(upsample_nearest2x(x)?.conv2d(w, 1, 1, 1, 1)?, bias, bias_rows);
+        let u = upsample_nearest2x(x)?;
+        if by_columns(x, w, bias) {
+            let g = Geometry { b, c, h: 2 * h, w: 2 * wd, k, stride: 1, pad: 1, oh: 2 * h, ow: 2 * wd, upsample: false };
+            return columns::conv2d(&u, w, bias, bias_rows, g);
+        }
+        return add_bias(u.conv2d(w, 1, 1, 1, 1)?, bias, bias_rows);
     }
     let g = Geometry { b, c, h, w: wd, k, stride: 1, pad: 1, oh: 2 * h, ow: 2 * wd, upsample: true };
     apply(x, w, bias, g)
@@ -506,6 +529,11 @@ fn check_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
 /// Whether the fused CPU kernels take these tensors: all on the CPU in f32.
 fn fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)
+}
+
+/// Whether these tensors take [`conv2d_columns`]: on CUDA with the project's kernels enabled, f32.
+fn by_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+    super::cuda_kernels_enabled(x.device()) && [x, w].into_iter().chain(bias).all(|t| t.dtype() == DType::F32)
 }
 
 /// y + bias broadcast over the positions, for the composed fallback.

@@ -3,9 +3,10 @@
 //! and dtypes that it has no kernel for, so the same code runs everywhere.
 //!
 //! With the `cuda` feature, group norm (+SiLU), the loss, the DDPM step, AdamW and the EMA also have
-//! CUDA kernels (`ops/cuda/kernels.cu`), used when [`cuda_kernels_enabled`]; convolution and attention
-//! use candle's CUDA ops (cuBLAS / cuDNN products). There are no Metal kernels yet: Metal takes the
-//! composed ops.
+//! CUDA kernels (`ops/cuda/kernels.cu`), used when [`cuda_kernels_enabled`]; so does the convolution,
+//! as im2col and col2im kernels around candle's (cuBLAS) matrix products (`ops/columns.rs`), so that
+//! its gradient runs no transposed convolution. Attention uses candle's CUDA ops (cuBLAS products and
+//! its softmax kernel). There are no Metal kernels yet: Metal takes the composed ops.
 
 /// Defines `fn $name(args) body` twice, once compiled for AVX2, and calls the AVX2 copy when the CPU
 /// has it (8-wide lanes then take one instruction instead of two). Same results either way: the
@@ -29,6 +30,7 @@ macro_rules! with_avx2 {
 }
 
 pub mod attention;
+pub(crate) mod columns;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;

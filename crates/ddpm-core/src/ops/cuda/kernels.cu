@@ -185,3 +185,43 @@ extern "C" __global__ void ddpm_group_norm_params(const double* part_a, const do
         dgamma[c] = (float)sb;
     }
 }
+
+// The convolution by columns (src/ops/columns.rs): x (B, C, H, W), cols (B, C K K, L), L = OH OW,
+// row r = (c K + ki) K + kj, column oy OW + ox; cols[b, r, oy OW + ox] = x[b, c, oy S + ki - P,
+// ox S + kj - P], 0 outside the image. n = B C K K L.
+extern "C" __global__ void ddpm_im2col(const float* x, float* cols, uint64_t n, uint64_t C, uint64_t H, uint64_t W,
+                                       uint64_t K, uint64_t S, uint64_t P, uint64_t OH, uint64_t OW) {
+    const uint64_t L = OH * OW, rows = C * K * K;
+    GRID_STRIDE(i, n) {
+        uint64_t pos = i % L, r = (i / L) % rows, b = i / (L * rows);
+        uint64_t ox = pos % OW, oy = pos / OW, kj = r % K, ki = (r / K) % K, c = r / (K * K);
+        // input row and column, as signed values: negative above and left of the image
+        int64_t iy = (int64_t)(oy * S + ki) - (int64_t)P, ix = (int64_t)(ox * S + kj) - (int64_t)P;
+        bool inside = iy >= 0 && iy < (int64_t)H && ix >= 0 && ix < (int64_t)W;
+        cols[i] = inside ? x[((b * C + c) * H + (uint64_t)iy) * W + (uint64_t)ix] : 0.0f;
+    }
+}
+
+// The adjoint of ddpm_im2col as a gather: dx[b, c, iy, ix] = sum over ki, kj (in that order) of
+// dcols[b, (c K + ki) K + kj, oy OW + ox] for the outputs with oy S + ki - P = iy and
+// ox S + kj - P = ix inside the output. n = B C H W.
+extern "C" __global__ void ddpm_col2im(const float* dcols, float* dx, uint64_t n, uint64_t C, uint64_t H, uint64_t W,
+                                       uint64_t K, uint64_t S, uint64_t P, uint64_t OH, uint64_t OW) {
+    const uint64_t L = OH * OW, rows = C * K * K;
+    GRID_STRIDE(i, n) {
+        uint64_t ix = i % W, iy = (i / W) % H, c = (i / (H * W)) % C, b = i / (C * H * W);
+        float s = 0.0f;
+        for (uint64_t ki = 0; ki < K; ++ki) {
+            int64_t ty = (int64_t)(iy + P) - (int64_t)ki;  // oy S
+            if (ty < 0 || ty % (int64_t)S != 0 || ty / (int64_t)S >= (int64_t)OH) continue;
+            uint64_t oy = (uint64_t)(ty / (int64_t)S);
+            for (uint64_t kj = 0; kj < K; ++kj) {
+                int64_t tx = (int64_t)(ix + P) - (int64_t)kj;  // ox S
+                if (tx < 0 || tx % (int64_t)S != 0 || tx / (int64_t)S >= (int64_t)OW) continue;
+                uint64_t ox = (uint64_t)(tx / (int64_t)S);
+                s += dcols[(b * rows + (c * K + ki) * K + kj) * L + oy * OW + ox];
+            }
+        }
+        dx[i] = s;
+    }
+}
