@@ -1,10 +1,11 @@
-//! The fused attention op against the composed candle ops it replaces (values and gradients) and
-//! against a case computed by hand.
+//! The fused attention op and the fused softmax against the composed candle ops they replace (values
+//! and gradients), and attention against a case computed by hand.
 
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use ddpm_core::ops::{attention, attention_composed};
+use ddpm_core::ops::attention::attention_products;
+use ddpm_core::ops::{attention, attention_composed, softmax_last_dim};
 
 /// Largest |a - b| over all elements.
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -32,6 +33,43 @@ fn fused_matches_composed() {
         let (fo, fg) = forward_and_grad(|x| attention(x, heads, scale), &qkv, &r, (n, 3 * c, l), (n, c, l));
         let (co, cg) = forward_and_grad(|x| attention_composed(x, heads, scale), &qkv, &r, (n, 3 * c, l), (n, c, l));
         let (eo, eg) = (max_abs_diff(&fo, &co), max_abs_diff(&fg, &cg));
+        assert!(eo < 1e-5 && eg < 1e-5, "n {n} heads {heads} d {d} l {l}: output error {eo}, gradient error {eg}");
+    }
+}
+
+/// The fused softmax (CUDA's attention probabilities; here its CPU kernel) against candle's softmax,
+/// values and gradients: rows of 1, 7 and 300 values, large logits (no overflow), rank 2 to 4.
+#[test]
+fn softmax_matches_candle() {
+    for (shape, amp) in [(vec![4, 1], 3.0), (vec![3, 5, 7], 3.0), (vec![2, 300], 80.0), (vec![2, 2, 3, 9], 1.0)] {
+        let n: usize = shape.iter().product();
+        let x = common::lcg_values(n, n as u64, amp);
+        let r = common::lcg_values(n, 3, 1.0);
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+            let v = Var::from_vec(x.clone(), shape.as_slice(), &Device::Cpu).unwrap();
+            let out = f(v.as_tensor()).unwrap();
+            let rt = Tensor::from_vec(r.clone(), shape.as_slice(), &Device::Cpu).unwrap();
+            let grads = (&out * &rt).unwrap().sum_all().unwrap().backward().unwrap();
+            (out, grads.get(v.as_tensor()).unwrap().clone())
+        };
+        let (fo, fg) = run(&softmax_last_dim);
+        let (co, cg) = run(&|t: &Tensor| candle_nn::ops::softmax(t, candle_core::D::Minus1));
+        let (eo, eg) = (max_abs_diff(&fo, &co), max_abs_diff(&fg, &cg));
+        assert!(eo < 1e-6 && eg < 1e-6, "shape {shape:?}: output error {eo}, gradient error {eg}");
+    }
+}
+
+/// Attention as products around the fused softmax (CUDA's path) against the composed ops.
+#[test]
+fn products_with_fused_softmax_match_composed() {
+    for (n, heads, d, l) in [(2, 2, 4, 9), (3, 1, 8, 49)] {
+        let c = heads * d;
+        let scale = 1.0 / (d as f64).sqrt();
+        let qkv = common::lcg_values(n * 3 * c * l, 11 + l as u64, 2.0);
+        let r = common::lcg_values(n * c * l, 5, 1.0);
+        let (po, pg) = forward_and_grad(|x| attention_products(x, heads, scale, softmax_last_dim), &qkv, &r, (n, 3 * c, l), (n, c, l));
+        let (co, cg) = forward_and_grad(|x| attention_composed(x, heads, scale), &qkv, &r, (n, 3 * c, l), (n, c, l));
+        let (eo, eg) = (max_abs_diff(&po, &co), max_abs_diff(&pg, &cg));
         assert!(eo < 1e-5 && eg < 1e-5, "n {n} heads {heads} d {d} l {l}: output error {eo}, gradient error {eg}");
     }
 }

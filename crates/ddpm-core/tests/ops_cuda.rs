@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use ddpm_core::ops::ddpm_step::{ddpm_step, StepScalars};
 use ddpm_core::ops::optim::{adamw_step_, ema_update_, AdamWStep};
 use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d};
-use ddpm_core::ops::{cuda_kernels_enabled, group_norm, weighted_mse};
+use ddpm_core::ops::{attention, cuda_kernels_enabled, group_norm, softmax_last_dim, weighted_mse};
 
 /// The first CUDA device, with the project's kernels switched on.
 fn gpu() -> Device {
@@ -138,5 +138,40 @@ fn convolutions_match_the_cpu_kernels() {
             let d = rel_diff(a, b);
             assert!(d < 1e-5, "convolution (k {k}, stride {stride}, upsample {upsample}) {name} differs by {d}");
         }
+    }
+}
+
+#[test]
+fn softmax_and_attention_match_the_cpu_kernels() {
+    // The softmax kernels (rows shorter and longer than a block of threads, large logits), and
+    // attention, which on the GPU runs cuBLAS products around them and on the CPU its fused kernel.
+    let gpu = gpu();
+    for (shape, amp) in [(vec![3, 7], 3.0), (vec![2, 700], 80.0)] {
+        let run = |dev: &Device| {
+            let n = shape.iter().product();
+            let x = Var::from_vec(common::lcg_values(n, 9, amp), shape.as_slice(), dev).unwrap();
+            let r = Tensor::from_vec(common::lcg_values(n, 10, 1.0), shape.as_slice(), dev).unwrap();
+            let p = softmax_last_dim(&x).unwrap();
+            let grads = (&p * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            [p.clone(), grads.get(&x).unwrap().clone()]
+        };
+        let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+        for (name, (a, b)) in ["p", "dx"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
+            let d = rel_diff(a, b);
+            assert!(d < 1e-5, "softmax {shape:?} {name} differs by {d}");
+        }
+    }
+    let (n, heads, d, l) = (2, 2, 8, 49);
+    let run = |dev: &Device| {
+        let qkv = Var::from_vec(common::lcg_values(n * 3 * heads * d * l, 11, 2.0), (n, 3 * heads * d, l), dev).unwrap();
+        let r = Tensor::from_vec(common::lcg_values(n * heads * d * l, 12, 1.0), (n, heads * d, l), dev).unwrap();
+        let out = attention(&qkv, heads, 1.0 / (d as f64).sqrt()).unwrap();
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        [out.clone(), grads.get(&qkv).unwrap().clone()]
+    };
+    let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+    for (name, (a, b)) in ["out", "dqkv"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
+        let e = rel_diff(a, b);
+        assert!(e < 1e-5, "attention {name} differs by {e}");
     }
 }

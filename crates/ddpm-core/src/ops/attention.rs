@@ -18,13 +18,15 @@
 //! second product, each with its own buffer and backward. Here, for contiguous f32 tensors on the CPU,
 //! each (sample, head) pair is two `gemm` products forward and five backward on strided views of qkv,
 //! with the (L, L) probabilities in a per-thread scratch buffer; P is recomputed in the backward rather
-//! than kept. Samples run in parallel. Everything else (CUDA, Metal, f16, bf16, f64) takes
-//! [`attention_composed`].
+//! than kept. Samples run in parallel. CUDA in f32 with the project's kernels enabled runs candle's
+//! products around the fused softmax of `ops/softmax.rs`; everything else (Metal, f16, bf16, f64)
+//! takes [`attention_composed`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::matmul::{inner_parallelism, sgemm, with_scratch, View};
+use super::softmax::{softmax_row, softmax_row_backward};
 
 thread_local! {
     /// Per-thread scratch for one (sample, head) pair's probabilities P (L, L).
@@ -63,17 +65,8 @@ fn head_blocks(qkv: &[f32], dims: Dims, h: usize) -> [&[f32]; 3] {
 fn probabilities(qt: &[f32], kt: &[f32], dims: Dims, scale: f32, p: &mut [f32], par: gemm::Parallelism) {
     let (d, l) = (dims.d, dims.l);
     unsafe { sgemm((l, l, d), p, false, scale, View::transposed(qt, l), View::rows(kt, l), par) };
-    for row in p.chunks_exact_mut(l) {
-        // p_ij = exp(s_ij - max_j s_ij) / sum_j exp(s_ij - max_j s_ij)
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
+    // p_ij = exp(s_ij - max_j s_ij) / sum_j exp(s_ij - max_j s_ij)
+    p.chunks_exact_mut(l).for_each(softmax_row);
 }
 
 /// The fused forward `qkv (N, 3C, L) -> out (N, C, L)`; its backward is [`AttentionGrad`].
@@ -163,8 +156,7 @@ impl CustomOp2 for AttentionGrad {
                         }
                         // dS_ij = P_ij (dP_ij - D_i), D_i = sum_j P_ij dP_ij
                         for (prow, drow) in p.chunks_exact(l).zip(ds.chunks_exact_mut(l)) {
-                            let di: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
-                            drow.iter_mut().zip(prow).for_each(|(g, &pv)| *g = pv * (*g - di));
+                            softmax_row_backward(prow, drow);
                         }
                         unsafe {
                             // dQ^T = scale K^T dS^T
@@ -182,15 +174,20 @@ impl CustomOp2 for AttentionGrad {
 
 /// Multi-head attention `qkv (N, 3C, L) -> out (N, C, L)` with `heads` heads (see the module docs):
 /// out = softmax(scale Q K^T) V per sample and head. Fused on the CPU for contiguous f32 input,
-/// [`attention_composed`] elsewhere; differentiable either way.
+/// [`attention_products`] with the fused softmax on CUDA with the project's kernels enabled,
+/// [`attention_composed`] elsewhere; differentiable every way.
 pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let op = AttentionOp { heads, scale: scale as f32 };
     let dims = op.dims(qkv.shape())?;
     let fused = qkv.device().is_cpu() && qkv.dtype() == DType::F32 && qkv.is_contiguous() && dims.d > 0 && dims.l > 0;
-    if !fused {
-        return attention_composed(qkv, heads, scale);
+    if fused {
+        qkv.apply_op1(op)
+    } else if super::cuda_kernels_enabled(qkv.device()) && qkv.dtype() == DType::F32 {
+        // candle's products around the fused softmax (CUDA kernels)
+        attention_products(qkv, heads, scale, super::softmax_last_dim)
+    } else {
+        attention_composed(qkv, heads, scale)
     }
-    qkv.apply_op1(op)
 }
 
 /// [`attention`] built from candle's differentiable tensor ops: the fallback for devices, dtypes and
@@ -200,14 +197,20 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
 ///   q, k, v = qkv split into three (N heads, L, d)
 ///   out     = softmax((q k^T) scale) v, back to (N, C, L)
 pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let upcast_softmax = |scores: &Tensor| candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(scores.dtype());
+    attention_products(qkv, heads, scale, upcast_softmax)
+}
+
+/// [`attention`] as batched products around `softmax` (over the last dimension of the (N heads, L, L)
+/// scores): [`attention_composed`] with candle's softmax, CUDA with [`super::softmax_last_dim`].
+pub fn attention_products(qkv: &Tensor, heads: usize, scale: f64, softmax: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let dims = AttentionOp { heads, scale: scale as f32 }.dims(qkv.shape())?;
     let (n, c, d, l) = (dims.n, dims.c(), dims.d, dims.l);
     // channels [i C, (i + 1) C) as (N heads, L, d)
     let part = |i: usize| qkv.narrow(1, i * c, c)?.reshape((n * heads, d, l))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let scores = (q.matmul(&k.t()?)? * scale)?;
-    let dtype = scores.dtype();
-    let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(dtype)?;
+    let probs = softmax(&scores)?;
     // (N heads, L, d) -> (N heads, d, L) -> (N, C, L)
     probs.matmul(&v)?.transpose(1, 2)?.reshape((n, c, l))
 }

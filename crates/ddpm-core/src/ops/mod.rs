@@ -5,8 +5,9 @@
 //! With the `cuda` feature, group norm (+SiLU), the loss, the DDPM step, AdamW and the EMA also have
 //! CUDA kernels (`ops/cuda/kernels.cu`), used when [`cuda_kernels_enabled`]; so does the convolution,
 //! as im2col and col2im kernels around candle's (cuBLAS) matrix products (`ops/columns.rs`), so that
-//! its gradient runs no transposed convolution. Attention uses candle's CUDA ops (cuBLAS products and
-//! its softmax kernel). There are no Metal kernels yet: Metal takes the composed ops.
+//! its gradient runs no transposed convolution; attention as cuBLAS products around a fused softmax
+//! with its analytic backward (`ops/softmax.rs`). There are no Metal kernels yet: Metal takes the
+//! composed ops.
 
 /// Defines `fn $name(args) body` twice, once compiled for AVX2, and calls the AVX2 copy when the CPU
 /// has it (8-wide lanes then take one instruction instead of two). Same results either way: the
@@ -40,12 +41,14 @@ pub mod group_norm;
 pub(crate) mod matmul;
 pub mod mse;
 pub mod optim;
+pub mod softmax;
 pub(crate) mod upsample_conv;
 pub(crate) mod winograd;
 
 pub use attention::{attention, attention_composed};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use mse::{weighted_mse, weighted_mse_composed};
+pub use softmax::softmax_last_dim;
 
 use candle_core::{CpuStorage, Device, Layout, Result};
 

@@ -225,3 +225,42 @@ extern "C" __global__ void ddpm_col2im(const float* dcols, float* dx, uint64_t n
         dx[i] = s;
     }
 }
+
+// Maximum of v over the block (every thread gets it).
+__device__ float block_max(float v) {
+    __shared__ float sh[THREADS];
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned int s = THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] = fmaxf(sh[threadIdx.x], sh[threadIdx.x + s]);
+        __syncthreads();
+    }
+    float m = sh[0];
+    __syncthreads();  // sh is reused by the next call
+    return m;
+}
+
+// Softmax of each row of `cols` values (src/ops/softmax.rs), one block per row:
+// p_j = e^(x_j - m) / sum_k e^(x_k - m), m = max_k x_k.
+extern "C" __global__ void ddpm_softmax_rows(const float* x, float* p, uint64_t cols) {
+    const float* xr = x + blockIdx.x * cols;
+    float* pr = p + blockIdx.x * cols;
+    float m = -INFINITY;
+    for (uint64_t j = threadIdx.x; j < cols; j += THREADS) m = fmaxf(m, xr[j]);
+    m = block_max(m);
+    double s = 0.0;
+    for (uint64_t j = threadIdx.x; j < cols; j += THREADS) s += (double)expf(xr[j] - m);
+    float inv = (float)(1.0 / block_sum(s));
+    for (uint64_t j = threadIdx.x; j < cols; j += THREADS) pr[j] = expf(xr[j] - m) * inv;
+}
+
+// Its backward, one block per row: dx_j = p_j (dp_j - D), D = sum_k p_k dp_k.
+extern "C" __global__ void ddpm_softmax_rows_backward(const float* p, const float* dp, float* dx, uint64_t cols) {
+    const float* pr = p + blockIdx.x * cols;
+    const float* gr = dp + blockIdx.x * cols;
+    float* dr = dx + blockIdx.x * cols;
+    double d = 0.0;
+    for (uint64_t j = threadIdx.x; j < cols; j += THREADS) d += (double)pr[j] * (double)gr[j];
+    float dd = (float)block_sum(d);
+    for (uint64_t j = threadIdx.x; j < cols; j += THREADS) dr[j] = pr[j] * (gr[j] - dd);
+}
