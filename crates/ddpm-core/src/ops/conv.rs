@@ -75,6 +75,10 @@ pub(super) struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of a convolution (no upsampling) of input (B, C, H, W) = `dims`.
+    fn new((b, c, h, w): (usize, usize, usize, usize), k: usize, stride: usize, pad: usize) -> Self {
+        Geometry { b, c, h, w, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (w + 2 * pad - k) / stride + 1, upsample: false }
+    }
     /// Rows of the column matrix: C k k.
     pub(super) fn rows(&self) -> usize {
         self.c * self.k * self.k
@@ -454,7 +458,7 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
-    let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1, upsample: false };
+    let g = Geometry::new((b, c, h, wd), k, stride, pad);
     if fused(x, w, bias) {
         apply(x, w, bias, g)
     } else if by_columns(x, w, bias) {
@@ -472,7 +476,7 @@ pub fn conv2d_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usi
     if [x, w].into_iter().chain(bias).any(|t| t.dtype() != DType::F32) {
         candle_core::bail!("conv2d_columns: x, weight and bias must be f32");
     }
-    let g = Geometry { b, c, h, w: wd, k, stride, pad, oh: (h + 2 * pad - k) / stride + 1, ow: (wd + 2 * pad - k) / stride + 1, upsample: false };
+    let g = Geometry::new((b, c, h, wd), k, stride, pad);
     columns::conv2d(x, w, bias, bias_rows, g)
 }
 
@@ -490,7 +494,7 @@ pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
     if !fused(x, w, bias) {
         let u = upsample_nearest2x(x)?;
         if by_columns(x, w, bias) {
-            let g = Geometry { b, c, h: 2 * h, w: 2 * wd, k, stride: 1, pad: 1, oh: 2 * h, ow: 2 * wd, upsample: false };
+            let g = Geometry::new((b, c, 2 * h, 2 * wd), k, 1, 1);
             return columns::conv2d(&u, w, bias, bias_rows, g);
         }
         return add_bias(u.conv2d(w, 1, 1, 1, 1)?, bias, bias_rows);

@@ -187,11 +187,15 @@ fn conv_padded<const T: usize>(
 }
 
 /// y (B, O, 2H, 2W) = conv3x3(up2(x)) + bias of a nearest x2 upsampling and a 3x3 convolution, for
-/// x (B, C, H, W), bias (O) or (B, O) and the four phase kernels `phases` (O, C, 2, 2) of
-/// `ops/upsample_conv.rs` in its (a, b) order: phase (a, b) is a 2x2 convolution whose tap (t, s)
+/// x (B, C, H, W), bias (O) or (B, O), the four output phases (a, b) and their kernels (O, C, 2, 2)
+/// (`ops/upsample_conv.rs`): phase (a, b) is a 2x2 convolution whose tap (t, s)
 /// reads x[i + a - 1 + t, j + b - 1 + s], padded offset (a + t) W' + b + s from output i W' + j, and
 /// whose output (i, j) goes to pixel (2i + a, 2j + b). Requires [`available`].
 pub(crate) fn upsample_forward(p: Plane, b: usize, x: &[f32], phases: &[(usize, usize)], kernels: &[Vec<f32>], bias: &[f32]) -> Vec<f32> {
+    let mut sorted = phases.to_vec();
+    sorted.sort();
+    // every pixel of y is written only if each phase comes once
+    assert!(sorted == [(0, 0), (0, 1), (1, 0), (1, 1)] && kernels.len() == 4, "upsample_forward: phases {phases:?}");
     let pd = Padded::new(p);
     let o = kernels[0].len() / (4 * p.c);
     let xp = padded(p, pd, x);
