@@ -31,6 +31,15 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     d / scale.max(1.0)
 }
 
+/// Asserts that each GPU result is within `bound` ([`rel_diff`]) of the CPU's, naming `what` and the
+/// result.
+fn assert_close<const N: usize>(what: &str, names: [&str; N], on_gpu: &[Tensor; N], on_cpu: &[Tensor; N], bound: f32) {
+    for (name, (a, b)) in names.iter().zip(on_gpu.iter().zip(on_cpu)) {
+        let d = rel_diff(a, b);
+        assert!(d < bound, "{what} {name} differs by {d}");
+    }
+}
+
 #[test]
 fn group_norm_matches_the_cpu_kernel() {
     let gpu = gpu();
@@ -47,10 +56,7 @@ fn group_norm_matches_the_cpu_kernel() {
             [out.clone(), g(&x), g(&gamma), g(&beta)]
         };
         let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-        for (name, (a, b)) in ["out", "dx", "dgamma", "dbeta"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
-            let d = rel_diff(a, b);
-            assert!(d < 1e-5, "group norm (silu {silu}) {name} differs by {d}");
-        }
+        assert_close(&format!("group norm (silu {silu})"), ["out", "dx", "dgamma", "dbeta"], &on_gpu, &on_cpu, 1e-5);
     }
 }
 
@@ -101,10 +107,7 @@ fn adamw_and_ema_match_the_cpu_kernels() {
         [theta, m, v, ema]
     };
     let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-    for (name, (a, b)) in ["theta", "m", "v", "ema"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
-        let d = rel_diff(a, b);
-        assert!(d < 1e-6, "{name} differs by {d}");
-    }
+    assert_close("AdamW and EMA", ["theta", "m", "v", "ema"], &on_gpu, &on_cpu, 1e-6);
 }
 
 #[test]
@@ -134,10 +137,7 @@ fn convolutions_match_the_cpu_kernels() {
             [y.clone(), g(&x), g(&wt), g(&bias)]
         };
         let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-        for (name, (a, b)) in ["y", "dx", "dw", "dbias"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
-            let d = rel_diff(a, b);
-            assert!(d < 1e-5, "convolution (k {k}, stride {stride}, upsample {upsample}) {name} differs by {d}");
-        }
+        assert_close(&format!("convolution (k {k}, stride {stride}, upsample {upsample})"), ["y", "dx", "dw", "dbias"], &on_gpu, &on_cpu, 1e-5);
     }
 }
 
@@ -156,10 +156,7 @@ fn softmax_and_attention_match_the_cpu_kernels() {
             [p.clone(), grads.get(&x).unwrap().clone()]
         };
         let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-        for (name, (a, b)) in ["p", "dx"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
-            let d = rel_diff(a, b);
-            assert!(d < 1e-5, "softmax {shape:?} {name} differs by {d}");
-        }
+        assert_close(&format!("softmax {shape:?}"), ["p", "dx"], &on_gpu, &on_cpu, 1e-5);
     }
     let (n, heads, d, l) = (2, 2, 8, 49);
     let run = |dev: &Device| {
@@ -170,8 +167,5 @@ fn softmax_and_attention_match_the_cpu_kernels() {
         [out.clone(), grads.get(&qkv).unwrap().clone()]
     };
     let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-    for (name, (a, b)) in ["out", "dqkv"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
-        let e = rel_diff(a, b);
-        assert!(e < 1e-5, "attention {name} differs by {e}");
-    }
+    assert_close("attention", ["out", "dqkv"], &on_gpu, &on_cpu, 1e-5);
 }

@@ -20,25 +20,36 @@ use rayon::prelude::*;
 
 use super::conv::{col2im_image, im2col_image, Geometry};
 
-/// y = conv2d(x, w) + bias of geometry `g` by columns (see the module docs); the bias has `bias_rows`
-/// rows (1: shared (O), B: per image (B, O)).
-pub(super) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, bias_rows: usize, g: Geometry) -> Result<Tensor> {
+/// y = conv2d(x, w) of geometry `g` by columns (see the module docs), without the bias.
+pub(super) fn conv2d(x: &Tensor, w: &Tensor, g: Geometry) -> Result<Tensor> {
     let o = w.dim(0)?;
     let cols = x.contiguous()?.apply_op1(Im2col(g))?;
     // y_b = W (O, C k k) @ cols_b (C k k, L) for every image b
-    let y = w.reshape((o, g.rows()))?.broadcast_matmul(&cols)?.reshape((g.b, o, g.oh, g.ow))?;
-    match bias {
-        Some(bias) => y.broadcast_add(&bias.reshape((bias_rows, o, 1, 1))?),
-        None => Ok(y),
-    }
+    w.reshape((o, g.rows()))?.broadcast_matmul(&cols)?.reshape((g.b, o, g.oh, g.ow))
 }
 
-/// An error unless `what` of op `op` holds `want` values.
-fn check_len(op: &str, what: &str, got: usize, want: usize, g: &Geometry) -> Result<()> {
-    if got != want {
-        candle_core::bail!("{op}: {what} has {got} values, the geometry {g:?} needs {want}");
+/// The images' shape (B, C, H, W).
+fn images(g: &Geometry) -> Shape {
+    Shape::from((g.b, g.c, g.h, g.w))
+}
+
+/// The column matrices' shape (B, C k k, L).
+fn columns(g: &Geometry) -> Shape {
+    Shape::from((g.b, g.rows(), g.positions()))
+}
+
+/// An error unless `what` of op `op` holds as many values as `shape`.
+fn check_len(op: &str, what: &str, got: usize, shape: &Shape, g: &Geometry) -> Result<()> {
+    if got != shape.elem_count() {
+        candle_core::bail!("{op}: {what} has {got} values, the geometry {g:?} needs {}", shape.elem_count());
     }
     Ok(())
+}
+
+/// The geometry as the CUDA kernels take it: C, H, W, K, S, P, OH, OW.
+#[cfg(feature = "cuda")]
+fn kernel_geometry(g: &Geometry) -> [u64; 8] {
+    [g.c, g.h, g.w, g.k, g.stride, g.pad, g.oh, g.ow].map(|v| v as u64)
 }
 
 /// `x (B, C, H, W) -> cols (B, C k k, L)`, the column matrix of every image; backward [`Col2im`].
@@ -52,11 +63,11 @@ impl CustomOp1 for Im2col {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let x = super::f32_slice(s, l, self.name(), "x")?;
-        let (chw, per_image) = (g.c * g.h * g.w, g.rows() * g.positions());
-        check_len(self.name(), "x", x.len(), g.b * chw, &g)?;
-        let mut cols = vec![0f32; g.b * per_image];
-        cols.par_chunks_mut(per_image).zip(x.par_chunks(chw)).for_each(|(cb, xb)| im2col_image(&g, xb, cb));
-        Ok((CpuStorage::F32(cols), Shape::from((g.b, g.rows(), g.positions()))))
+        let (xs, cs) = (images(&g), columns(&g));
+        check_len(self.name(), "x", x.len(), &xs, &g)?;
+        let mut cols = vec![0f32; cs.elem_count()];
+        cols.par_chunks_mut(cs.elem_count() / g.b).zip(x.par_chunks(xs.elem_count() / g.b)).for_each(|(cb, xb)| im2col_image(&g, xb, cb));
+        Ok((CpuStorage::F32(cols), cs))
     }
 
     #[cfg(feature = "cuda")]
@@ -66,12 +77,13 @@ impl CustomOp1 for Im2col {
         let g = self.0;
         let dev = s.device().clone();
         let x = cuda::f32_view(s, l, self.name(), "x")?;
-        check_len(self.name(), "x", x.len(), g.b * g.c * g.h * g.w, &g)?;
-        let n = (g.b * g.rows() * g.positions()) as u64;
-        let mut cols = cuda::alloc_f32(&dev, n as usize)?;
-        let [c, h, w, k, stride, pad, oh, ow] = [g.c, g.h, g.w, g.k, g.stride, g.pad, g.oh, g.ow].map(|v| v as u64);
-        cuda::launch!(&dev, "ddpm_im2col", cuda::elementwise(n as usize); &x, &mut cols, &n, &c, &h, &w, &k, &stride, &pad, &oh, &ow);
-        Ok((cuda::wrap(cols, s), Shape::from((g.b, g.rows(), g.positions()))))
+        let cs = columns(&g);
+        check_len(self.name(), "x", x.len(), &images(&g), &g)?;
+        let n = cs.elem_count() as u64;
+        let mut cols = cuda::alloc_f32(&dev, cs.elem_count())?;
+        let [c, h, w, k, stride, pad, oh, ow] = kernel_geometry(&g);
+        cuda::launch!(&dev, "ddpm_im2col", cuda::elementwise(cs.elem_count()); &x, &mut cols, &n, &c, &h, &w, &k, &stride, &pad, &oh, &ow);
+        Ok((cuda::wrap(cols, s), cs))
     }
 
     fn bwd(&self, _x: &Tensor, _cols: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -91,11 +103,11 @@ impl CustomOp1 for Col2im {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let cols = super::f32_slice(s, l, self.name(), "dcols")?;
-        let (chw, per_image) = (g.c * g.h * g.w, g.rows() * g.positions());
-        check_len(self.name(), "dcols", cols.len(), g.b * per_image, &g)?;
-        let mut dx = vec![0f32; g.b * chw];
-        dx.par_chunks_mut(chw).zip(cols.par_chunks(per_image)).for_each(|(db, cb)| col2im_image(&g, cb, db));
-        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
+        let (xs, cs) = (images(&g), columns(&g));
+        check_len(self.name(), "dcols", cols.len(), &cs, &g)?;
+        let mut dx = vec![0f32; xs.elem_count()];
+        dx.par_chunks_mut(xs.elem_count() / g.b).zip(cols.par_chunks(cs.elem_count() / g.b)).for_each(|(db, cb)| col2im_image(&g, cb, db));
+        Ok((CpuStorage::F32(dx), xs))
     }
 
     #[cfg(feature = "cuda")]
@@ -105,12 +117,13 @@ impl CustomOp1 for Col2im {
         let g = self.0;
         let dev = s.device().clone();
         let cols = cuda::f32_view(s, l, self.name(), "dcols")?;
-        check_len(self.name(), "dcols", cols.len(), g.b * g.rows() * g.positions(), &g)?;
-        let n = (g.b * g.c * g.h * g.w) as u64;
-        let mut dx = cuda::alloc_f32(&dev, n as usize)?;
-        let [c, h, w, k, stride, pad, oh, ow] = [g.c, g.h, g.w, g.k, g.stride, g.pad, g.oh, g.ow].map(|v| v as u64);
-        cuda::launch!(&dev, "ddpm_col2im", cuda::elementwise(n as usize); &cols, &mut dx, &n, &c, &h, &w, &k, &stride, &pad, &oh, &ow);
-        Ok((cuda::wrap(dx, s), Shape::from((g.b, g.c, g.h, g.w))))
+        let xs = images(&g);
+        check_len(self.name(), "dcols", cols.len(), &columns(&g), &g)?;
+        let n = xs.elem_count() as u64;
+        let mut dx = cuda::alloc_f32(&dev, xs.elem_count())?;
+        let [c, h, w, k, stride, pad, oh, ow] = kernel_geometry(&g);
+        cuda::launch!(&dev, "ddpm_col2im", cuda::elementwise(xs.elem_count()); &cols, &mut dx, &n, &c, &h, &w, &k, &stride, &pad, &oh, &ow);
+        Ok((cuda::wrap(dx, s), xs))
     }
 
     fn bwd(&self, _dcols: &Tensor, _dx: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

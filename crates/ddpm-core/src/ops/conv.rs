@@ -462,7 +462,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     if fused(x, w, bias) {
         apply(x, w, bias, g)
     } else if by_columns(x, w, bias) {
-        columns::conv2d(x, w, bias, bias_rows, g)
+        add_bias(columns::conv2d(x, w, g)?, bias, bias_rows)
     } else {
         add_bias(x.conv2d(w, pad, stride, 1, 1)?, bias, bias_rows)
     }
@@ -477,7 +477,7 @@ pub fn conv2d_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usi
         candle_core::bail!("conv2d_columns: x, weight and bias must be f32");
     }
     let g = Geometry::new((b, c, h, wd), k, stride, pad);
-    columns::conv2d(x, w, bias, bias_rows, g)
+    add_bias(columns::conv2d(x, w, g)?, bias, bias_rows)
 }
 
 /// y = conv2d(upsample_nearest2x(x), w) + bias with a 3x3 kernel, stride 1 and padding 1: a UNet's
@@ -495,7 +495,7 @@ pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
         let u = upsample_nearest2x(x)?;
         if by_columns(x, w, bias) {
             let g = Geometry::new((b, c, 2 * h, 2 * wd), k, 1, 1);
-            return columns::conv2d(&u, w, bias, bias_rows, g);
+            return add_bias(columns::conv2d(&u, w, g)?, bias, bias_rows);
         }
         return add_bias(u.conv2d(w, 1, 1, 1, 1)?, bias, bias_rows);
     }
@@ -540,7 +540,7 @@ fn by_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     super::cuda_kernels_enabled(x.device()) && [x, w].into_iter().chain(bias).all(|t| t.dtype() == DType::F32)
 }
 
-/// y + bias broadcast over the positions, for the composed fallback.
+/// y + bias broadcast over the positions, for candle's convolution and the column path.
 fn add_bias(y: Tensor, bias: Option<&Tensor>, bias_rows: usize) -> Result<Tensor> {
     match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((bias_rows, y.dim(1)?, 1, 1))?),

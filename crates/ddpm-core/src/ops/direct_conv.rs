@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use super::conv::{image_bias, Plane};
 use super::matmul::{as_uninit, assume_init_vec, uninit_vec, with_scratch};
+use super::upsample_conv::PHASES;
 
 /// Output channels per block.
 const OB: usize = 4;
@@ -170,6 +171,7 @@ fn conv_padded<const T: usize>(
                     for i in 0..p.h {
                         // y[o, i, j] = out[o, i W' + j] + bias[o], at the place of (i, j)
                         let (row, dst) = (&src[i * pd.wp..i * pd.wp + p.w], &mut yo[place.start + i * place.row..]);
+                        // contiguous rows (the plain convolution) as a plain zip, which vectorises
                         if place.col == 1 {
                             dst.iter_mut().zip(row).for_each(|(d, s)| {
                                 d.write(s + bv);
@@ -187,25 +189,21 @@ fn conv_padded<const T: usize>(
 }
 
 /// y (B, O, 2H, 2W) = conv3x3(up2(x)) + bias of a nearest x2 upsampling and a 3x3 convolution, for
-/// x (B, C, H, W), bias (O) or (B, O), the four output phases (a, b) and their kernels (O, C, 2, 2)
-/// (`ops/upsample_conv.rs`): phase (a, b) is a 2x2 convolution whose tap (t, s)
+/// x (B, C, H, W), bias (O) or (B, O) and the kernels (O, C, 2, 2) of the four output phases in
+/// `upsample_conv::PHASES` order: phase (a, b) is a 2x2 convolution whose tap (t, s)
 /// reads x[i + a - 1 + t, j + b - 1 + s], padded offset (a + t) W' + b + s from output i W' + j, and
 /// whose output (i, j) goes to pixel (2i + a, 2j + b). Requires [`available`].
-pub(crate) fn upsample_forward(p: Plane, b: usize, x: &[f32], phases: &[(usize, usize)], kernels: &[Vec<f32>], bias: &[f32]) -> Vec<f32> {
-    let mut sorted = phases.to_vec();
-    sorted.sort();
-    // every pixel of y is written only if each phase comes once
-    assert!(sorted == [(0, 0), (0, 1), (1, 0), (1, 1)] && kernels.len() == 4, "upsample_forward: phases {phases:?}");
+pub(crate) fn upsample_forward(p: Plane, b: usize, x: &[f32], kernels: &[Vec<f32>; 4], bias: &[f32]) -> Vec<f32> {
     let pd = Padded::new(p);
     let o = kernels[0].len() / (4 * p.c);
     let xp = padded(p, pd, x);
     let mut y = uninit_vec(b * o * 4 * p.h * p.w);
-    for (&(a, bb), k) in phases.iter().zip(kernels) {
+    for (&(a, bb), k) in PHASES.iter().zip(kernels) {
         let taps = [a * pd.wp + bb, a * pd.wp + bb + 1, (a + 1) * pd.wp + bb, (a + 1) * pd.wp + bb + 1];
         let place = Placement { plane: 4 * p.h * p.w, row: 4 * p.w, col: 2, start: a * 2 * p.w + bb };
         conv_padded(p, pd, &xp, (k, taps), bias, &mut y, place);
     }
-    // SAFETY: the four phases place every pixel (2i + a, 2j + b) of every output plane
+    // SAFETY: PHASES holds each (a, b) once, so the four phases place every pixel (2i + a, 2j + b)
     unsafe { assume_init_vec(y) }
 }
 

@@ -30,7 +30,7 @@ use super::direct_conv;
 use super::matmul::{assume_init_vec, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
 
 /// The four output phases (a, b): row parity a, column parity b.
-const PHASES: [(usize, usize); 4] = [(0, 0), (0, 1), (1, 0), (1, 1)];
+pub(crate) const PHASES: [(usize, usize); 4] = [(0, 0), (0, 1), (1, 0), (1, 1)];
 
 /// Tap t(a, k) in {0, 1} of the phase-`a` 2x2 kernel that 3x3 kernel index `k` joins.
 fn tap(a: usize, k: usize) -> usize {
@@ -89,7 +89,7 @@ fn gather_phase(full: &[f32], phase: &mut [f32], (h, w): (usize, usize), ab: (us
 pub(crate) fn forward(p: Plane, b: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
     let kernels = phase_kernels(w);
     if direct_conv::available() {
-        direct_conv::upsample_forward(p, b, x, &PHASES, &kernels, bias)
+        direct_conv::upsample_forward(p, b, x, &kernels, bias)
     } else {
         forward_im2col(p, b, x, &kernels, bias)
     }
@@ -189,7 +189,7 @@ mod tests {
             let bias: Vec<f32> = (0..if per_image { b * o } else { o }).map(|i| value(i, 3)).collect();
             let p = Plane { c, h, w };
             let kernels = phase_kernels(&wt);
-            let direct = direct_conv::upsample_forward(p, b, &x, &PHASES, &kernels, &bias);
+            let direct = direct_conv::upsample_forward(p, b, &x, &kernels, &bias);
             let im2col = forward_im2col(p, b, &x, &kernels, &bias);
             let diff = direct.iter().zip(&im2col).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-5, "b {b}, c {c}, o {o}, {h}x{w}: differ by {diff}");
