@@ -1,7 +1,9 @@
 //! The im2col convolution against candle's own conv2d: outputs and the gradients of input, weight and
 //! bias, for the kernel, stride and padding combinations the UNet uses and odd image sizes.
 
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
 use ddpm_core::ops::conv::{conv2d, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
 
 /// Largest |a - b| over all elements.
@@ -124,6 +126,44 @@ fn by_columns() {
         (2, 2, 3, (1, 1), (3, 1, 1), 1),
     ] {
         compare(b, c, o, side, kernel, bias_rows, Path::Columns);
+    }
+}
+
+#[test]
+fn by_columns_in_half_precision() {
+    // The column path in bf16 and f16 (what CUDA runs for half-precision models; here f32 im2col
+    // between casts, the products in the half dtype) against candle's f32 convolution of the same
+    // rounded values. Bounds: a few units of the half types' last place (bf16 2^-8, f16 2^-11) for the
+    // output and the x and weight gradients (the products accumulate in f32); the bias gradient is
+    // candle's sum of dY over the n = B H' W' positions in the half type itself, whose worst-case
+    // error is n units of roundoff (2^-9, 2^-12).
+    let dev = Device::Cpu;
+    let (b, c, o, h, w) = (2, 5, 4, 7, 6);
+    let n = (b * h * w) as f32;
+    for (dtype, bound, bias_bound) in [(DType::BF16, 2e-2, n / 512.0), (DType::F16, 3e-3, n / 4096.0)] {
+        let data = |len: usize, seed: u64, amp: f32| Tensor::from_vec(common::lcg_values(len, seed, amp), len, &dev).unwrap();
+        let half = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+        let x = half(data(b * c * h * w, 1, 1.5).reshape((b, c, h, w)).unwrap());
+        let wt = half(data(o * c * 9, 2, 0.5).reshape((o, c, 3, 3)).unwrap());
+        let bias = half(data(o, 3, 1.0));
+        let ours = conv2d_columns(&x, &wt, Some(&bias), 1, 1).unwrap();
+        assert_eq!(ours.dtype(), dtype);
+        let f = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
+        let (x32, w32, b32) = (f(&x), f(&wt), f(&bias));
+        let reference = x32.conv2d(&w32, 1, 1, 1, 1).unwrap().broadcast_add(&b32.reshape((1, o, 1, 1)).unwrap()).unwrap();
+        let ours32 = ours.to_dtype(DType::F32).unwrap();
+        let d = max_diff(&ours32, &reference) / max_abs(&reference).max(1.0);
+        assert!(d < bound, "{dtype:?} forward differs by {d}");
+        let r = data(ours.elem_count(), 4, 1.0).reshape(ours.dims()).unwrap();
+        let g1 = (ours32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v, v32, bound) in [("x", &x, &x32, bound), ("weight", &wt, &w32, bound), ("bias", &bias, &b32, bias_bound)] {
+            let a = g1.get(v).unwrap();
+            assert_eq!(a.dtype(), dtype, "gradient of {name}");
+            let (a, r) = (a.to_dtype(DType::F32).unwrap(), g2.get(v32).unwrap());
+            let d = max_diff(&a, r) / max_abs(r).max(1.0);
+            assert!(d < bound, "{dtype:?} gradient of {name} differs by {d}");
+        }
     }
 }
 

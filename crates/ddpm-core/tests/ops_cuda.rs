@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use ddpm_core::ops::ddpm_step::{ddpm_step, StepScalars};
 use ddpm_core::ops::optim::{adamw_step_, ema_update_, AdamWStep};
 use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d};
-use ddpm_core::ops::{attention, cuda_kernels_enabled, group_norm, softmax_last_dim, weighted_mse};
+use ddpm_core::ops::{attention, cuda_kernels_enabled, dropout, group_norm, softmax_last_dim, weighted_mse};
 
 /// The first CUDA device, with the project's kernels switched on.
 fn gpu() -> Device {
@@ -142,6 +142,36 @@ fn convolutions_match_the_cpu_kernels() {
 }
 
 #[test]
+fn half_precision_convolutions_match_the_cpu() {
+    // bf16 and f16 on the GPU (the column kernels in the half type, the products on tensor cores)
+    // against the CPU's f32 convolution of the same rounded values: outputs and gradients within a
+    // few units of the half type's last place. "Same" 3x3, strided, and the upsampler.
+    let gpu = gpu();
+    for (half, bound) in [(DType::BF16, 2e-2), (DType::F16, 3e-3)] {
+        for (b, c, o, (h, w), (k, stride, pad), upsample) in [(2, 6, 5, (7, 6), (3, 1, 1), false), (3, 4, 4, (9, 8), (3, 2, 1), false), (2, 3, 4, (5, 7), (3, 1, 1), true)] {
+            let run = |dev: &Device, dtype: DType| {
+                let var = |len: usize, shape: Vec<usize>, seed: u64, amp: f32| {
+                    // rounded to the half type first, so both sides start from the same values
+                    let t = Tensor::from_vec(common::lcg_values(len, seed, amp), shape, &Device::Cpu).unwrap().to_dtype(half).unwrap();
+                    Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap()
+                };
+                let x = var(b * c * h * w, vec![b, c, h, w], 15, 1.0);
+                let wt = var(o * c * k * k, vec![o, c, k, k], 16, 0.3);
+                let bias = var(o, vec![o], 17, 1.0);
+                let y = if upsample { upsample2x_conv2d(&x, &wt, Some(&bias)).unwrap() } else { conv2d(&x, &wt, Some(&bias), stride, pad).unwrap() };
+                let r = Tensor::from_vec(common::lcg_values(y.elem_count(), 18, 1.0), y.shape(), dev).unwrap();
+                let grads = (y.to_dtype(DType::F32).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let g = |v: &Var| f(grads.get(v).unwrap());
+                [f(&y), g(&x), g(&wt), g(&bias)]
+            };
+            let (on_gpu, on_cpu) = (run(&gpu, half), run(&Device::Cpu, DType::F32));
+            assert_close(&format!("{half:?} convolution (k {k}, stride {stride}, upsample {upsample})"), ["y", "dx", "dw", "dbias"], &on_gpu, &on_cpu, bound);
+        }
+    }
+}
+
+#[test]
 fn softmax_and_attention_match_the_cpu_kernels() {
     // The softmax kernels (rows shorter and longer than a block of threads, large logits), and
     // attention, which on the GPU runs cuBLAS products around them and on the CPU its fused kernel.
@@ -168,4 +198,23 @@ fn softmax_and_attention_match_the_cpu_kernels() {
     };
     let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
     assert_close("attention", ["out", "dqkv"], &on_gpu, &on_cpu, 1e-5);
+}
+
+#[test]
+fn dropout_makes_the_cpu_mask_on_the_gpu() {
+    // Same (seed, shape), same mask bit for bit: the output, its gradient, and the bf16 path (the f32
+    // mask made on the GPU, then multiplied in).
+    let gpu = gpu();
+    let n = 3 * 70_001;
+    for dtype in [DType::F32, DType::BF16] {
+        let run = |dev: &Device| {
+            let x = Var::from_tensor(&Tensor::from_vec(common::lcg_values(n, 13, 2.0), (3, n / 3), dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let r = Tensor::from_vec(common::lcg_values(n, 14, 1.0), (3, n / 3), dev).unwrap().to_dtype(dtype).unwrap();
+            let y = dropout(&x, 0.1, 42).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            [y.to_dtype(DType::F32).unwrap(), grads.get(&x).unwrap().to_dtype(DType::F32).unwrap()]
+        };
+        let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+        assert_close(&format!("dropout {dtype:?}"), ["y", "dx"], &on_gpu, &on_cpu, 1e-30);
+    }
 }

@@ -169,6 +169,38 @@ fn strided_and_f64_inputs_fall_back() {
 }
 
 #[test]
+fn half_precision_runs_the_f32_op_between_casts() {
+    // bf16 and f16 inputs: values and gradients against the f32 reference on the same rounded values,
+    // within the half types' rounding (bf16 2^-8, f16 2^-11 relative) of the output and the gradients.
+    let dev = Device::Cpu;
+    let (shape, groups) = ([2usize, 8, 5, 3], 4);
+    let n: usize = shape.iter().product();
+    let data = |len: usize, k: u64, amp: f32| Tensor::from_vec(common::lcg_values(len, 40 + k, amp), len, &dev).unwrap();
+    for (dtype, bound) in [(DType::BF16, 2e-2), (DType::F16, 3e-3)] {
+        let half = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+        let x = half((data(n, 0, 3.0).reshape(&shape[..]).unwrap() + 0.5).unwrap());
+        let gamma = half((data(8, 1, 0.5) + 1.0).unwrap());
+        let beta = half(data(8, 2, 1.0));
+        let wide = |v: &Var| Var::from_tensor(&v.to_dtype(DType::F32).unwrap()).unwrap();
+        let (x32, g32, b32) = (wide(&x), wide(&gamma), wide(&beta));
+        let ours = group_norm(&x, groups, &gamma, &beta, 1e-5, true).unwrap();
+        assert_eq!(ours.dtype(), dtype);
+        let want = reference(&x32, groups, &g32, &b32, 1e-5, true);
+        let d = rel_diff(&ours, &want);
+        assert!(d < bound, "{dtype:?} forward differs by {d}");
+        let r = data(n, 3, 1.0).reshape(&shape[..]).unwrap();
+        let g1 = (ours.to_dtype(DType::F32).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v, v32) in [("x", &x, &x32), ("gamma", &gamma, &g32), ("beta", &beta, &b32)] {
+            let a = g1.get(v).unwrap();
+            assert_eq!(a.dtype(), dtype, "gradient of {name}");
+            let d = rel_diff(a, g2.get(v32).unwrap());
+            assert!(d < bound, "{dtype:?} gradient of {name} differs by {d}");
+        }
+    }
+}
+
+#[test]
 fn rejects_bad_arguments() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 6, 3, 3), DType::F32, &dev).unwrap();

@@ -123,47 +123,19 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(x)
 }
 
-/// splitmix64 finaliser: a counter-based generator, so that a whole dropout mask derives from one
-/// seed drawn from the caller's [`NoiseRng`].
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Inverted dropout: y = x * m / (1 - p), m_i ~ Bernoulli(1 - p).
 ///
 /// With `rng == None` (evaluation) or `p == 0` it is the identity. Otherwise one `u64` is drawn from
-/// the caller's generator and the mask is derived from it by a counter-based hash (splitmix64,
-/// two 32-bit uniforms per output), so a training run is reproducible bit for bit and the generator advances by
-/// one draw per dropout layer whatever the tensor size.
+/// the caller's generator and the mask is derived from it by a counter-based hash
+/// ([`ddpm_core::ops::dropout`]: splitmix64, two 32-bit uniforms per output, made on the device), so a
+/// training run is reproducible bit for bit, on any device, and the generator advances by one draw per
+/// dropout layer whatever the tensor size.
 pub(crate) fn dropout(x: &Tensor, p: f64, rng: Option<&mut NoiseRng>) -> Result<Tensor> {
     let Some(rng) = rng else { return Ok(x.clone()) };
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let seed = rng.next_u64();
-    let n = x.elem_count();
-    // keep element i when its 32-bit uniform u_i satisfies u_i >= p * 2^32, i.e. with probability 1 - p.
-    let threshold = (p * 4294967296.0).ceil().min(4294967295.0) as u64;
-    let scale = (1.0 / (1.0 - p)) as f32;
-    let mut mask = Vec::with_capacity(n);
-    let mut i = 0u64;
-    while mask.len() < n {
-        // splitmix64: the i-th output of the stream seeded with `seed` is mix(seed + i * gamma)
-        let r = mix(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        for half in [r & 0xFFFF_FFFF, r >> 32] {
-            if mask.len() < n {
-                mask.push(if half >= threshold { scale } else { 0.0 });
-            }
-        }
-        i += 1;
-    }
-    let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
-        .to_dtype(x.dtype())?
-        .to_device(x.device())?;
-    x.mul(&mask)
+    ddpm_core::ops::dropout(x, p, rng.next_u64())
 }
 
 /// A `SimpleBackend` that hands out a zero of the requested shape without allocating it (a

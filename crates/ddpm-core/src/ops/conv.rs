@@ -454,7 +454,8 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
 /// 3x3 "same" convolution or the direct AVX2 kernel for a narrower one, with the analytic backward
 /// (see the module docs); on CUDA in f32 with the project's kernels enabled
-/// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
+/// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`] (in bf16 and f16 too); elsewhere
+/// candle's `conv2d`. All are
 /// differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
@@ -470,11 +471,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
 
 /// [`conv2d`] as column matrices and a matrix product on any device (`ops/columns.rs`): im2col, a
 /// product per image by candle's matmul, col2im in the backward; what CUDA tensors run with the
-/// project's kernels enabled. f32 only.
+/// project's kernels enabled. x, weight and bias share one dtype: f32, bf16 or f16, in which the
+/// products run (and, on CUDA, im2col and col2im).
 pub fn conv2d_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
-    if [x, w].into_iter().chain(bias).any(|t| t.dtype() != DType::F32) {
-        candle_core::bail!("conv2d_columns: x, weight and bias must be f32");
+    if !columns_dtype(x, w, bias) {
+        candle_core::bail!("conv2d_columns: x, weight and bias must share one dtype of f32, bf16 and f16");
     }
     let g = Geometry::new((b, c, h, wd), k, stride, pad);
     add_bias(columns::conv2d(x, w, g)?, bias, bias_rows)
@@ -535,16 +537,23 @@ fn fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)
 }
 
-/// Whether these tensors take [`conv2d_columns`]: on CUDA with the project's kernels enabled, f32.
+/// Whether these tensors take [`conv2d_columns`]: on CUDA with the project's kernels enabled, in a
+/// dtype it takes.
 fn by_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
-    super::cuda_kernels_enabled(x.device()) && [x, w].into_iter().chain(bias).all(|t| t.dtype() == DType::F32)
+    super::cuda_kernels_enabled(x.device()) && columns_dtype(x, w, bias)
 }
 
-/// y + bias broadcast over the positions, for candle's convolution and the column path.
+/// Whether x, w and bias share one dtype of f32, bf16 and f16 (what [`conv2d_columns`] takes).
+fn columns_dtype(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) && [w].into_iter().chain(bias).all(|t| t.dtype() == x.dtype())
+}
+
+/// y + bias broadcast over the positions, for candle's convolution and the column path (whose y is a
+/// transposed view: the result is contiguous either way).
 fn add_bias(y: Tensor, bias: Option<&Tensor>, bias_rows: usize) -> Result<Tensor> {
     match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((bias_rows, y.dim(1)?, 1, 1))?),
-        None => Ok(y),
+        None => y.contiguous(),
     }
 }
 

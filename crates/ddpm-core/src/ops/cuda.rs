@@ -1,10 +1,10 @@
 //! Launching the CUDA kernels of the fused ops (`src/ops/cuda/kernels.cu`, compiled to PTX by
 //! build.rs when the `cuda` feature is on).
 //!
-//! The kernels have not yet been run on a GPU by this project, so they are opt-in: the fused ops use
-//! them only when `DDPM_CUDA_KERNELS=1` is set (see [`super::cuda_kernels_enabled`]); otherwise CUDA
-//! tensors take the composed candle ops. `cargo test --features cuda` on a CUDA machine compares every
-//! kernel with the CPU kernel of the same op (`tests/ops_cuda.rs`).
+//! The fused ops use them on every CUDA device unless `DDPM_CUDA_KERNELS=0` is set (see
+//! [`super::cuda_kernels_enabled`]), which gives candle's composed ops instead. `cargo test --features
+//! cuda` on a CUDA machine compares every kernel with the CPU kernel of the same op
+//! (`tests/ops_cuda.rs`); `scripts/gpu_check.sh` runs those tests and the benchmarks on a GPU.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};

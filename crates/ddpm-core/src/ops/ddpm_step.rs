@@ -128,7 +128,7 @@ pub fn fused_step_available(model_output: &Tensor, sample: &Tensor, noise: Optio
 /// Needs [`fused_step_available`]; shapes are checked by the caller.
 pub fn ddpm_step(model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>, s: StepScalars) -> Result<(Tensor, Tensor)> {
     if !fused_step_available(model_output, sample, noise) {
-        candle_core::bail!("ddpm-step: the fused step takes f32 tensors on the CPU (or CUDA with DDPM_CUDA_KERNELS=1)");
+        candle_core::bail!("ddpm-step: the fused step takes f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0)");
     }
     let sample_c = sample.contiguous()?;
     let z = match noise {

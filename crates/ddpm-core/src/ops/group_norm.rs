@@ -496,8 +496,8 @@ fn check_args(
 /// size of 1).
 ///
 /// For contiguous f32 tensors on the CPU (or CUDA, see [`super::cuda_kernels_enabled`]) this is one fused custom op whose backward
-/// (also fused) gives the gradients of x, gamma and beta; otherwise it is [`group_norm_composed`].
-/// Both are differentiable.
+/// (also fused) gives the gradients of x, gamma and beta; bf16 and f16 tensors there run the same op in
+/// f32 between casts; otherwise it is [`group_norm_composed`]. All are differentiable.
 pub fn group_norm(
     x: &Tensor,
     num_groups: usize,
@@ -507,6 +507,13 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let (n, c, s) = check_args(x, num_groups, gamma, beta)?;
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16) && [gamma, beta].iter().all(|t| t.dtype() == x.dtype());
+    if half && super::fused_device(x.device()) && x.elem_count() > 0 {
+        // normalised in f32 by the f32 op, between casts: two elementwise passes instead of the ten
+        // or so of the composed ops, and the affine map and SiLU in f32 before the one rounding
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        return group_norm(&f(x)?, num_groups, &f(gamma)?, &f(beta)?, eps, silu)?.to_dtype(x.dtype());
+    }
     let fused = super::fused_device(x.device())
         && [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32)
         && x.is_contiguous()

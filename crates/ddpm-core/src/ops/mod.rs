@@ -36,6 +36,7 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod ddpm_step;
+pub mod dropout;
 pub(crate) mod direct_conv;
 pub mod group_norm;
 pub(crate) mod matmul;
@@ -46,19 +47,19 @@ pub(crate) mod upsample_conv;
 pub(crate) mod winograd;
 
 pub use attention::{attention, attention_composed};
+pub use dropout::{dropout, dropout_mask};
 pub use group_norm::{group_norm, group_norm_composed};
 pub use mse::{weighted_mse, weighted_mse_composed};
 pub use softmax::softmax_last_dim;
 
 use candle_core::{CpuStorage, Device, Layout, Result};
 
-/// Whether the fused ops run their own CUDA kernels on `device`: only in a build with the `cuda`
-/// feature, on a CUDA device, and with `DDPM_CUDA_KERNELS=1` in the environment (read once). The
-/// kernels have not been run on a GPU by this project yet, so CUDA tensors take the composed candle
-/// ops unless asked.
+/// Whether the fused ops run their own CUDA kernels on `device`: in a build with the `cuda` feature,
+/// on a CUDA device, unless `DDPM_CUDA_KERNELS=0` is in the environment (read once), which makes CUDA
+/// tensors take candle's composed ops instead (about 3x slower to train: `scripts/gpu_check.sh`).
 pub fn cuda_kernels_enabled(device: &Device) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(feature = "cuda") && device.is_cuda() && *ENABLED.get_or_init(|| std::env::var("DDPM_CUDA_KERNELS").is_ok_and(|v| v == "1"))
+    cfg!(feature = "cuda") && device.is_cuda() && *ENABLED.get_or_init(|| !std::env::var("DDPM_CUDA_KERNELS").is_ok_and(|v| v == "0"))
 }
 
 /// Whether the fused ops have a kernel for tensors on `device`: the CPU, or CUDA when

@@ -159,7 +159,7 @@ impl InplaceOp3 for Apply {
 /// must not share storage with each other or with `theta`.
 pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &AdamWStep) -> Result<()> {
     if !fused_available(&[theta, m, v, grad]) {
-        candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA with DDPM_CUDA_KERNELS=1)");
+        candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0)");
     }
     let k = s.step.min(i32::MAX as u64) as i32;
     m.inplace_op2(grad, &RunningAverage::new(s.beta1, s.grad_scale, false))?;
@@ -178,7 +178,7 @@ pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &Ad
 /// [`fused_available`] and must not share storage).
 pub fn ema_update_(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<()> {
     if !fused_available(&[ema, theta]) {
-        candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU (or CUDA with DDPM_CUDA_KERNELS=1)");
+        candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0)");
     }
     ema.inplace_op2(theta, &RunningAverage::new(decay, 1.0, false))
 }

@@ -4,6 +4,8 @@
 // tree order, so results do not depend on scheduling.
 
 #include <stdint.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 // Threads per block of every kernel; the block reductions assume this power of two.
 #define THREADS 256
@@ -186,45 +188,68 @@ extern "C" __global__ void ddpm_group_norm_params(const double* part_a, const do
     }
 }
 
-// The convolution by columns (src/ops/columns.rs): x (B, C, H, W), cols (B, C K K, L), L = OH OW,
-// row r = (c K + ki) K + kj, column oy OW + ox; cols[b, r, oy OW + ox] = x[b, c, oy S + ki - P,
-// ox S + kj - P], 0 outside the image. n = B C K K L.
-extern "C" __global__ void ddpm_im2col(const float* x, float* cols, uint64_t n, uint64_t C, uint64_t H, uint64_t W,
-                                       uint64_t K, uint64_t S, uint64_t P, uint64_t OH, uint64_t OW) {
-    const uint64_t L = OH * OW, rows = C * K * K;
-    GRID_STRIDE(i, n) {
-        uint64_t pos = i % L, r = (i / L) % rows, b = i / (L * rows);
-        uint64_t ox = pos % OW, oy = pos / OW, kj = r % K, ki = (r / K) % K, c = r / (K * K);
-        // input row and column, as signed values: negative above and left of the image
-        int64_t iy = (int64_t)(oy * S + ki) - (int64_t)P, ix = (int64_t)(ox * S + kj) - (int64_t)P;
-        bool inside = iy >= 0 && iy < (int64_t)H && ix >= 0 && ix < (int64_t)W;
-        cols[i] = inside ? x[((b * C + c) * H + (uint64_t)iy) * W + (uint64_t)ix] : 0.0f;
+// The convolution by columns (src/ops/columns.rs), for f32, bf16 and f16 data: x (B, C, H, W),
+// cols (C K K, B L), L = OH OW, row r = (c K + ki) K + kj, column j = b L + oy OW + ox;
+// cols[r, j] = x[b, c, oy S + ki - P, ox S + kj - P], 0 outside the image.
+// Grid: x over the B L columns (one thread each), y over the rows (with a stride of gridDim.y); the
+// per-element indices are 32-bit (the launcher checks that B L and B H W fit), the offsets 64-bit.
+template <typename T>
+__device__ void im2col(const T* x, T* cols, uint32_t B, uint32_t C, uint32_t H, uint32_t W, uint32_t K,
+                       uint32_t S, uint32_t P, uint32_t OH, uint32_t OW) {
+    const uint32_t L = OH * OW, BL = B * L, R = C * K * K;
+    const uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= BL) return;
+    const uint32_t b = j / L, pos = j - b * L, oy = pos / OW, ox = pos - oy * OW;
+    for (uint32_t r = blockIdx.y; r < R; r += gridDim.y) {
+        const uint32_t kj = r % K, ki = (r / K) % K, c = r / (K * K);
+        // input row and column, signed: negative above and left of the image
+        const int iy = (int)(oy * S + ki) - (int)P, ix = (int)(ox * S + kj) - (int)P;
+        const bool inside = iy >= 0 && iy < (int)H && ix >= 0 && ix < (int)W;
+        cols[(uint64_t)r * BL + j] = inside ? x[((uint64_t)(b * C + c) * H + (uint32_t)iy) * W + (uint32_t)ix] : T(0.0f);
     }
 }
 
-// The adjoint of ddpm_im2col as a gather: dx[b, c, iy, ix] = sum over ki, kj (in that order) of
-// dcols[b, (c K + ki) K + kj, oy OW + ox] for the outputs with oy S + ki - P = iy and
-// ox S + kj - P = ix inside the output. n = B C H W.
-extern "C" __global__ void ddpm_col2im(const float* dcols, float* dx, uint64_t n, uint64_t C, uint64_t H, uint64_t W,
-                                       uint64_t K, uint64_t S, uint64_t P, uint64_t OH, uint64_t OW) {
-    const uint64_t L = OH * OW, rows = C * K * K;
-    GRID_STRIDE(i, n) {
-        uint64_t ix = i % W, iy = (i / W) % H, c = (i / (H * W)) % C, b = i / (C * H * W);
+// The adjoint of im2col as a gather: dx[b, c, iy, ix] = sum over ki, kj (in that order, in f32) of
+// dcols[(c K + ki) K + kj, b L + oy OW + ox] for the outputs with oy S + ki - P = iy and
+// ox S + kj - P = ix inside the output. Grid: x over the B H W pixels, y over the channels.
+template <typename T>
+__device__ void col2im(const T* dcols, T* dx, uint32_t B, uint32_t C, uint32_t H, uint32_t W, uint32_t K,
+                       uint32_t S, uint32_t P, uint32_t OH, uint32_t OW) {
+    const uint32_t L = OH * OW, BL = B * L, HW = H * W;
+    const uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= B * HW) return;
+    const uint32_t b = j / HW, p = j - b * HW, iy = p / W, ix = p - iy * W;
+    for (uint32_t c = blockIdx.y; c < C; c += gridDim.y) {
         float s = 0.0f;
-        for (uint64_t ki = 0; ki < K; ++ki) {
-            int64_t ty = (int64_t)(iy + P) - (int64_t)ki;  // oy S
-            if (ty < 0 || ty % (int64_t)S != 0 || ty / (int64_t)S >= (int64_t)OH) continue;
-            uint64_t oy = (uint64_t)(ty / (int64_t)S);
-            for (uint64_t kj = 0; kj < K; ++kj) {
-                int64_t tx = (int64_t)(ix + P) - (int64_t)kj;  // ox S
-                if (tx < 0 || tx % (int64_t)S != 0 || tx / (int64_t)S >= (int64_t)OW) continue;
-                uint64_t ox = (uint64_t)(tx / (int64_t)S);
-                s += dcols[(b * rows + (c * K + ki) * K + kj) * L + oy * OW + ox];
+        for (uint32_t ki = 0; ki < K; ++ki) {
+            const int ty = (int)(iy + P) - (int)ki;  // oy S
+            if (ty < 0 || ty % (int)S != 0 || ty / (int)S >= (int)OH) continue;
+            const uint32_t oy = (uint32_t)ty / S;
+            for (uint32_t kj = 0; kj < K; ++kj) {
+                const int tx = (int)(ix + P) - (int)kj;  // ox S
+                if (tx < 0 || tx % (int)S != 0 || tx / (int)S >= (int)OW) continue;
+                const uint32_t ox = (uint32_t)tx / S;
+                s += (float)dcols[(uint64_t)((c * K + ki) * K + kj) * BL + b * L + oy * OW + ox];
             }
         }
-        dx[i] = s;
+        dx[(uint64_t)(b * C + c) * HW + p] = T(s);
     }
 }
+
+#define COLUMN_KERNELS(suffix, T)                                                                          \
+    extern "C" __global__ void ddpm_im2col_##suffix(const T* x, T* cols, uint32_t B, uint32_t C, uint32_t H, \
+                                                    uint32_t W, uint32_t K, uint32_t S, uint32_t P,       \
+                                                    uint32_t OH, uint32_t OW) {                           \
+        im2col<T>(x, cols, B, C, H, W, K, S, P, OH, OW);                                                 \
+    }                                                                                                     \
+    extern "C" __global__ void ddpm_col2im_##suffix(const T* dcols, T* dx, uint32_t B, uint32_t C,        \
+                                                    uint32_t H, uint32_t W, uint32_t K, uint32_t S,       \
+                                                    uint32_t P, uint32_t OH, uint32_t OW) {               \
+        col2im<T>(dcols, dx, B, C, H, W, K, S, P, OH, OW);                                               \
+    }
+COLUMN_KERNELS(f32, float)
+COLUMN_KERNELS(bf16, __nv_bfloat16)
+COLUMN_KERNELS(f16, __half)
 
 // Maximum of v over the block (every thread gets it).
 __device__ float block_max(float v) {
@@ -263,4 +288,22 @@ extern "C" __global__ void ddpm_softmax_rows_backward(const float* p, const floa
     for (uint64_t j = threadIdx.x; j < cols; j += THREADS) d += (double)pr[j] * (double)gr[j];
     float dd = (float)block_sum(d);
     for (uint64_t j = threadIdx.x; j < cols; j += THREADS) dr[j] = pr[j] * (gr[j] - dd);
+}
+
+// Dropout (src/ops/dropout.rs): y_i = x_i m_i, m_i = scale if u_i >= threshold else 0, where u_{2j} and
+// u_{2j+1} are the low and high 32 bits of splitmix64's mix(seed + j GAMMA). n = elements.
+#define SPLITMIX_GAMMA 0x9E3779B97F4A7C15ull
+__device__ uint64_t splitmix_mix(uint64_t z) {
+    z += SPLITMIX_GAMMA;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void ddpm_dropout(const float* x, float* y, uint64_t n, uint64_t seed, uint64_t threshold, float scale) {
+    GRID_STRIDE(i, n) {
+        uint64_t r = splitmix_mix(seed + (i >> 1) * SPLITMIX_GAMMA);
+        uint64_t u = (i & 1) ? (r >> 32) : (r & 0xFFFFFFFFull);
+        y[i] = x[i] * (u >= threshold ? scale : 0.0f);
+    }
 }
