@@ -3,6 +3,8 @@
 //!
 //! Training = forward, backward and AdamW step on L_simple with the linear schedule (T = 1000), exactly
 //! as the peer times it: 2 warm-up steps, then `--steps` timed steps; inference = one UNet forward.
+//! With `--dtype bf16` (or f16) the weights, the optimiser state and the UNet's input are in that dtype
+//! and the loss is taken in f32, as the peer does with `--dtype bfloat16`.
 
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use candle_nn::VarMap;
 use ddpm_core::{NoiseRng, NoiseSchedule, SchedulerConfig};
 use ddpm_unet::UNet2DModel;
 
-use crate::device::parse_device;
+use crate::device::{parse_device, parse_dtype};
 use crate::optim::{AdamW, AdamWParams};
 
 /// Options of `ddpm bench`.
@@ -36,6 +38,12 @@ pub struct BenchArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Parameter and activation dtype: f32, or bf16/f16 on CUDA.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Let f32 matrix products on CUDA use TF32 tensor cores (PyTorch's default for convolutions).
+    #[arg(long)]
+    pub tf32: bool,
     /// Only write the UNet config.json (for the PyTorch peer) to this path and exit.
     #[arg(long)]
     pub write_config: Option<std::path::PathBuf>,
@@ -56,6 +64,15 @@ fn sync(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Lets candle's f32 matrix products on `device` use TF32 tensor cores; an error off CUDA.
+fn set_tf32(device: &Device) -> Result<()> {
+    if !device.is_cuda() {
+        anyhow::bail!("--tf32: only CUDA has TF32; drop it or use --device cuda");
+    }
+    candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    Ok(())
+}
+
 /// Runs `ddpm bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     // candle and gemm size their pools from RAYON_NUM_THREADS on first use.
@@ -69,8 +86,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         cfg.to_file(p)?;
         return Ok(());
     }
+    let dtype = parse_dtype(&a.dtype, &device)?;
+    if a.tf32 {
+        set_tf32(&device)?;
+    }
     let varmap = VarMap::new();
-    let model = UNet2DModel::new_trainable(&cfg, &varmap, DType::F32, &device)?;
+    let model = UNet2DModel::new_trainable(&cfg, &varmap, dtype, &device)?;
     let mut rng = NoiseRng::new(0);
     crate::init::seeded_init(&varmap, &mut rng)?;
     let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -82,8 +103,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut step = |rng: &mut NoiseRng| -> Result<()> {
         let t = rng.randint(a.batch_size, 1000, &device)?;
         let eps = rng.randn(x0.shape(), DType::F32, &device)?;
-        let xt = schedule.q_sample(&x0, &t, &eps)?;
-        let pred = model.forward_train(&xt, &t, rng)?;
+        let xt = schedule.q_sample(&x0, &t, &eps)?.to_dtype(dtype)?;
+        let pred = model.forward_train(&xt, &t, rng)?.to_dtype(DType::F32)?;
         let loss = (pred - &eps)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
         opt.step(&grads, 2e-4, 1.0)
@@ -99,6 +120,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     sync(&device)?;
     let train = (a.batch_size * a.steps) as f64 / t0.elapsed().as_secs_f64();
     let t = rng.randint(a.batch_size, 1000, &device)?;
+    let x0 = x0.to_dtype(dtype)?;
     let infer_once = || -> Result<Tensor> { Ok(model.forward(&x0, &t)?) };
     infer_once()?;
     sync(&device)?;
@@ -117,6 +139,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "batch": a.batch_size,
             "threads": a.threads,
             "device": crate::device::device_name(&device),
+            "dtype": a.dtype,
+            "tf32": a.tf32,
             "train_img_per_s": round3(train),
             "infer_img_per_s": round3(infer),
             "peak_rss_mib": peak_rss_mib()
