@@ -16,9 +16,13 @@ pub struct NoiseRng {
     s: [u64; 4],
 }
 
-/// splitmix64, used to expand a seed into the generator's 256-bit state.
-fn splitmix64(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+/// splitmix64's increment: its state after k outputs is seed + k GAMMA.
+pub(crate) const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// splitmix64: advances the state `x` by [`SPLITMIX_GAMMA`] and returns its output. Expands a seed into
+/// the generator's 256-bit state; the dropout masks run it in counter mode (`ops/dropout.rs`).
+pub(crate) fn splitmix64(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(SPLITMIX_GAMMA);
     let mut z = *x;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -73,7 +73,7 @@ fn launch_columns(name: &str, g: &Geometry, input: &candle_core::CudaStorage, l:
     if counts.iter().chain(&geometry).any(|&v| v >= 1 << 31) {
         candle_core::bail!("ddpm-{name}: the geometry {g:?} is too large for the CUDA kernels' 32-bit indices");
     }
-    let [b, c, h, w, k, stride, pad, oh, ow] = geometry.map(|v| v as u32);
+    let geometry = geometry.map(|v| v as u32);
     let cfg = LaunchConfig { grid_dim: (threads.div_ceil(256) as u32, rows.clamp(1, 65535) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     fn run<T: CudaDType + DeviceRepr>(kernel: &str, s: &candle_core::CudaStorage, l: &Layout, out_len: usize, cfg: LaunchConfig, geometry: [u32; 9]) -> Result<candle_core::CudaStorage> {
         let dev = s.device().clone();
@@ -86,7 +86,6 @@ fn launch_columns(name: &str, g: &Geometry, input: &candle_core::CudaStorage, l:
         cuda::launch!(&dev, kernel, cfg; &input, &mut out, &b, &c, &h, &w, &k, &stride, &pad, &oh, &ow);
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
     }
-    let geometry = [b, c, h, w, k, stride, pad, oh, ow];
     match input.dtype() {
         DType::F32 => run::<f32>(&format!("ddpm_{name}_f32"), input, l, out_len, cfg, geometry),
         DType::BF16 => run::<half::bf16>(&format!("ddpm_{name}_bf16"), input, l, out_len, cfg, geometry),
@@ -135,7 +134,6 @@ impl CustomOp1 for Im2col {
     fn bwd(&self, _x: &Tensor, _cols: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Col2im(self.0))?))
     }
-
 }
 
 /// `dcols (C k k, B L) -> dx (B, C, H, W)`, the adjoint of [`Im2col`]: every column entry added back
@@ -178,5 +176,4 @@ impl CustomOp1 for Col2im {
     fn bwd(&self, _dcols: &Tensor, _dx: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Im2col(self.0))?))
     }
-
 }

@@ -453,9 +453,8 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 ///
 /// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
 /// 3x3 "same" convolution or the direct AVX2 kernel for a narrower one, with the analytic backward
-/// (see the module docs); on CUDA in f32 with the project's kernels enabled
-/// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`] (in bf16 and f16 too); elsewhere
-/// candle's `conv2d`. All are
+/// (see the module docs); on CUDA in f32, bf16 or f16 with the project's kernels enabled
+/// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
 /// differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
@@ -469,8 +468,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     }
 }
 
-/// [`conv2d`] as column matrices and a matrix product on any device (`ops/columns.rs`): im2col, a
-/// product per image by candle's matmul, col2im in the backward; what CUDA tensors run with the
+/// [`conv2d`] as a column matrix and a matrix product on any device (`ops/columns.rs`): im2col of all
+/// images side by side, one product by candle's matmul, col2im in the backward; what CUDA tensors run with the
 /// project's kernels enabled. x, weight and bias share one dtype: f32, bf16 or f16, in which the
 /// products run (and, on CUDA, im2col and col2im).
 pub fn conv2d_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {

@@ -1,25 +1,17 @@
 //! Inverted dropout with a counter-based mask: y_i = x_i m_i with m_i = 1 / (1 - p) if element i is
 //! kept, else 0, and element i kept when its 32-bit uniform u_i >= ceil(p 2^32).
 //!
-//! The uniforms come from splitmix64 in counter mode: r_j = mix(seed + j gamma) (gamma =
-//! 0x9E3779B97F4A7C15) gives u_{2j} = r_j's low 32 bits and u_{2j+1} = its high 32 bits, so any
-//! element's mask is a function of (seed, i) alone. The CPU kernel, the CUDA kernel and
+//! The uniforms come from splitmix64 in counter mode (`rng::splitmix64`): r_j, its next output from
+//! the state seed + j gamma (gamma = 0x9E3779B97F4A7C15), which is output j of the stream seeded with
+//! `seed`, gives u_{2j} = r_j's low 32 bits and u_{2j+1} = its high 32 bits, so any element's mask is
+//! a function of (seed, i) alone. The CPU kernel, the CUDA kernel and
 //! [`dropout_mask`] (the mask on the host, for devices without a kernel) therefore give the same mask
 //! bit for bit, and the backward recomputes it instead of storing it: dx = dy m is the same op on dy.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// splitmix64's increment, the step between the counters of consecutive pairs of elements.
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// splitmix64's output function.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(GAMMA);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::rng::{splitmix64, SPLITMIX_GAMMA};
 
 /// The mask's parameters: element i is kept when u_i >= `threshold`, and then scaled by `scale`.
 #[derive(Debug, Clone, Copy)]
@@ -39,8 +31,9 @@ impl Mask {
     /// m_i for elements `start..start + out.len()` (`start` even) into `out`, through `f(i, m_i)`.
     fn fill(&self, start: usize, out: &mut [f32], f: impl Fn(usize, f32) -> f32) {
         for (k, pair) in out.chunks_mut(2).enumerate() {
+            // r_j: splitmix64's next output from the state seed + j gamma
             let j = (start / 2 + k) as u64;
-            let r = mix(self.seed.wrapping_add(j.wrapping_mul(GAMMA)));
+            let r = splitmix64(&mut self.seed.wrapping_add(j.wrapping_mul(SPLITMIX_GAMMA)));
             for (h, v) in pair.iter_mut().enumerate() {
                 let u = if h == 0 { r & 0xFFFF_FFFF } else { r >> 32 };
                 *v = f(start + 2 * k + h, if u >= self.threshold { self.scale } else { 0.0 });
