@@ -80,8 +80,8 @@ fn same_padding_3x3() {
 #[test]
 fn narrow_3x3() {
     // 3x3 "same" convolutions below the Winograd threshold (the direct kernel on CPUs with AVX2 and
-    // FMA): output channels in whole and partial blocks of 4, one input channel, one image, a
-    // 28x28 image (many position blocks), sides narrower than a block, a per-image bias.
+    // FMA or AVX-512): output channels in whole and partial blocks of 4 and 8, one input channel, one
+    // image, a 28x28 image (many position blocks), sides narrower than a block, a per-image bias.
     check(2, 5, 9, (28, 28), (3, 1, 1));
     check(1, 1, 4, (9, 2), (3, 1, 1));
     check(3, 7, 1, (2, 9), (3, 1, 1));

@@ -22,7 +22,7 @@
 //! 3x3 stride-1 convolutions with padding 1 take one of two other paths: with at least
 //! [`WINOGRAD_MIN_CHANNELS`] input channels Winograd's F(2x2, 3x3) (`ops/winograd.rs`): 2.25x fewer
 //! flops in the products, plus tile transforms linear in C + O where the products are linear in C O,
-//! so it pays off for wide layers only; with fewer, on CPUs with AVX2 and FMA, a direct kernel on
+//! so it pays off for wide layers only; with fewer, on CPUs with AVX2 and FMA or AVX-512, a direct kernel on
 //! zero-padded planes for the output, the input gradient and the weight gradient
 //! (`ops/direct_conv.rs`), which skips the column matrix and the products' packing.
 //!
@@ -37,7 +37,7 @@ use super::matmul::{assume_init_vec, init_rows, inner_parallelism, sgemm, uninit
 use super::{direct_conv, upsample_conv, winograd};
 
 /// Input channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd F(2x2, 3x3)
-/// rather than the direct kernel (or im2col without AVX2). Measured against im2col with `cargo bench
+/// rather than the direct kernel (or im2col without AVX2 or AVX-512). Measured against im2col with `cargo bench
 /// -p ddpm-core --bench conv` and `ddpm bench` on 2 cores: with 128 or more channels (the CIFAR-10
 /// model's layers) Winograd trains 1.4x faster; with 32-64 (mnist-small) the transforms cost as much
 /// as they save, and the direct kernel is faster still.
@@ -50,7 +50,7 @@ enum Algorithm {
     UpsamplePhases,
     /// Winograd F(2x2, 3x3) (`ops/winograd.rs`).
     Winograd,
-    /// The direct AVX2 + FMA 3x3 kernel (`ops/direct_conv.rs`).
+    /// The direct AVX2 + FMA or AVX-512 3x3 kernel (`ops/direct_conv.rs`).
     Direct,
     /// im2col + one matrix product per image.
     Im2col,
@@ -101,8 +101,8 @@ impl Geometry {
         (oy * self.stride + ki).checked_sub(self.pad).filter(|&iy| iy < self.h)
     }
     /// The algorithm that computes this convolution (forward and backward alike): the upsampler's
-    /// phase convolutions; Winograd for a wide 3x3 "same" convolution; the direct AVX2 kernel for a
-    /// narrower one on a CPU with AVX2 and FMA; im2col for everything else.
+    /// phase convolutions; Winograd for a wide 3x3 "same" convolution; the direct kernel for a
+    /// narrower one on a CPU with AVX2 and FMA or AVX-512; im2col for everything else.
     fn algorithm(&self) -> Algorithm {
         if self.upsample {
             Algorithm::UpsamplePhases
@@ -452,7 +452,7 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// embedding, added without a separate pass over y).
 ///
 /// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
-/// 3x3 "same" convolution or the direct AVX2 kernel for a narrower one, with the analytic backward
+/// 3x3 "same" convolution or the direct AVX2 / AVX-512 kernel for a narrower one, with the analytic backward
 /// (see the module docs); on CUDA in f32, bf16 or f16 with the project's kernels enabled
 /// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
 /// differentiable in x, w and bias.

@@ -1,0 +1,89 @@
+//! The direct convolution's AVX-512 kernels: blocks of 8 output channels x 32 positions in 16
+//! accumulators (two 16-lane vectors per channel), twice [`super::avx2`]'s block in each direction
+//! with 32 vector registers, so a tap's 2 loads and 8 broadcasts feed 16 fused multiply-adds of 16
+//! lanes (AVX2: 2 loads and 4 broadcasts for 8 of 8 lanes).
+
+use std::arch::x86_64::*;
+
+use super::Padded;
+
+/// Output channels per block.
+pub(super) const OB: usize = 8;
+/// 16-lane vectors of positions per block.
+const PV: usize = 2;
+/// Positions per block.
+const PB: usize = 16 * PV;
+
+/// out (OB, positions) for one block of output channels over all positions, with T taps at padded
+/// offsets `taps` and weights `wk` packed as [c][tap][OB]:
+/// out[o, p] = sum over c, t of wk[c, t, o] xb[c, p + taps[t]].
+///
+/// # Safety
+/// The CPU must support AVX-512F; `xb` holds `c` padded planes, `wk` c T OB weights, `out`
+/// OB pd.positions values, and no tap offset exceeds 2 W' + 2.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn block_row<const T: usize>(xb: &[f32], pd: Padded, c: usize, (wk, taps): (&[f32], &[usize; T]), out: &mut [f32]) {
+    assert!(xb.len() >= c * pd.plane && wk.len() >= c * T * OB && out.len() >= OB * pd.positions);
+    assert!(taps.iter().all(|&off| off <= 2 * pd.wp + 2) && pd.positions % PB == 0);
+    for p0 in (0..pd.positions).step_by(PB) {
+        let mut acc = [[_mm512_setzero_ps(); PV]; OB];
+        for ci in 0..c {
+            let xc = xb.as_ptr().add(ci * pd.plane + p0);
+            let wc = wk.as_ptr().add(ci * T * OB);
+            for (t, &off) in taps.iter().enumerate() {
+                let mut v = [_mm512_setzero_ps(); PV];
+                for (k, vk) in v.iter_mut().enumerate() {
+                    *vk = _mm512_loadu_ps(xc.add(off + 16 * k));
+                }
+                for (lane, acc_o) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_set1_ps(*wc.add(t * OB + lane));
+                    for (a, &vk) in acc_o.iter_mut().zip(&v) {
+                        *a = _mm512_fmadd_ps(wv, vk, *a);
+                    }
+                }
+            }
+        }
+        for (lane, acc_o) in acc.iter().enumerate() {
+            for (k, a) in acc_o.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(lane * pd.positions + p0 + 16 * k), *a);
+            }
+        }
+    }
+}
+
+/// The weight gradient of one image for R <= [`OB`] output channels: for each input channel and
+/// kernel row ki, R x 3 accumulators of 16 positions (24 registers at R = 8) summed over p < H W'
+/// (rounded up to 16; the positions past it read zero gradient),
+/// acc[o][kj] += dYpad[o, W' + 1 + p] xpad[c, ki W' + kj + p], then dw[o, c, ki, kj] += the sum of
+/// acc[o][kj]'s lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `xb` holds c padded planes, `dyb` R, and `dw` R c 9 values.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn weight_grad_block<const R: usize>(xb: &[f32], dyb: &[f32], pd: Padded, h: usize, c: usize, dw: &mut [f32]) {
+    let n = (h * pd.wp).div_ceil(16) * 16;
+    // the farthest reads: dY at W' + 1 + n - 1, x at 2 W' + 2 + n - 1, both inside a plane
+    assert!(pd.wp + n < pd.plane && 2 * pd.wp + 2 + n <= pd.plane);
+    assert!(xb.len() >= c * pd.plane && dyb.len() >= R * pd.plane && dw.len() >= R * c * 9);
+    let dy0 = dyb.as_ptr().add(pd.wp + 1);
+    for ci in 0..c {
+        for ki in 0..3 {
+            let x0 = xb.as_ptr().add(ci * pd.plane + ki * pd.wp);
+            let mut acc = [[_mm512_setzero_ps(); 3]; R];
+            for p in (0..n).step_by(16) {
+                let xv = [_mm512_loadu_ps(x0.add(p)), _mm512_loadu_ps(x0.add(p + 1)), _mm512_loadu_ps(x0.add(p + 2))];
+                for (o, acc_o) in acc.iter_mut().enumerate() {
+                    let d = _mm512_loadu_ps(dy0.add(o * pd.plane + p));
+                    for (a, &xk) in acc_o.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(d, xk, *a);
+                    }
+                }
+            }
+            for (o, acc_o) in acc.iter().enumerate() {
+                for (kj, a) in acc_o.iter().enumerate() {
+                    dw[(o * c + ci) * 9 + ki * 3 + kj] += _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+    }
+}
