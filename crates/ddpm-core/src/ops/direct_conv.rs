@@ -62,6 +62,18 @@ impl Isa {
         }
     }
 
+    /// Lanes of a vector: the partial sums per weight that the weight gradient keeps.
+    fn lanes(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::LANES,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::LANES,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("direct convolution off x86-64"),
+        }
+    }
+
     /// The instruction sets this CPU supports, widest first (tests run every one).
     pub(crate) fn supported() -> Vec<Isa> {
         let mut all = Vec::new();
@@ -274,8 +286,10 @@ pub(crate) fn upsample_forward(p: Plane, b: usize, x: &[f32], kernels: &[Vec<f32
 ///   dW[o, c, ki, kj] = sum over b and p < H W' of dYpad_b[o, W' + 1 + p] xpad_b[c, ki W' + kj + p]
 ///
 /// accumulated by the kernels' `weight_grad_block` for a block of output channels and one kernel row
-/// at a time. The images are split into one fixed group per thread, each group sums its dW in image
-/// order and the groups are added in order, so the result does not depend on scheduling.
+/// at a time, as one partial sum per vector lane: the lanes are summed once per group of images, not
+/// per image (on a 7x7 plane a per-image sum of lanes cost as much as the products). The images are
+/// split into one fixed group per thread, each group sums its dW in image order and the groups are
+/// added in order, so the result does not depend on scheduling.
 pub(crate) fn backward(p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw_total: &mut [f32]) {
     backward_on(checked_isa(), p, b, x, w, dy, dx, dw_total)
 }
@@ -297,13 +311,14 @@ fn backward_on(isa: Isa, p: Plane, b: usize, x: &[f32], w: &[f32], dy: &[f32], d
         .map(|task| {
             let (group, blk) = (task / blocks, task % blocks);
             let rows = ob.min(o - blk * ob);
-            let mut dw = vec![0f32; rows * c * 9];
+            let mut dw_lanes = vec![0f32; rows * c * 9 * isa.lanes()];
             for bi in group * per_group..((group + 1) * per_group).min(b) {
                 let xb = &xp[bi * c * pd.plane..(bi + 1) * c * pd.plane];
                 let dyb = &dyp[(bi * o + blk * ob) * pd.plane..(bi * o + blk * ob + rows) * pd.plane];
-                weight_grad(isa, xb, dyb, pd, p.h, c, &mut dw);
+                weight_grad(isa, xb, dyb, pd, p.h, c, &mut dw_lanes);
             }
-            dw
+            // dw[o, c, ki, kj] = the sum of its lanes
+            dw_lanes.chunks_exact(isa.lanes()).map(|v| v.iter().sum::<f32>()).collect::<Vec<f32>>()
         })
         .collect();
     dw_total.fill(0.0);
@@ -340,9 +355,9 @@ unsafe fn block_row<const T: usize>(isa: Isa, xb: &[f32], pd: Padded, c: usize, 
     }
 }
 
-/// dw (rows, C, 3, 3) += the weight gradient of one image for `rows` <= the block's output channels
-/// whose padded output-gradient planes are `dyb`, with the image's padded planes `xb`, by `isa`'s
-/// `weight_grad_block`. The CPU must support `isa`.
+/// dw (rows, C, 3, 3, lanes) += the weight gradient of one image, as partial sums per vector lane,
+/// for `rows` <= the block's output channels whose padded output-gradient planes are `dyb`, with the
+/// image's padded planes `xb`, by `isa`'s `weight_grad_block`. The CPU must support `isa`.
 fn weight_grad(isa: Isa, xb: &[f32], dyb: &[f32], pd: Padded, h: usize, c: usize, dw: &mut [f32]) {
     let rows = dyb.len() / pd.plane;
     /// The instruction set's `weight_grad_block` for `rows`, one arm per row count.

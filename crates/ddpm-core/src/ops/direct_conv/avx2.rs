@@ -7,6 +7,8 @@ use super::Padded;
 
 /// Output channels per block.
 pub(super) const OB: usize = 4;
+/// Lanes of a vector.
+pub(super) const LANES: usize = 8;
 /// 8-lane vectors of positions per block.
 const PV: usize = 2;
 /// Positions per block.
@@ -58,16 +60,16 @@ pub(super) unsafe fn block_row<const T: usize>(xb: &[f32], pd: Padded, c: usize,
 /// The CPU must support AVX2 and FMA; `xb` holds c padded planes, `dyb` R, and `dw` R c 9 values.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn weight_grad_block<const R: usize>(xb: &[f32], dyb: &[f32], pd: Padded, h: usize, c: usize, dw: &mut [f32]) {
-    let n = (h * pd.wp).div_ceil(8) * 8;
+    let n = (h * pd.wp).div_ceil(LANES) * LANES;
     // the farthest reads: dY at W' + 1 + n - 1, x at 2 W' + 2 + n - 1, both inside a plane
     assert!(pd.wp + n < pd.plane && 2 * pd.wp + 2 + n <= pd.plane);
-    assert!(xb.len() >= c * pd.plane && dyb.len() >= R * pd.plane && dw.len() >= R * c * 9);
+    assert!(xb.len() >= c * pd.plane && dyb.len() >= R * pd.plane && dw.len() >= R * c * 9 * LANES);
     let dy0 = dyb.as_ptr().add(pd.wp + 1);
     for ci in 0..c {
         for ki in 0..3 {
             let x0 = xb.as_ptr().add(ci * pd.plane + ki * pd.wp);
             let mut acc = [[_mm256_setzero_ps(); 3]; R];
-            for p in (0..n).step_by(8) {
+            for p in (0..n).step_by(LANES) {
                 let xv = [_mm256_loadu_ps(x0.add(p)), _mm256_loadu_ps(x0.add(p + 1)), _mm256_loadu_ps(x0.add(p + 2))];
                 for (o, acc_o) in acc.iter_mut().enumerate() {
                     let d = _mm256_loadu_ps(dy0.add(o * pd.plane + p));
@@ -78,11 +80,8 @@ pub(super) unsafe fn weight_grad_block<const R: usize>(xb: &[f32], dyb: &[f32], 
             }
             for (o, acc_o) in acc.iter().enumerate() {
                 for (kj, a) in acc_o.iter().enumerate() {
-                    // the sum of the 8 lanes
-                    let s4 = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-                    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-                    dw[(o * c + ci) * 9 + ki * 3 + kj] += _mm_cvtss_f32(s1);
+                    let slot = dw.as_mut_ptr().add(((o * c + ci) * 9 + ki * 3 + kj) * LANES);
+                    _mm256_storeu_ps(slot, _mm256_add_ps(_mm256_loadu_ps(slot), *a));
                 }
             }
         }

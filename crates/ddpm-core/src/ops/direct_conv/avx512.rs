@@ -9,6 +9,8 @@ use super::Padded;
 
 /// Output channels per block.
 pub(super) const OB: usize = 8;
+/// Lanes of a vector.
+pub(super) const LANES: usize = 16;
 /// 16-lane vectors of positions per block.
 const PV: usize = 2;
 /// Positions per block.
@@ -51,26 +53,26 @@ pub(super) unsafe fn block_row<const T: usize>(xb: &[f32], pd: Padded, c: usize,
     }
 }
 
-/// The weight gradient of one image for R <= [`OB`] output channels: for each input channel and
-/// kernel row ki, R x 3 accumulators of 16 positions (24 registers at R = 8) summed over p < H W'
-/// (rounded up to 16; the positions past it read zero gradient),
-/// acc[o][kj] += dYpad[o, W' + 1 + p] xpad[c, ki W' + kj + p], then dw[o, c, ki, kj] += the sum of
-/// acc[o][kj]'s lanes.
+/// The weight gradient of one image for R <= [`OB`] output channels, in [`LANES`] partial sums per
+/// weight: for each input channel and kernel row ki, R x 3 accumulators of 16 positions (24
+/// registers at R = 8) summed over p < H W' (rounded up to 16; the positions past it read zero
+/// gradient), acc[o][kj] += dYpad[o, W' + 1 + p] xpad[c, ki W' + kj + p], then
+/// dw[o, c, ki, kj][lane] += acc[o][kj][lane] (the caller sums the lanes once all its images are in).
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `xb` holds c padded planes, `dyb` R, and `dw` R c 9 values.
+/// The CPU must support AVX-512F; `xb` holds c padded planes, `dyb` R, and `dw` R c 9 [`LANES`] values.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn weight_grad_block<const R: usize>(xb: &[f32], dyb: &[f32], pd: Padded, h: usize, c: usize, dw: &mut [f32]) {
-    let n = (h * pd.wp).div_ceil(16) * 16;
+    let n = (h * pd.wp).div_ceil(LANES) * LANES;
     // the farthest reads: dY at W' + 1 + n - 1, x at 2 W' + 2 + n - 1, both inside a plane
     assert!(pd.wp + n < pd.plane && 2 * pd.wp + 2 + n <= pd.plane);
-    assert!(xb.len() >= c * pd.plane && dyb.len() >= R * pd.plane && dw.len() >= R * c * 9);
+    assert!(xb.len() >= c * pd.plane && dyb.len() >= R * pd.plane && dw.len() >= R * c * 9 * LANES);
     let dy0 = dyb.as_ptr().add(pd.wp + 1);
     for ci in 0..c {
         for ki in 0..3 {
             let x0 = xb.as_ptr().add(ci * pd.plane + ki * pd.wp);
             let mut acc = [[_mm512_setzero_ps(); 3]; R];
-            for p in (0..n).step_by(16) {
+            for p in (0..n).step_by(LANES) {
                 let xv = [_mm512_loadu_ps(x0.add(p)), _mm512_loadu_ps(x0.add(p + 1)), _mm512_loadu_ps(x0.add(p + 2))];
                 for (o, acc_o) in acc.iter_mut().enumerate() {
                     let d = _mm512_loadu_ps(dy0.add(o * pd.plane + p));
@@ -81,7 +83,8 @@ pub(super) unsafe fn weight_grad_block<const R: usize>(xb: &[f32], dyb: &[f32], 
             }
             for (o, acc_o) in acc.iter().enumerate() {
                 for (kj, a) in acc_o.iter().enumerate() {
-                    dw[(o * c + ci) * 9 + ki * 3 + kj] += _mm512_reduce_add_ps(*a);
+                    let slot = dw.as_mut_ptr().add(((o * c + ci) * 9 + ki * 3 + kj) * LANES);
+                    _mm512_storeu_ps(slot, _mm512_add_ps(_mm512_loadu_ps(slot), *a));
                 }
             }
         }
