@@ -20,11 +20,11 @@
 //! candle's products (`ops/columns.rs`); other devices and dtypes fall back to candle's `conv2d`.
 //!
 //! 3x3 stride-1 convolutions with padding 1 take one of two other paths: with at least
-//! [`WINOGRAD_MIN_CHANNELS`] input channels Winograd's F(2x2, 3x3) (`ops/winograd.rs`): 2.25x fewer
-//! flops in the products, plus tile transforms linear in C + O where the products are linear in C O,
-//! so it pays off for wide layers only; with fewer, on CPUs with AVX2 and FMA or AVX-512, a direct kernel on
-//! zero-padded planes for the output, the input gradient and the weight gradient
-//! (`ops/direct_conv.rs`), which skips the column matrix and the products' packing.
+//! [`WINOGRAD_MIN_CHANNELS`] input and output channels Winograd's F(2x2, 3x3) (`ops/winograd.rs`):
+//! 2.25x fewer flops in the products, plus tile transforms linear in C + O where the products are
+//! linear in C O, so it pays off for wide layers only; with fewer, on CPUs with AVX2 and FMA or
+//! AVX-512, a direct kernel on zero-padded planes for the output, the input gradient and the weight
+//! gradient (`ops/direct_conv.rs`), which skips the column matrix and the products' packing.
 //!
 //! A nearest x2 upsampling followed by a 3x3 convolution ([`upsample2x_conv2d`]) runs on the
 //! low-resolution input as four 2x2 convolutions, one per output phase (`ops/upsample_conv.rs`).
@@ -36,11 +36,15 @@ use super::columns;
 use super::matmul::{assume_init_vec, init_rows, inner_parallelism, sgemm, uninit_vec, with_scratch, View};
 use super::{direct_conv, upsample_conv, winograd};
 
-/// Input channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd F(2x2, 3x3)
-/// rather than the direct kernel (or im2col without AVX2 or AVX-512). Measured against im2col with `cargo bench
-/// -p ddpm-core --bench conv` and `ddpm bench` on 2 cores: with 128 or more channels (the CIFAR-10
-/// model's layers) Winograd trains 1.4x faster; with 32-64 (mnist-small) the transforms cost as much
-/// as they save, and the direct kernel is faster still.
+/// Input and output channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd
+/// F(2x2, 3x3) rather than the direct kernel (or im2col without AVX2 or AVX-512): both at least this.
+/// The products shrink 2.25x but the tile transforms cost in proportion to C + O per tile, the
+/// products to C O, so Winograd pays off when both are wide. Measured with `cargo bench -p ddpm-core
+/// --bench conv` on 2 cores of an AVX-512 CPU (forward + backward, GFLOP/s of the direct
+/// convolution, Winograd / direct): the CIFAR-10 model's 128 -> 128 at 32x32 356 / 282, 256 -> 256
+/// at 16x16 430 / 247; mnist-small's 128 -> 64 at 14x14 214 / 256 and at 7x7 138 / 165. (On an AVX2
+/// CPU, with the input channels alone deciding, Winograd trained the CIFAR-10 model 1.4x faster than
+/// im2col, and 32-64 channels ran faster by the direct kernel.)
 pub const WINOGRAD_MIN_CHANNELS: usize = 128;
 
 /// How the CPU computes a convolution (see the module docs).
@@ -103,10 +107,10 @@ impl Geometry {
     /// The algorithm that computes this convolution (forward and backward alike): the upsampler's
     /// phase convolutions; Winograd for a wide 3x3 "same" convolution; the direct kernel for a
     /// narrower one on a CPU with AVX2 and FMA or AVX-512; im2col for everything else.
-    fn algorithm(&self) -> Algorithm {
+    fn algorithm(&self, o: usize) -> Algorithm {
         if self.upsample {
             Algorithm::UpsamplePhases
-        } else if winograd::applies(self.c, self.k, self.stride, self.pad) {
+        } else if winograd::applies(self.c, o, self.k, self.stride, self.pad) {
             Algorithm::Winograd
         } else if self.k == 3 && self.stride == 1 && self.pad == 1 && direct_conv::available() {
             Algorithm::Direct
@@ -281,7 +285,7 @@ impl CustomOp3 for ConvOp {
         if x.len() != g.b * chw || w.len() != o * rows || (bias.len() != o && bias.len() != g.b * o) {
             candle_core::bail!("ddpm-conv2d: argument sizes do not match {g:?}");
         }
-        let y = match g.algorithm() {
+        let y = match g.algorithm(o) {
             Algorithm::UpsamplePhases => upsample_conv::forward(g.plane(), g.b, x, w, bias),
             Algorithm::Winograd => winograd::forward(&g.tiling(o), x, w, bias),
             Algorithm::Direct => direct_conv::forward(g.plane(), g.b, x, w, bias),
@@ -333,7 +337,7 @@ impl CustomOp3 for ConvGrad {
         let mut packed = vec![0f32; nx + nw + self.bias_len];
         let (dx, dparams) = packed.split_at_mut(nx);
         let (dw_total, dbias) = dparams.split_at_mut(nw);
-        match g.algorithm() {
+        match g.algorithm(o) {
             Algorithm::UpsamplePhases => upsample_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total),
             Algorithm::Winograd => winograd::backward(&g.tiling(o), x, w, dy, dx, dw_total),
             Algorithm::Direct => direct_conv::backward(g.plane(), g.b, x, w, dy, dx, dw_total),

@@ -1,5 +1,5 @@
 //! Direct 3x3 stride-1 "same" convolution with AVX2 + FMA or AVX-512 for the narrow layers (fewer
-//! than `WINOGRAD_MIN_CHANNELS` input channels), where im2col + a matrix product spends as much time
+//! than `WINOGRAD_MIN_CHANNELS` input or output channels), where im2col + a matrix product spends as much time
 //! building and packing the column matrix as multiplying: here each block of output channels x
 //! positions is accumulated in vector registers straight from the input planes (4 x 16 in 8
 //! registers with AVX2, `direct_conv/avx2.rs`; 8 x 32 in 16 with AVX-512, `direct_conv/avx512.rs`;

@@ -47,11 +47,11 @@ use super::matmul::{sgemm, with_scratch, View};
 /// Entries of a transformed 4x4 tile.
 const P: usize = 16;
 
-/// Whether a convolution of `c` input channels with a k x k kernel, stride and padding goes through
-/// Winograd: 3x3, stride 1, padding 1, and at least [`super::conv::WINOGRAD_MIN_CHANNELS`] input
-/// channels.
-pub(crate) fn applies(c: usize, k: usize, stride: usize, pad: usize) -> bool {
-    k == 3 && stride == 1 && pad == 1 && c >= super::conv::WINOGRAD_MIN_CHANNELS
+/// Whether a convolution of `c` input and `o` output channels with a k x k kernel, stride and padding
+/// goes through Winograd: 3x3, stride 1, padding 1, and at least
+/// [`super::conv::WINOGRAD_MIN_CHANNELS`] input and output channels.
+pub(crate) fn applies(c: usize, o: usize, k: usize, stride: usize, pad: usize) -> bool {
+    k == 3 && stride == 1 && pad == 1 && c.min(o) >= super::conv::WINOGRAD_MIN_CHANNELS
 }
 
 /// The tiling of a batch of (C, H, W) images into 2x2 output tiles.
