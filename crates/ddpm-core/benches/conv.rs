@@ -1,6 +1,7 @@
 //! Throughput of the fused convolution (forward, and forward + backward) for the layer shapes of the
-//! paper's CIFAR-10 UNet at batch 8 and of the `mnist-small` UNet at batch 64, in GFLOP/s of the direct
-//! convolution (2 flops per weight per output position, whatever the algorithm does).
+//! paper's CIFAR-10 UNet at batch 8 and of the `mnist-small` UNet at batch 64, and of their
+//! upsamplers (nearest x2 + 3x3, "up"), in GFLOP/s of the direct convolution (2 flops per weight per
+//! output position, whatever the algorithm does).
 //!
 //!   cargo bench -p ddpm-core --bench conv            # RAYON_NUM_THREADS sets the threads
 //!
@@ -10,30 +11,41 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use ddpm_core::ops::conv::conv2d;
+use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d};
 
 use common::best_secs;
 
 fn main() {
-    let dev = Device::Cpu;
     println!("{:>28} {:>14} {:>18}", "layer (C -> O, side, k)", "fwd GFLOP/s", "fwd+bwd GFLOP/s");
     // (batch, in channels, out channels, side, kernel): the 3x3 and 1x1 convolutions at each resolution
     let cifar = [(8, 128, 128, 32, 3), (8, 256, 256, 16, 3), (8, 256, 256, 8, 3), (8, 256, 256, 4, 3), (8, 512, 256, 16, 1), (8, 256, 768, 16, 1)];
     let mnist = [(64, 32, 32, 28, 3), (64, 64, 32, 28, 3), (64, 64, 64, 14, 3), (64, 128, 64, 14, 3), (64, 64, 64, 7, 3), (64, 128, 64, 7, 3)];
     for (b, c, o, side, k) in cifar.into_iter().chain(mnist) {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, side, side), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, k, k), &dev).unwrap()).unwrap();
-        let bias = Var::from_tensor(&Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap()).unwrap();
-        let flops = 2.0 * (b * o * side * side * c * k * k) as f64;
-        let fwd = best_secs(15, || {
-            conv2d(&x, &w, Some(&bias), 1, k / 2).unwrap();
-        });
-        // the backward is two products of the forward's size
-        let both = best_secs(15, || {
-            let y = conv2d(&x, &w, Some(&bias), 1, k / 2).unwrap();
-            y.sum_all().unwrap().backward().unwrap();
-        });
-        let name = format!("b{b} {c} -> {o}, {side}x{side}, {k}x{k}");
-        println!("{name:>28} {:>14.1} {:>18.1}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
+        layer(b, c, o, side, k, false);
     }
+    // the upsamplers, by their output side: CIFAR-10's 256 channels to 8, 16, 32; mnist-small's 64 to 14, 28
+    for (b, c, side) in [(8, 256, 8), (8, 256, 16), (8, 256, 32), (64, 64, 14), (64, 64, 28)] {
+        layer(b, c, c, side, 3, true);
+    }
+}
+
+/// Times one layer: batch b, c -> o channels, output side `side`, k x k kernel; with `up`, a nearest
+/// x2 upsampling of a side / 2 input first.
+fn layer(b: usize, c: usize, o: usize, side: usize, k: usize, up: bool) {
+    let dev = Device::Cpu;
+    let in_side = if up { side / 2 } else { side };
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, in_side, in_side), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, k, k), &dev).unwrap()).unwrap();
+    let bias = Var::from_tensor(&Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap()).unwrap();
+    let flops = 2.0 * (b * o * side * side * c * k * k) as f64;
+    let run = || if up { upsample2x_conv2d(&x, &w, Some(&bias)).unwrap() } else { conv2d(&x, &w, Some(&bias), 1, k / 2).unwrap() };
+    let fwd = best_secs(15, || {
+        run();
+    });
+    // the backward is two products of the forward's size
+    let both = best_secs(15, || {
+        run().sum_all().unwrap().backward().unwrap();
+    });
+    let name = format!("b{b} {c} -> {o}, {}{side}x{side}, {k}x{k}", if up { "up " } else { "" });
+    println!("{name:>28} {:>14.1} {:>18.1}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
 }

@@ -344,7 +344,7 @@ impl CustomOp3 for ConvGrad {
             Algorithm::Im2col => conv_grad_im2col(&g, o, x, w, dy, dx, dw_total),
         }
         // s_b[o] = sum over the positions of dY_b[o]; dbias = s, or sum_b s_b for a shared bias
-        let sums: Vec<f32> = dy.par_chunks(l).map(|row| row.iter().sum()).collect();
+        let sums: Vec<f32> = dy.par_chunks(l).map(super::sum_in_lanes).collect();
         if self.bias_len == sums.len() {
             dbias.copy_from_slice(&sums);
         } else {

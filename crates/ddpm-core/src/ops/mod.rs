@@ -68,6 +68,21 @@ pub(crate) fn fused_device(device: &Device) -> bool {
     device.is_cpu() || cuda_kernels_enabled(device)
 }
 
+/// The sum of `values` in 16 interleaved partial sums (lane l adds values l, l + 16, ...), then the
+/// lanes and the tail: independent additions that vectorise, where a plain `iter().sum()` waits for
+/// each addition before the next (a fixed order too, so the result does not depend on threads).
+pub(crate) fn sum_in_lanes(values: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The f32 values of a contiguous CPU storage, or an error naming the op and the argument.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
