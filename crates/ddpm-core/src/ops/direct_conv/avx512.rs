@@ -26,7 +26,7 @@ const PB: usize = 16 * PV;
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn block_row<const T: usize>(xb: &[f32], pd: Padded, c: usize, (wk, taps): (&[f32], &[usize; T]), out: &mut [f32]) {
     assert!(xb.len() >= c * pd.plane && wk.len() >= c * T * OB && out.len() >= OB * pd.positions);
-    assert!(taps.iter().all(|&off| off <= 2 * pd.wp + 2) && pd.positions % PB == 0);
+    assert!(taps.iter().all(|&off| off <= 2 * pd.wp + 2) && pd.positions.is_multiple_of(PB));
     for p0 in (0..pd.positions).step_by(PB) {
         let mut acc = [[_mm512_setzero_ps(); PV]; OB];
         for ci in 0..c {
