@@ -1,9 +1,9 @@
 //! Direct 3x3 stride-1 "same" convolution with AVX2 + FMA or AVX-512 for the narrow layers (fewer
-//! than `WINOGRAD_MIN_CHANNELS` input or output channels), where im2col + a matrix product spends as much time
-//! building and packing the column matrix as multiplying: here each block of output channels x
-//! positions is accumulated in vector registers straight from the input planes (4 x 16 in 8
-//! registers with AVX2, `direct_conv/avx2.rs`; 8 x 32 in 16 with AVX-512, `direct_conv/avx512.rs`;
-//! the widest the CPU has is chosen at run time).
+//! than `WINOGRAD_MIN_CHANNELS` input or output channels), where im2col + a matrix product spends as
+//! much time building and packing the column matrix as multiplying: here each block of output
+//! channels x positions is accumulated in vector registers straight from the input planes (4 x 16 in
+//! 8 registers with AVX2, 8 x 32 in 16 with AVX-512, `direct_conv/simd.rs`; the widest the CPU has is
+//! chosen at run time).
 //!
 //! Each input plane is first copied into a zero-padded plane of width W' = W + 1: a zero row above
 //! and below, and one zero column that serves as both the right padding of a row and the left
@@ -32,20 +32,20 @@ use super::matmul::{as_uninit, assume_init_vec, uninit_vec, with_scratch};
 use super::upsample_conv::PHASES;
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+mod simd;
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+use simd::{avx2, avx512};
 
-/// Positions per block of the widest kernel ([`avx512`]'s 32; AVX2's 16 divides it): each plane's
+/// Positions per block of the widest kernel (AVX-512's 32; AVX2's 16 divides it): each plane's
 /// output range is rounded up to it.
 const PB: usize = 32;
 
 /// The vector instructions the kernels run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
-    /// AVX2 + FMA: 8 lanes, 16 registers ([`avx2`]).
+    /// AVX2 + FMA: 8 lanes, 16 registers (`simd::avx2`).
     Avx2,
-    /// AVX-512F: 16 lanes, 32 registers ([`avx512`]).
+    /// AVX-512F: 16 lanes, 32 registers (`simd::avx512`).
     Avx512,
 }
 
@@ -337,7 +337,7 @@ thread_local! {
 }
 
 /// out (block, positions) = one block of output channels over all positions, by `isa`'s kernel
-/// (`block_row` in [`avx2`] or [`avx512`]): taps at padded offsets `taps`, weights `wk` packed as
+/// (`block_row` in `simd::avx2` or `simd::avx512`): taps at padded offsets `taps`, weights `wk` packed as
 /// [c][tap][block].
 ///
 /// # Safety
