@@ -16,14 +16,15 @@ use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d};
 use common::best_secs;
 
 fn main() {
-    println!("{:>28} {:>14} {:>18}", "layer (C -> O, side, k)", "fwd GFLOP/s", "fwd+bwd GFLOP/s");
+    println!("{:>30} {:>14} {:>18}", "layer (C -> O, side, k)", "fwd GFLOP/s", "fwd+bwd GFLOP/s");
     // (batch, in channels, out channels, side, kernel): the 3x3 and 1x1 convolutions at each resolution
     let cifar = [(8, 128, 128, 32, 3), (8, 256, 256, 16, 3), (8, 256, 256, 8, 3), (8, 256, 256, 4, 3), (8, 512, 256, 16, 1), (8, 256, 768, 16, 1)];
     let mnist = [(64, 32, 32, 28, 3), (64, 64, 32, 28, 3), (64, 64, 64, 14, 3), (64, 128, 64, 14, 3), (64, 64, 64, 7, 3), (64, 128, 64, 7, 3)];
     for (b, c, o, side, k) in cifar.into_iter().chain(mnist) {
         layer(b, c, o, side, k, false);
     }
-    // the upsamplers, by their output side: CIFAR-10's 256 channels to 8, 16, 32; mnist-small's 64 to 14, 28
+    // the upsamplers, by their output side: CIFAR-10's 256 channels to 8, 16, 32; mnist-small's 64 to
+    // 14, 28
     for (b, c, side) in [(8, 256, 8), (8, 256, 16), (8, 256, 32), (64, 64, 14), (64, 64, 28)] {
         layer(b, c, c, side, 3, true);
     }
@@ -47,5 +48,5 @@ fn layer(b: usize, c: usize, o: usize, side: usize, k: usize, up: bool) {
         run().sum_all().unwrap().backward().unwrap();
     });
     let name = format!("b{b} {c} -> {o}, {}{side}x{side}, {k}x{k}", if up { "up " } else { "" });
-    println!("{name:>28} {:>14.1} {:>18.1}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
+    println!("{name:>30} {:>14.1} {:>18.1}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
 }

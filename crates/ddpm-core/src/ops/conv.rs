@@ -456,8 +456,8 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// embedding, added without a separate pass over y).
 ///
 /// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
-/// 3x3 "same" convolution or the direct AVX2 / AVX-512 kernel for a narrower one, with the analytic backward
-/// (see the module docs); on CUDA in f32, bf16 or f16 with the project's kernels enabled
+/// 3x3 "same" convolution or the direct AVX2 / AVX-512 kernel for a narrower one, with the analytic
+/// backward (see the module docs); on CUDA in f32, bf16 or f16 with the project's kernels enabled
 /// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
 /// differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {

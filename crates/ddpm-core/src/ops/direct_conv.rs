@@ -42,7 +42,7 @@ const PB: usize = 32;
 
 /// The vector instructions the kernels run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Isa {
+enum Isa {
     /// AVX2 + FMA: 8 lanes, 16 registers (`simd::avx2`).
     Avx2,
     /// AVX-512F: 16 lanes, 32 registers (`simd::avx512`).
@@ -75,7 +75,7 @@ impl Isa {
     }
 
     /// The instruction sets this CPU supports, widest first (tests run every one).
-    pub(crate) fn supported() -> Vec<Isa> {
+    fn supported() -> Vec<Isa> {
         let mut all = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
@@ -152,8 +152,8 @@ fn padded(p: Plane, pd: Padded, x: &[f32]) -> Vec<f32> {
     unsafe { assume_init_vec(padded) }
 }
 
-/// W (O, C, T) (T taps per kernel, e.g. a 3x3 kernel's 9) repacked per block of [`OB`] output
-/// channels as [c][tap][OB], zero for the channels past O.
+/// W (O, C, T) (T taps per kernel, e.g. a 3x3 kernel's 9) repacked per block of `ob` output
+/// channels as [c][tap][ob], zero for the channels past O.
 fn pack_weights(w: &[f32], o: usize, c: usize, t: usize, ob: usize) -> Vec<f32> {
     let blocks = o.div_ceil(ob);
     let mut packed = vec![0f32; blocks * c * t * ob];
