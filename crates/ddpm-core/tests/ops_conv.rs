@@ -149,23 +149,11 @@ fn by_columns_in_half_precision() {
         let wt = half(data(o * c * 9, 2, 0.5).reshape((o, c, 3, 3)).unwrap());
         let bias = half(data(o, 3, 1.0));
         let ours = conv2d_columns(&x, &wt, Some(&bias), 1, 1).unwrap();
-        assert_eq!(ours.dtype(), dtype);
-        let f = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
-        let (x32, w32, b32) = (f(&x), f(&wt), f(&bias));
+        let (x32, w32, b32) = (common::f32_twin(&x), common::f32_twin(&wt), common::f32_twin(&bias));
         let reference = x32.conv2d(&w32, 1, 1, 1, 1).unwrap().broadcast_add(&b32.reshape((1, o, 1, 1)).unwrap()).unwrap();
-        let ours32 = ours.to_dtype(DType::F32).unwrap();
-        let d = max_diff(&ours32, &reference) / max_abs(&reference).max(1.0);
-        assert!(d < bound, "{dtype:?} forward differs by {d}");
         let r = data(ours.elem_count(), 4, 1.0).reshape(ours.dims()).unwrap();
-        let g1 = (ours32 * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v, v32, bound) in [("x", &x, &x32, bound), ("weight", &wt, &w32, bound), ("bias", &bias, &b32, bias_bound)] {
-            let a = g1.get(v).unwrap();
-            assert_eq!(a.dtype(), dtype, "gradient of {name}");
-            let (a, r) = (a.to_dtype(DType::F32).unwrap(), g2.get(v32).unwrap());
-            let d = max_diff(&a, r) / max_abs(r).max(1.0);
-            assert!(d < bound, "{dtype:?} gradient of {name} differs by {d}");
-        }
+        let vars = [("x", &x, &x32, bound), ("weight", &wt, &w32, bound), ("bias", &bias, &b32, bias_bound)];
+        common::check_half_precision(dtype, &ours, &reference, &r, bound, &vars);
     }
 }
 

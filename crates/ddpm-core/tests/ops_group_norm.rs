@@ -7,15 +7,6 @@ mod common;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use ddpm_core::ops::{group_norm, group_norm_composed};
 
-/// Largest |a - b| over all elements, relative to max(1, max |b|).
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let d = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    d.to_scalar::<f32>().unwrap() / scale.max(1.0)
-}
-
 /// Group norm + optional SiLU from elementary candle ops, independent of the crate's code:
 /// mean and biased variance over (N, G, M), then the affine map, then x * sigmoid(x).
 fn reference(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool) -> Tensor {
@@ -62,7 +53,7 @@ fn check_with(
     let ours = f(&x, groups, &gamma, &beta, eps, silu).unwrap();
     let want = reference(&x, groups, &gamma, &beta, eps, silu);
     assert_eq!(ours.dims(), want.dims());
-    let d = rel_diff(&ours, &want);
+    let d = common::rel_diff(&ours, &want);
     assert!(d < 1e-4, "forward differs by {d} (shape {shape:?}, {groups} groups, silu {silu})");
     let r = values(n, 3, 1.7).reshape(shape).unwrap();
     let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -70,7 +61,7 @@ fn check_with(
     for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
         let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
         assert_eq!(a.dims(), b.dims(), "gradient of {name} has the wrong shape");
-        let d = rel_diff(a, b);
+        let d = common::rel_diff(a, b);
         assert!(d < 1e-4, "gradient of {name} differs by {d} (shape {shape:?}, {groups} groups, silu {silu})");
     }
 }
@@ -125,10 +116,10 @@ fn forward_matches_candle_nn() {
         let nn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, 1e-6).unwrap();
         let want = nn.forward(&x).unwrap();
         let ours = group_norm(&x, groups, &gamma, &beta, 1e-6, false).unwrap();
-        assert!(rel_diff(&ours, &want) < 1e-4, "shape {shape:?}: {}", rel_diff(&ours, &want));
+        assert!(common::rel_diff(&ours, &want) < 1e-4, "shape {shape:?}: {}", common::rel_diff(&ours, &want));
         let ours = group_norm(&x, groups, &gamma, &beta, 1e-6, true).unwrap();
         let want = candle_nn::ops::silu(&want).unwrap();
-        assert!(rel_diff(&ours, &want) < 1e-4, "silu, shape {shape:?}: {}", rel_diff(&ours, &want));
+        assert!(common::rel_diff(&ours, &want) < 1e-4, "silu, shape {shape:?}: {}", common::rel_diff(&ours, &want));
     }
 }
 
@@ -143,7 +134,7 @@ fn silu_saturates_cleanly() {
     let want = reference(&x, 1, &gamma, &beta, 1e-5, true);
     let v = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(v.iter().all(|v| v.is_finite()), "{v:?}");
-    assert!(rel_diff(&ours, &want) < 1e-5, "{v:?}");
+    assert!(common::rel_diff(&ours, &want) < 1e-5, "{v:?}");
 }
 
 #[test]
@@ -157,15 +148,15 @@ fn strided_and_f64_inputs_fall_back() {
     assert!(!xt.is_contiguous());
     let ours = group_norm(&xt, 4, &gamma, &beta, 1e-5, true).unwrap();
     let want = group_norm(&xt.contiguous().unwrap(), 4, &gamma, &beta, 1e-5, true).unwrap();
-    assert!(rel_diff(&ours, &want) < 1e-5);
+    assert!(common::rel_diff(&ours, &want) < 1e-5);
     let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
     let ours = group_norm(&f64s(&xt), 4, &f64s(&gamma), &f64s(&beta), 1e-5, true).unwrap();
     assert_eq!(ours.dtype(), DType::F64);
-    assert!(rel_diff(&ours, &want) < 1e-5);
+    assert!(common::rel_diff(&ours, &want) < 1e-5);
     let f16s = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
     let ours = group_norm(&f16s(&xt), 4, &f16s(&gamma), &f16s(&beta), 1e-5, true).unwrap();
     assert_eq!(ours.dtype(), DType::F16);
-    assert!(rel_diff(&ours, &want) < 1e-2);
+    assert!(common::rel_diff(&ours, &want) < 1e-2);
 }
 
 #[test]
@@ -181,22 +172,12 @@ fn half_precision_runs_the_f32_op_between_casts() {
         let x = half((data(n, 0, 3.0).reshape(&shape[..]).unwrap() + 0.5).unwrap());
         let gamma = half((data(8, 1, 0.5) + 1.0).unwrap());
         let beta = half(data(8, 2, 1.0));
-        let wide = |v: &Var| Var::from_tensor(&v.to_dtype(DType::F32).unwrap()).unwrap();
-        let (x32, g32, b32) = (wide(&x), wide(&gamma), wide(&beta));
+        let (x32, g32, b32) = (common::f32_twin(&x), common::f32_twin(&gamma), common::f32_twin(&beta));
         let ours = group_norm(&x, groups, &gamma, &beta, 1e-5, true).unwrap();
-        assert_eq!(ours.dtype(), dtype);
         let want = reference(&x32, groups, &g32, &b32, 1e-5, true);
-        let d = rel_diff(&ours, &want);
-        assert!(d < bound, "{dtype:?} forward differs by {d}");
         let r = data(n, 3, 1.0).reshape(&shape[..]).unwrap();
-        let g1 = (ours.to_dtype(DType::F32).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v, v32) in [("x", &x, &x32), ("gamma", &gamma, &g32), ("beta", &beta, &b32)] {
-            let a = g1.get(v).unwrap();
-            assert_eq!(a.dtype(), dtype, "gradient of {name}");
-            let d = rel_diff(a, g2.get(v32).unwrap());
-            assert!(d < bound, "{dtype:?} gradient of {name} differs by {d}");
-        }
+        let vars = [("x", &x, &x32, bound), ("gamma", &gamma, &g32, bound), ("beta", &beta, &b32, bound)];
+        common::check_half_precision(dtype, &ours, &want, &r, bound, &vars);
     }
 }
 
