@@ -1,7 +1,9 @@
 //! Throughput of the fused convolution (forward, and forward + backward) for the layer shapes of the
 //! paper's CIFAR-10 UNet at batch 8 and of the `mnist-small` UNet at batch 64, and of their
 //! upsamplers (nearest x2 + 3x3, "up"), in GFLOP/s of the direct convolution (2 flops per weight per
-//! output position, whatever the algorithm does).
+//! output position, whatever the algorithm does). The last column times the backward op alone
+//! (`conv2d_backward`, outside candle's graph: the kernels without candle's gradient store around
+//! them); the upsamplers have no such entry point ("-").
 //!
 //!   cargo bench -p ddpm-core --bench conv            # RAYON_NUM_THREADS sets the threads
 //!
@@ -11,12 +13,12 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d};
+use ddpm_core::ops::conv::{conv2d, conv2d_backward, upsample2x_conv2d};
 
 use common::best_secs;
 
 fn main() {
-    println!("{:>30} {:>14} {:>18}", "layer (C -> O, side, k)", "fwd GFLOP/s", "fwd+bwd GFLOP/s");
+    println!("{:>30} {:>14} {:>18} {:>14}", "layer (C -> O, side, k)", "fwd GFLOP/s", "fwd+bwd GFLOP/s", "bwd op GFLOP/s");
     // (batch, in channels, out channels, side, kernel): the 3x3 and 1x1 convolutions at each resolution
     let cifar = [(8, 128, 128, 32, 3), (8, 256, 256, 16, 3), (8, 256, 256, 8, 3), (8, 256, 256, 4, 3), (8, 512, 256, 16, 1), (8, 256, 768, 16, 1)];
     let mnist = [(64, 32, 32, 28, 3), (64, 64, 32, 28, 3), (64, 64, 64, 14, 3), (64, 128, 64, 14, 3), (64, 64, 64, 7, 3), (64, 128, 64, 7, 3)];
@@ -47,6 +49,16 @@ fn layer(b: usize, c: usize, o: usize, side: usize, k: usize, up: bool) {
     let both = best_secs(15, || {
         run().sum_all().unwrap().backward().unwrap();
     });
+    // the backward op alone: dx and dW, two products of the forward's size
+    let op = if up {
+        "-".to_string()
+    } else {
+        let dy = run().ones_like().unwrap();
+        let secs = best_secs(15, || {
+            conv2d_backward(&x, &w, &dy, 1, k / 2).unwrap();
+        });
+        format!("{:.1}", 2.0 * flops / secs / 1e9)
+    };
     let name = format!("b{b} {c} -> {o}, {}{side}x{side}, {k}x{k}", if up { "up " } else { "" });
-    println!("{name:>30} {:>14.1} {:>18.1}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
+    println!("{name:>30} {:>14.1} {:>18.1} {op:>14}", flops / fwd / 1e9, 3.0 * flops / both / 1e9);
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use ddpm_core::ops::conv::{conv2d, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
+use ddpm_core::ops::conv::{conv2d, conv2d_backward, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
 
 /// Largest |a - b| over all elements.
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -235,4 +235,31 @@ fn gradients_do_not_depend_on_scheduling() {
     for _ in 0..5 {
         assert!(grads().iter().zip(&first).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
+}
+
+/// `conv2d_backward` against the gradients that candle's own conv2d (plus the bias) gets from
+/// autograd for loss = sum(y * dy): the direct kernel's 3x3 "same" case, Winograd's (wide on both
+/// sides), a strided one (im2col) and a 1x1 one. A dy of the wrong shape is an error naming both.
+#[test]
+fn backward_alone_matches_autograd() {
+    let dev = Device::Cpu;
+    let wide = WINOGRAD_MIN_CHANNELS;
+    for (b, c, o, side, k, stride, pad) in [(2, 5, 8, 9, 3, 1, 1), (1, wide, wide, 4, 3, 1, 1), (2, 3, 4, 9, 3, 2, 1), (2, 6, 3, 5, 1, 1, 0)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, side, side), &dev).unwrap()).unwrap();
+        let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1., o, &dev).unwrap()).unwrap();
+        let y = x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap()).unwrap();
+        let dy = Tensor::randn(0f32, 1., y.dims(), &dev).unwrap();
+        let reference = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let (dx, dw, db) = conv2d_backward(&x, &wt, &dy, stride, pad).unwrap();
+        for (name, ours, v) in [("x", &dx, &x), ("weight", &dw, &wt), ("bias", &db, &bias)] {
+            let want = reference.get(v).unwrap();
+            assert_eq!(ours.dims(), want.dims(), "{name}");
+            let d = max_diff(ours, want) / max_abs(want).max(1.0);
+            assert!(d < 1e-4, "gradient of {name} differs by {d} (c {c}, o {o}, k {k}, stride {stride})");
+        }
+    }
+    let (x, wt) = (Tensor::zeros((1, 2, 5, 5), DType::F32, &dev).unwrap(), Tensor::zeros((3, 2, 3, 3), DType::F32, &dev).unwrap());
+    let err = conv2d_backward(&x, &wt, &Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap(), 1, 1).unwrap_err().to_string();
+    assert!(err.contains("[1, 3, 4, 4]") && err.contains("[1, 3, 5, 5]"), "{err}");
 }

@@ -295,15 +295,40 @@ impl CustomOp3 for ConvOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = ConvGrad { g: self.0, bias_len: bias.elem_count() };
-        let packed = x.detach().contiguous()?.apply_op3_no_bwd(&w.detach().contiguous()?, &grad.detach().contiguous()?, &op)?;
-        // packed = [dx (B C H W) | dW (O C k k) | dbias (O or B O)]
-        let (nx, nw) = (x.elem_count(), w.elem_count());
-        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
-        let dbias = packed.narrow(0, nx + nw, op.bias_len)?.reshape(bias.shape())?;
+        let (dx, dw, dbias) = gradients(self.0, x, w, bias.shape(), grad)?;
         Ok((Some(dx), Some(dw), Some(dbias)))
     }
+}
+
+/// (dx, dW, dbias) of the convolution of geometry `g` for the output gradient `dy`, by one
+/// [`ConvGrad`] op outside the graph; the bias has the shape `bias_shape`, (O) or (B, O).
+fn gradients(g: Geometry, x: &Tensor, w: &Tensor, bias_shape: &Shape, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = ConvGrad { g, bias_len: bias_shape.elem_count() };
+    let packed = x.detach().contiguous()?.apply_op3_no_bwd(&w.detach().contiguous()?, &dy.detach().contiguous()?, &op)?;
+    // packed = [dx (B C H W) | dW (O C k k) | dbias (O or B O)]
+    let (nx, nw) = (x.elem_count(), w.elem_count());
+    let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+    let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
+    let dbias = packed.narrow(0, nx + nw, op.bias_len)?.reshape(bias_shape)?;
+    Ok((dx, dw, dbias))
+}
+
+/// The gradients (dx, dW, dbias) of [`conv2d`] with a shared (O) bias, for the output gradient dy
+/// (B, O, H', W'), computed by the op that [`conv2d`]'s backward pass runs but outside candle's graph:
+/// no gradient store around it (a zeroed buffer and an add per argument, which `cargo bench --bench
+/// conv` shows as the gap between its "fwd+bwd" and "bwd op" columns). For a custom backward pass, and
+/// for timing the kernels alone. CPU tensors in f32 only.
+pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, h, wd, k, _) = check_conv(x, w, None, stride, pad)?;
+    if !fused(x, w, None) || !dy.device().is_cpu() || dy.dtype() != DType::F32 {
+        candle_core::bail!("conv2d_backward: x, weight and dy must be CPU tensors in f32");
+    }
+    let g = Geometry::new((b, c, h, wd), k, stride, pad);
+    let o = w.dim(0)?;
+    if dy.dims() != [b, o, g.oh, g.ow] {
+        candle_core::bail!("conv2d_backward: dy is {:?}, the convolution's output is {:?}", dy.dims(), [b, o, g.oh, g.ow]);
+    }
+    gradients(g, x, w, &Shape::from(o), dy)
 }
 
 /// The convolution's gradient `(x, W, dY) -> [dx | dW | dbias]` (flat), per image b:
