@@ -34,6 +34,8 @@ enum Path {
     Upsample,
     /// [`conv2d_columns`] (what CUDA runs with the project's kernels).
     Columns,
+    /// [`conv2d`] forward, its gradients by [`conv2d_backward`] outside the graph (shared bias only).
+    BackwardOp,
 }
 
 /// Our convolution on `path` against candle's `conv2d` (plus the bias) on random data: outputs, and the
@@ -47,7 +49,7 @@ fn compare(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad
     let bias = Var::from_tensor(&Tensor::randn(0f32, 1., bias_shape, &dev).unwrap()).unwrap();
     let (ours, input) = match path {
         Path::Upsample => (upsample2x_conv2d(&x, &wt, Some(&bias)).unwrap(), upsample_nearest2x(&x).unwrap()),
-        Path::Conv => (conv2d(&x, &wt, Some(&bias), stride, pad).unwrap(), x.as_tensor().clone()),
+        Path::Conv | Path::BackwardOp => (conv2d(&x, &wt, Some(&bias), stride, pad).unwrap(), x.as_tensor().clone()),
         Path::Columns => (conv2d_columns(&x, &wt, Some(&bias), stride, pad).unwrap(), x.as_tensor().clone()),
     };
     let reference = input.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((bias_rows, o, 1, 1)).unwrap()).unwrap();
@@ -57,10 +59,17 @@ fn compare(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad
     assert!(d < 1e-5, "forward differs by {d} (k {k}, stride {stride}, pad {pad}, {c} channels)");
     // loss = sum(y * r) with a random r, so every output position gets its own gradient.
     let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
-    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let g2 = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for (name, v) in [("x", &x), ("weight", &wt), ("bias", &bias)] {
-        let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+    let g1: [Tensor; 3] = if path == Path::BackwardOp {
+        let (dx, dw, db) = conv2d_backward(&x, &wt, &r, stride, pad).unwrap();
+        [dx, dw, db]
+    } else {
+        let g = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        [&x, &wt, &bias].map(|v| g.get(v).unwrap().clone())
+    };
+    for ((name, v), a) in [("x", &x), ("weight", &wt), ("bias", &bias)].into_iter().zip(&g1) {
+        let b = g2.get(v).unwrap();
+        assert_eq!(a.dims(), b.dims(), "gradient of {name}");
         let d = max_diff(a, b) / max_abs(b).max(1.0);
         assert!(d < 1e-4, "gradient of {name} differs by {d} (k {k}, stride {stride}, pad {pad})");
     }
@@ -238,27 +247,15 @@ fn gradients_do_not_depend_on_scheduling() {
 }
 
 /// `conv2d_backward` against the gradients that candle's own conv2d (plus the bias) gets from
-/// autograd for loss = sum(y * dy): the direct kernel's 3x3 "same" case, Winograd's (wide on both
-/// sides), a strided one (im2col) and a 1x1 one. A dy of the wrong shape is an error naming both.
+/// autograd ([`compare`]): the direct kernel's 3x3 "same" case, Winograd's (wide on both sides), a
+/// strided one (im2col) and a 1x1 one. A dy of the wrong shape is an error naming both.
 #[test]
 fn backward_alone_matches_autograd() {
-    let dev = Device::Cpu;
     let wide = WINOGRAD_MIN_CHANNELS;
-    for (b, c, o, side, k, stride, pad) in [(2, 5, 8, 9, 3, 1, 1), (1, wide, wide, 4, 3, 1, 1), (2, 3, 4, 9, 3, 2, 1), (2, 6, 3, 5, 1, 1, 0)] {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c, side, side), &dev).unwrap()).unwrap();
-        let wt = Var::from_tensor(&Tensor::randn(0f32, 0.3, (o, c, k, k), &dev).unwrap()).unwrap();
-        let bias = Var::from_tensor(&Tensor::randn(0f32, 1., o, &dev).unwrap()).unwrap();
-        let y = x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap()).unwrap();
-        let dy = Tensor::randn(0f32, 1., y.dims(), &dev).unwrap();
-        let reference = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-        let (dx, dw, db) = conv2d_backward(&x, &wt, &dy, stride, pad).unwrap();
-        for (name, ours, v) in [("x", &dx, &x), ("weight", &dw, &wt), ("bias", &db, &bias)] {
-            let want = reference.get(v).unwrap();
-            assert_eq!(ours.dims(), want.dims(), "{name}");
-            let d = max_diff(ours, want) / max_abs(want).max(1.0);
-            assert!(d < 1e-4, "gradient of {name} differs by {d} (c {c}, o {o}, k {k}, stride {stride})");
-        }
+    for (b, c, o, side, kernel) in [(2, 5, 8, 9, (3, 1, 1)), (1, wide, wide, 4, (3, 1, 1)), (2, 3, 4, 9, (3, 2, 1)), (2, 6, 3, 5, (1, 1, 0))] {
+        compare(b, c, o, (side, side), kernel, 1, Path::BackwardOp);
     }
+    let dev = Device::Cpu;
     let (x, wt) = (Tensor::zeros((1, 2, 5, 5), DType::F32, &dev).unwrap(), Tensor::zeros((3, 2, 3, 3), DType::F32, &dev).unwrap());
     let err = conv2d_backward(&x, &wt, &Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap(), 1, 1).unwrap_err().to_string();
     assert!(err.contains("[1, 3, 4, 4]") && err.contains("[1, 3, 5, 5]"), "{err}");
