@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use ddpm_core::ops::conv::{conv2d, conv2d_backward, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
+use ddpm_core::ops::conv::{conv2d, conv2d_backward, conv2d_backward_per_image_bias, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
 
 /// Largest |a - b| over all elements.
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -34,7 +34,8 @@ enum Path {
     Upsample,
     /// [`conv2d_columns`] (what CUDA runs with the project's kernels).
     Columns,
-    /// [`conv2d`] forward, its gradients by [`conv2d_backward`] outside the graph (shared bias only).
+    /// [`conv2d`] forward, its gradients by [`conv2d_backward`] (shared bias) or
+    /// [`conv2d_backward_per_image_bias`] (one bias row per image) outside the graph.
     BackwardOp,
 }
 
@@ -61,7 +62,8 @@ fn compare(b: usize, c: usize, o: usize, (h, w): (usize, usize), (k, stride, pad
     let r = Tensor::randn(0f32, 1., ours.dims(), &dev).unwrap();
     let g2 = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let g1: [Tensor; 3] = if path == Path::BackwardOp {
-        let (dx, dw, db) = conv2d_backward(&x, &wt, &r, stride, pad).unwrap();
+        let backward = if bias_rows == 1 { conv2d_backward } else { conv2d_backward_per_image_bias };
+        let (dx, dw, db) = backward(&x, &wt, &r, stride, pad).unwrap();
         [dx, dw, db]
     } else {
         let g = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -255,6 +257,9 @@ fn backward_alone_matches_autograd() {
     for (b, c, o, side, kernel) in [(2, 5, 8, 9, (3, 1, 1)), (1, wide, wide, 4, (3, 1, 1)), (2, 3, 4, 9, (3, 2, 1)), (2, 6, 3, 5, (1, 1, 0))] {
         compare(b, c, o, (side, side), kernel, 1, Path::BackwardOp);
     }
+    // a (B, O) bias: its gradient one row per image
+    compare(3, 4, 5, (7, 7), (3, 1, 1), 3, Path::BackwardOp);
+    compare(2, 6, 3, (4, 5), (1, 1, 0), 2, Path::BackwardOp);
     let dev = Device::Cpu;
     let (x, wt) = (Tensor::zeros((1, 2, 5, 5), DType::F32, &dev).unwrap(), Tensor::zeros((3, 2, 3, 3), DType::F32, &dev).unwrap());
     let err = conv2d_backward(&x, &wt, &Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap(), 1, 1).unwrap_err().to_string();

@@ -1,11 +1,12 @@
 //! The fused group norm (+ SiLU) against a reference composed from candle ops written out here:
 //! outputs and the gradients of x, gamma and beta, with and without SiLU, for several shapes; and
-//! its forward against `candle_nn::GroupNorm`.
+//! its forward against `candle_nn::GroupNorm`; the backward op alone (`group_norm_backward`) against
+//! the reference's autograd.
 
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use ddpm_core::ops::{group_norm, group_norm_composed};
+use ddpm_core::ops::{group_norm, group_norm_backward, group_norm_composed};
 
 /// Group norm + optional SiLU from elementary candle ops, independent of the crate's code:
 /// mean and biased variance over (N, G, M), then the affine map, then x * sigmoid(x).
@@ -192,4 +193,33 @@ fn rejects_bad_arguments() {
     assert!(group_norm(&x, 2, &g4, &g6, 1e-5, false).is_err());
     assert!(group_norm(&x, 2, &g6, &g4, 1e-5, false).is_err());
     assert!(group_norm(&Tensor::zeros(6, DType::F32, &dev).unwrap(), 2, &g6, &g6, 1e-5, false).is_err());
+}
+
+#[test]
+fn backward_alone_matches_the_reference() {
+    let dev = Device::Cpu;
+    let (shape, groups) = ([3usize, 6, 5, 4], 3);
+    let n: usize = shape.iter().product();
+    let data = |len: usize, k: u64, amp: f32| Tensor::from_vec(common::lcg_values(len, 90 + k, amp), len, &dev).unwrap();
+    let x = Var::from_tensor(&(data(n, 0, 2.5).reshape(&shape[..]).unwrap() + 0.4).unwrap()).unwrap();
+    let gamma = Var::from_tensor(&(data(6, 1, 0.8) + 1.0).unwrap()).unwrap();
+    let beta = Var::from_tensor(&data(6, 2, 1.2)).unwrap();
+    let r = data(n, 3, 1.5).reshape(&shape[..]).unwrap();
+    for silu in [false, true] {
+        // loss = sum(out r): the incoming gradient is r
+        let (dx, dgamma, dbeta) = group_norm_backward(&x, groups, &gamma, &beta, 1e-5, silu, &r).unwrap();
+        let want = (reference(&x, groups, &gamma, &beta, 1e-5, silu) * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, ours, v) in [("x", &dx, &x), ("gamma", &dgamma, &gamma), ("beta", &dbeta, &beta)] {
+            let w = want.get(v).unwrap();
+            assert_eq!(ours.dims(), w.dims(), "{name}");
+            let d = common::rel_diff(ours, w);
+            assert!(d < 1e-4, "gradient of {name} differs by {d} (silu {silu})");
+        }
+    }
+    let short = Tensor::zeros((3, 6, 5, 3), DType::F32, &dev).unwrap();
+    let err = group_norm_backward(&x, groups, &gamma, &beta, 1e-5, true, &short).unwrap_err().to_string();
+    assert!(err.contains("[3, 6, 5, 3]") && err.contains("[3, 6, 5, 4]"), "{err}");
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let err = group_norm_backward(&f64s(&x), groups, &f64s(&gamma), &f64s(&beta), 1e-5, true, &f64s(&r)).unwrap_err().to_string();
+    assert!(err.contains("f32"), "{err}");
 }

@@ -81,8 +81,8 @@ pub(crate) fn linear(vb: VarBuilder, rec: &Recorder, in_d: usize, out_d: usize) 
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
-    groups: usize,
-    eps: f64,
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
 }
 
 impl GroupNorm {
@@ -94,6 +94,22 @@ impl GroupNorm {
     /// SiLU(group_norm(x)) = y * sigmoid(y) with y = group_norm(x), in one fused op on the CPU.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         ddpm_core::ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true)
+    }
+
+    /// The gradients (dx, dweight, dbias) of [`forward_silu`](Self::forward_silu) at `x` for the
+    /// incoming gradient `dout`, outside candle's graph ([`ddpm_core::ops::group_norm_backward`]).
+    pub(crate) fn backward_silu(&self, x: &Tensor, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        ddpm_core::ops::group_norm_backward(x, self.groups, &self.weight, &self.bias, self.eps, true, dout)
+    }
+
+    /// The weight and the bias.
+    pub(crate) fn params(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
+
+    /// The same norm on detached parameters (shared storage, no gradient tracking).
+    pub(crate) fn detached(&self) -> Self {
+        Self { weight: self.weight.detach(), bias: self.bias.detach(), ..self.clone() }
     }
 }
 
@@ -123,19 +139,17 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(x)
 }
 
-/// Inverted dropout: y = x * m / (1 - p), m_i ~ Bernoulli(1 - p).
-///
-/// With `rng == None` (evaluation) or `p == 0` it is the identity. Otherwise one `u64` is drawn from
-/// the caller's generator and the mask is derived from it by a counter-based hash
-/// ([`ddpm_core::ops::dropout`]: splitmix64, two 32-bit uniforms per output, made on the device), so a
+/// The mask seed of an inverted dropout y = x * m / (1 - p), m_i ~ Bernoulli(1 - p)
+/// ([`ddpm_core::ops::dropout`]), or `None` where dropout is the identity: `rng == None` (evaluation)
+/// or `p == 0`. Otherwise one `u64` is drawn from the caller's generator and the mask is derived from
+/// it by a counter-based hash (splitmix64, two 32-bit uniforms per output, made on the device), so a
 /// training run is reproducible bit for bit, on any device, and the generator advances by one draw per
 /// dropout layer whatever the tensor size.
-pub(crate) fn dropout(x: &Tensor, p: f64, rng: Option<&mut NoiseRng>) -> Result<Tensor> {
-    let Some(rng) = rng else { return Ok(x.clone()) };
-    if p <= 0.0 {
-        return Ok(x.clone());
+pub(crate) fn dropout_seed(p: f64, rng: Option<&mut NoiseRng>) -> Option<u64> {
+    match rng {
+        Some(rng) if p > 0.0 => Some(rng.next_u64()),
+        _ => None,
     }
-    ddpm_core::ops::dropout(x, p, rng.next_u64())
 }
 
 /// A `SimpleBackend` that hands out a zero of the requested shape without allocating it (a

@@ -5,7 +5,9 @@ use candle_nn::{Linear, VarBuilder};
 use ddpm_core::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
-use crate::nn::{conv2d, dropout, group_norm, linear, silu, GroupNorm, Recorder};
+mod node;
+
+use crate::nn::{conv2d, dropout_seed, group_norm, linear, silu, GroupNorm, Recorder};
 
 /// A residual block:
 ///
@@ -66,25 +68,79 @@ impl ResnetBlock2D {
 
     /// Applies the block to `x` (N, C_in, H, W) with time embedding `temb` (N, D); dropout only when
     /// `rng` is given (training).
+    ///
+    /// When gradients are tracked on the CPU in f32 the block is one node of candle's graph with the
+    /// backward written out in `resnet/node.rs` (same values and gradients, without the zeroed
+    /// buffer and the add that candle's gradient store spends on every edge inside the block).
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rng: Option<&mut NoiseRng>) -> Result<Tensor> {
-        // h = conv1(SiLU(norm1(x))) + time_emb_proj(SiLU(temb)) broadcast over H, W: the (N, C) time
-        // term joins conv1's bias as one row per sample, so it costs no pass over h.
         let t = self.time_emb_proj.forward(&silu(temb)?)?;
+        let seed = dropout_seed(self.dropout, rng);
+        if node::applies(self, x) {
+            return node::forward(self, x, &t, seed);
+        }
+        let p = self.parts(x, &t, seed)?;
+        self.output(&p.skip, &p.out)
+    }
+
+    /// The block up to its last sum, for `x`, the projected time embedding `t` (N, C_out) and the
+    /// dropout mask's seed:
+    ///
+    /// h1 = SiLU(norm1(x))
+    /// h  = conv1(h1) + t[:, :, None, None]     (t joins conv1's bias as one row per sample)
+    /// h2 = dropout(SiLU(norm2(h)))
+    /// out = conv2(h2), skip = shortcut(x)
+    pub(crate) fn parts(&self, x: &Tensor, t: &Tensor, seed: Option<u64>) -> Result<Parts> {
         let bias = match &self.conv1.bias {
             Some(b) => t.broadcast_add(b)?,
-            None => t,
+            None => t.clone(),
         };
         let c1 = &self.conv1;
-        let h = ddpm_core::ops::conv::conv2d(&self.norm1.forward_silu(x)?, &c1.weight, Some(&bias), c1.stride, c1.padding)?;
-        // h = conv2(dropout(SiLU(norm2(h))))
-        let h = self.norm2.forward_silu(&h)?;
-        let h = dropout(&h, self.dropout, rng)?;
-        let h = self.conv2.forward(&h)?;
+        let h1 = self.norm1.forward_silu(x)?;
+        let h = ddpm_core::ops::conv::conv2d(&h1, &c1.weight, Some(&bias), c1.stride, c1.padding)?;
+        let h2 = self.norm2.forward_silu(&h)?;
+        let h2 = match seed {
+            Some(s) => ddpm_core::ops::dropout(&h2, self.dropout, s)?,
+            None => h2,
+        };
+        let out = self.conv2.forward(&h2)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        // y = (shortcut(x) + h) / output_scale_factor
+        Ok(Parts { h1, h, h2, out, skip })
+    }
+
+    /// The parameters in a fixed order: norm1 (weight, bias), conv1 (weight, bias), norm2, conv2,
+    /// then conv_shortcut if there is one; `None` if a convolution has no bias.
+    fn params(&self) -> Option<Vec<&Tensor>> {
+        let convs = [Some(&self.conv1), Some(&self.conv2), self.conv_shortcut.as_ref()];
+        let [c1, c2, sc] = convs.map(|c| c.map(|c| Some([&c.weight, c.bias.as_ref()?])));
+        let mut out = Vec::with_capacity(10);
+        out.extend(self.norm1.params());
+        out.extend(c1??);
+        out.extend(self.norm2.params());
+        out.extend(c2??);
+        if let Some(sc) = sc {
+            out.extend(sc?);
+        }
+        Some(out)
+    }
+
+    /// The same block on detached parameters (shared storage, no gradient tracking).
+    fn detached(&self) -> Self {
+        let conv = |c: &Conv2d| Conv2d::new(c.weight.detach(), c.bias.as_ref().map(Tensor::detach), c.stride, c.padding);
+        Self {
+            norm1: self.norm1.detached(),
+            conv1: conv(&self.conv1),
+            norm2: self.norm2.detached(),
+            conv2: conv(&self.conv2),
+            conv_shortcut: self.conv_shortcut.as_ref().map(conv),
+            ..self.clone()
+        }
+    }
+
+    /// y = (skip + h) / output_scale_factor.
+    fn output(&self, skip: &Tensor, h: &Tensor) -> Result<Tensor> {
         let y = (skip + h)?;
         if self.output_scale_factor == 1.0 {
             Ok(y)
@@ -92,4 +148,18 @@ impl ResnetBlock2D {
             y / self.output_scale_factor
         }
     }
+}
+
+/// The intermediate tensors of [`ResnetBlock2D::parts`] (see there for the formulas).
+pub(crate) struct Parts {
+    /// SiLU(norm1(x)), conv1's input.
+    pub h1: Tensor,
+    /// conv1's output, norm2's input.
+    pub h: Tensor,
+    /// conv2's input (after dropout).
+    pub h2: Tensor,
+    /// conv2's output.
+    pub out: Tensor,
+    /// The shortcut: x, or conv_shortcut(x).
+    pub skip: Tensor,
 }

@@ -319,6 +319,17 @@ fn gradients(g: Geometry, x: &Tensor, w: &Tensor, bias_shape: &Shape, dy: &Tenso
 /// conv` shows as the gap between its "fwd+bwd" and "bwd op" columns). For a custom backward pass, and
 /// for timing the kernels alone. CPU tensors in f32 only.
 pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    checked_gradients(x, w, dy, stride, pad, false)
+}
+
+/// [`conv2d_backward`] for a convolution with a per-image (B, O) bias: dbias is (B, O), row b the sum
+/// of dy's image b over its positions.
+pub fn conv2d_backward_per_image_bias(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    checked_gradients(x, w, dy, stride, pad, true)
+}
+
+/// The checks of [`conv2d_backward`], then [`gradients`] with a shared or a per-image bias.
+fn checked_gradients(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize, per_image: bool) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, c, h, wd, k, _) = check_conv(x, w, None, stride, pad)?;
     if !fused(x, w, None) || !dy.device().is_cpu() || dy.dtype() != DType::F32 {
         candle_core::bail!("conv2d_backward: x, weight and dy must be CPU tensors in f32");
@@ -328,7 +339,8 @@ pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: 
     if dy.dims() != [b, o, g.oh, g.ow] {
         candle_core::bail!("conv2d_backward: dy is {:?}, the convolution's output is {:?}", dy.dims(), [b, o, g.oh, g.ow]);
     }
-    gradients(g, x, w, &Shape::from(o), dy)
+    let bias_shape = if per_image { Shape::from((b, o)) } else { Shape::from(o) };
+    gradients(g, x, w, &bias_shape, dy)
 }
 
 /// The convolution's gradient `(x, W, dY) -> [dx | dW | dbias]` (flat), per image b:

@@ -342,22 +342,25 @@ impl CustomOp3 for GroupNormOp {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = self.dims;
-        // A custom op takes three tensors: gamma and beta travel together as one (2C) vector.
-        let gb = Tensor::cat(&[&gamma.detach(), &beta.detach()], 0)?;
-        let grad = grad.detach().contiguous()?;
-        let packed = x.detach().apply_op3_no_bwd(
-            &gb,
-            &grad,
-            &GroupNormBackward { dims: d, eps: self.eps, silu: self.silu },
-        )?;
-        // packed = [dx (N C S) | dgamma (C) | dbeta (C)]
-        let numel = d.numel();
-        let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, numel, d.c)?.reshape(gamma.shape())?;
-        let dbeta = packed.narrow(0, numel + d.c, d.c)?.reshape(beta.shape())?;
+        let (dx, dgamma, dbeta) = gradients(self, x, gamma, beta, grad)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
+}
+
+/// (dx, dgamma, dbeta) of the fused group norm `op` for the incoming gradient `dout`, by one
+/// [`GroupNormBackward`] op outside the graph.
+fn gradients(op: &GroupNormOp, x: &Tensor, gamma: &Tensor, beta: &Tensor, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = op.dims;
+    // A custom op takes three tensors: gamma and beta travel together as one (2C) vector.
+    let gb = Tensor::cat(&[&gamma.detach(), &beta.detach()], 0)?;
+    let dout = dout.detach().contiguous()?;
+    let packed = x.detach().apply_op3_no_bwd(&gb, &dout, &GroupNormBackward { dims: d, eps: op.eps, silu: op.silu })?;
+    // packed = [dx (N C S) | dgamma (C) | dbeta (C)]
+    let numel = d.numel();
+    let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+    let dgamma = packed.narrow(0, numel, d.c)?.reshape(gamma.shape())?;
+    let dbeta = packed.narrow(0, numel + d.c, d.c)?.reshape(beta.shape())?;
+    Ok((dx, dgamma, dbeta))
 }
 
 /// The fused backward: `(x, [gamma | beta], dout) -> [dx | dgamma | dbeta]` (flat), see the module
@@ -506,7 +509,9 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let (n, c, s) = check_args(x, num_groups, gamma, beta)?;
+    if let Some(op) = fused_op(x, num_groups, gamma, beta, (eps, silu), &[])? {
+        return x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op);
+    }
     let half = matches!(x.dtype(), DType::BF16 | DType::F16) && [gamma, beta].iter().all(|t| t.dtype() == x.dtype());
     if half && super::fused_device(x.device()) && x.elem_count() > 0 {
         // normalised in f32 by the f32 op, between casts: two elementwise passes instead of the ten
@@ -514,15 +519,32 @@ pub fn group_norm(
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         return group_norm(&f(x)?, num_groups, &f(gamma)?, &f(beta)?, eps, silu)?.to_dtype(x.dtype());
     }
+    group_norm_composed(x, num_groups, gamma, beta, eps, silu)
+}
+
+/// The gradients (dx, dgamma, dbeta) of [`group_norm`] (same arguments) for the incoming gradient
+/// `dout` (x's shape), computed by the op that [`group_norm`]'s backward pass runs but outside
+/// candle's graph: for a custom backward pass that holds x. Contiguous f32 tensors on the CPU (or
+/// CUDA, see [`super::cuda_kernels_enabled`]) only, where [`group_norm`] runs its fused op.
+pub fn group_norm_backward(x: &Tensor, num_groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let Some(op) = fused_op(x, num_groups, gamma, beta, (eps, silu), &[dout])? else {
+        candle_core::bail!("group_norm_backward: x, gamma, beta and dout must be f32 tensors on the CPU (or CUDA with the project's kernels), x contiguous");
+    };
+    if dout.dims() != x.dims() {
+        candle_core::bail!("group_norm_backward: dout is {:?}, x is {:?}", dout.dims(), x.dims());
+    }
+    gradients(&op, x, gamma, beta, dout)
+}
+
+/// Checks the arguments of [`group_norm`] and returns its fused op if they (and `others`) are f32
+/// tensors on x's device, a device with the kernels, and x is contiguous and not empty.
+fn fused_op(x: &Tensor, num_groups: usize, gamma: &Tensor, beta: &Tensor, (eps, silu): (f64, bool), others: &[&Tensor]) -> Result<Option<GroupNormOp>> {
+    let (n, c, s) = check_args(x, num_groups, gamma, beta)?;
     let fused = super::fused_device(x.device())
-        && [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32)
+        && [x, gamma, beta].iter().chain(others).all(|t| t.dtype() == DType::F32 && t.device().same_device(x.device()))
         && x.is_contiguous()
         && x.elem_count() > 0;
-    if !fused {
-        return group_norm_composed(x, num_groups, gamma, beta, eps, silu);
-    }
-    let op = GroupNormOp { dims: Dims { n, c, groups: num_groups, s }, eps, silu };
-    x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+    Ok(fused.then_some(GroupNormOp { dims: Dims { n, c, groups: num_groups, s }, eps, silu }))
 }
 
 /// [`group_norm`] built from candle's differentiable tensor ops (what `candle_nn::GroupNorm` does,

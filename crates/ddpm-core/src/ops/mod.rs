@@ -48,7 +48,7 @@ pub(crate) mod winograd;
 
 pub use attention::{attention, attention_composed};
 pub use dropout::{dropout, dropout_mask};
-pub use group_norm::{group_norm, group_norm_composed};
+pub use group_norm::{group_norm, group_norm_backward, group_norm_composed};
 pub use mse::{weighted_mse, weighted_mse_composed};
 pub use softmax::softmax_last_dim;
 

@@ -1,0 +1,239 @@
+//! A residual block's training forward as one node of candle's graph, with the block's backward
+//! written out.
+//!
+//! Built from the fused ops one by one, a block is about ten nodes of candle's graph, and candle's
+//! backward pass gives every input of every node a zeroed buffer of the input's size and adds the
+//! node's gradient into it (its gradient store): two passes over memory per activation inside the
+//! block that compute nothing. Here the block's forward runs on detached tensors (no graph) and one
+//! custom op stands for the whole block, with inputs x, the block's parameters as one flat vector
+//! and the projected time embedding t (N, C_out), whose backward is, with the forward's
+//! intermediates of [`ResnetBlock2D::parts`] kept by the node:
+//!
+//! ```text
+//!   dy              = grad / output_scale_factor
+//!   dh2, dW2, db2   = conv2's gradients at h2 for dy
+//!   dh2             = dropout(dh2), with the forward's mask
+//!   dh, dg2, dbeta2 = SiLU(norm2)'s gradients at h for dh2
+//!   dh1, dW1, dt    = conv1's gradients at h1 for dh, with dt (N, C_out) its per-image bias' gradient
+//!   db1             = sum_n dt
+//!   dx1, dg1, dbeta1 = SiLU(norm1)'s gradients at x for dh1
+//!   dx              = dx1 + dy, or dx1 + conv_shortcut's input gradient at x for dy (and dWs, dbs)
+//! ```
+//!
+//! each line one op outside the graph ([`conv2d_backward`], [`GroupNorm::backward_silu`]). The values
+//! and gradients are those of the node-by-node graph, computed by the same kernels.
+//!
+//! [`GroupNorm::backward_silu`]: crate::nn::GroupNorm
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use ddpm_core::ops::conv::{conv2d_backward, conv2d_backward_per_image_bias, Conv2d};
+use rayon::prelude::*;
+
+use super::ResnetBlock2D;
+
+/// Whether [`forward`] takes the block at `x`: everything in f32 on the CPU, every convolution with
+/// a bias, and something to differentiate (x or a parameter tracked by candle's graph).
+pub(super) fn applies(block: &ResnetBlock2D, x: &Tensor) -> bool {
+    let Some(params) = block.params() else { return false };
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && params.iter().all(|p| p.device().is_cpu() && p.dtype() == DType::F32)
+        && (x.track_op() || params.iter().any(|p| p.track_op()))
+}
+
+/// The block at `x` with projected time embedding `t` (N, C_out) and dropout mask seed `seed`, as one
+/// node of candle's graph (see the module docs).
+pub(super) fn forward(block: &ResnetBlock2D, x: &Tensor, t: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+    let Some(params) = block.params() else {
+        candle_core::bail!("resnet block: a convolution without bias cannot run as one graph node")
+    };
+    let flat = Tensor::cat(&params.iter().map(|p| p.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
+    let x = x.contiguous()?;
+    let detached = block.detached();
+    let parts = detached.parts(&x.detach(), &t.detach(), seed)?;
+    let shortcut = detached.conv_shortcut.is_some().then(|| parts.skip.clone());
+    let node = Node { block: detached, h1: parts.h1, h: parts.h, h2: parts.h2, seed, sum: Mutex::new(Some((shortcut, parts.out))) };
+    x.apply_op3(&flat, &t.contiguous()?, node)
+}
+
+/// The graph node of one block application: the block on detached parameters, the forward's
+/// intermediates its backward reads, and (until the op's forward has run) the two terms of the
+/// block's output.
+struct Node {
+    block: ResnetBlock2D,
+    /// SiLU(norm1(x)).
+    h1: Tensor,
+    /// conv1's output.
+    h: Tensor,
+    /// conv2's input.
+    h2: Tensor,
+    /// The dropout mask's seed (None: no dropout).
+    seed: Option<u64>,
+    /// conv_shortcut(x) (None: the shortcut is x itself) and conv2's output, taken by the forward.
+    sum: Mutex<Option<(Option<Tensor>, Tensor)>>,
+}
+
+/// The contiguous f32 values of a CPU tensor, passed to `f` (under the storage's read lock).
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("resnet block: an intermediate is not a contiguous f32 CPU tensor"),
+    }
+}
+
+impl CustomOp3 for Node {
+    fn name(&self) -> &'static str {
+        "ddpm-resnet-block"
+    }
+
+    /// y = (skip + out) / output_scale_factor, skip = x or conv_shortcut(x), out = conv2's output.
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, _sp: &CpuStorage, _lp: &Layout, _st: &CpuStorage, _lt: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((shortcut, out)) = self.sum.lock().map_err(|_| candle_core::Error::Msg("resnet block: poisoned lock".into()))?.take() else {
+            candle_core::bail!("resnet block: the node's forward ran twice")
+        };
+        let scale = self.block.output_scale_factor;
+        let sum = |skip: &[f32], out: &[f32]| -> Vec<f32> {
+            if scale == 1.0 {
+                skip.par_iter().zip(out).map(|(s, o)| s + o).collect()
+            } else {
+                let inv = (1.0 / scale) as f32;
+                skip.par_iter().zip(out).map(|(s, o)| (s + o) * inv).collect()
+            }
+        };
+        let y = match &shortcut {
+            Some(skip) => with_values(skip, |s| with_values(&out, |o| sum(s, o)))??,
+            None => {
+                let x = match (sx, lx.contiguous_offsets()) {
+                    (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+                    _ => candle_core::bail!("resnet block: x must be a contiguous f32 tensor"),
+                };
+                with_values(&out, |o| sum(x, o))?
+            }
+        };
+        if y.len() != out.elem_count() {
+            candle_core::bail!("resnet block: the shortcut has {} values, conv2's output {}", y.len(), out.elem_count());
+        }
+        Ok((CpuStorage::F32(y), out.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _params: &Tensor, _t: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let b = &self.block;
+        let s = b.output_scale_factor;
+        let dy = if s == 1.0 { grad.detach() } else { (grad.detach() / s)? }.contiguous()?;
+        let conv_grads = |c: &Conv2d, input: &Tensor, d: &Tensor| conv2d_backward(input, &c.weight, d, c.stride, c.padding);
+        let (dh2, dw2, db2) = conv_grads(&b.conv2, &self.h2, &dy)?;
+        let dh2 = match self.seed {
+            Some(s) => ddpm_core::ops::dropout(&dh2, b.dropout, s)?,
+            None => dh2,
+        };
+        let (dh, dg2, dbeta2) = b.norm2.backward_silu(&self.h, &dh2)?;
+        let c1 = &b.conv1;
+        let (dh1, dw1, dt) = conv2d_backward_per_image_bias(&self.h1, &c1.weight, &dh, c1.stride, c1.padding)?;
+        let db1 = dt.sum(0)?;
+        let x = x.detach();
+        let (dx1, dg1, dbeta1) = b.norm1.backward_silu(&x, &dh1)?;
+        // the gradients in the order of ResnetBlock2D::params
+        let mut grads = vec![dg1, dbeta1, dw1, db1, dg2, dbeta2, dw2, db2];
+        let dx = match &b.conv_shortcut {
+            Some(c) => {
+                let (dxs, dws, dbs) = conv_grads(c, &x, &dy)?;
+                grads.extend([dws, dbs]);
+                (dx1 + dxs)?
+            }
+            None => (dx1 + dy)?,
+        };
+        let dparams = Tensor::cat(&grads.iter().map(|g| g.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
+        Ok((Some(dx), Some(dparams), Some(dt)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use ddpm_core::NoiseRng;
+
+    use super::*;
+    use crate::nn::Recorder;
+    use crate::resnet::ResnetParams;
+
+    /// The block at (x, t) from candle's own differentiable ops (its conv2d, the composed group norm,
+    /// SiLU, dropout as a product with the mask): the reference, sharing no kernel with the node.
+    fn reference(b: &ResnetBlock2D, x: &Tensor, t: &Tensor, seed: Option<u64>) -> Tensor {
+        let norm_silu = |n: &crate::nn::GroupNorm, x: &Tensor| {
+            let [w, bias] = n.params();
+            ddpm_core::ops::group_norm_composed(x, n.groups, w, bias, n.eps, true).unwrap()
+        };
+        let conv = |c: &Conv2d, x: &Tensor| {
+            let y = x.conv2d(&c.weight, c.padding, c.stride, 1, 1).unwrap();
+            y.broadcast_add(&c.bias.as_ref().unwrap().reshape((1, (), 1, 1)).unwrap()).unwrap()
+        };
+        let h = conv(&b.conv1, &norm_silu(&b.norm1, x)).broadcast_add(&t.unsqueeze(2).unwrap().unsqueeze(3).unwrap()).unwrap();
+        let mut h2 = norm_silu(&b.norm2, &h);
+        if let Some(s) = seed {
+            let m = ddpm_core::ops::dropout_mask(h2.elem_count(), b.dropout, s);
+            h2 = (h2 * Tensor::from_vec(m, h.shape(), x.device()).unwrap()).unwrap();
+        }
+        let skip = b.conv_shortcut.as_ref().map_or_else(|| x.clone(), |c| conv(c, x));
+        ((skip + conv(&b.conv2, &h2)).unwrap() / b.output_scale_factor).unwrap()
+    }
+
+    /// max |a - b| / max |b|.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let m = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        m((a - b).unwrap()) / m(b.clone()).max(1e-30)
+    }
+
+    /// One block (in_c -> out_c channels on 6x5 images of 3 samples, dropout p, scale factor s): the
+    /// node's output and the gradients of sum(y r) in x, t and every parameter, against the
+    /// reference's and against the block's node-by-node graph.
+    fn check(in_c: usize, out_c: usize, p: f64, scale: f64) {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let rec = Recorder::default();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let params = ResnetParams { temb_channels: 5, groups: 2, eps: 1e-5, dropout: p };
+        let block = ResnetBlock2D::new(vb, &rec, in_c, out_c, params, scale).unwrap();
+        let mut rng = NoiseRng::new(3);
+        let mut randn = |shape: (usize, usize, usize, usize)| rng.randn(shape, DType::F32, &dev).unwrap();
+        // norms' weights and biases away from 1 and 0, so that their gradients are tested in general
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.contains("norm") {
+                var.set(&(var.as_tensor() + randn((1, 1, 1, var.elem_count())).flatten_all().unwrap()).unwrap()).unwrap();
+            }
+        }
+        let x = Var::from_tensor(&randn((3, in_c, 6, 5))).unwrap();
+        let t = Var::from_tensor(&randn((3, out_c, 1, 1)).flatten_from(1).unwrap()).unwrap();
+        let r = randn((3, out_c, 6, 5));
+        let seed = (p > 0.0).then_some(11);
+        assert!(applies(&block, &x));
+        let node = forward(&block, &x, &t, seed).unwrap();
+        let parts = block.parts(&x, &t, seed).unwrap();
+        let graph = block.output(&parts.skip, &parts.out).unwrap();
+        let reference = reference(&block, &x, &t, seed);
+        assert!(rel_diff(&node, &graph) < 1e-6, "node vs graph forward {}", rel_diff(&node, &graph));
+        assert!(rel_diff(&node, &reference) < 1e-5, "node vs reference forward {}", rel_diff(&node, &reference));
+        let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gn, gg, gr) = (grads(&node), grads(&graph), grads(&reference));
+        let mut wrt: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone()), ("t".into(), t.as_tensor().clone())];
+        // the block's own parameters (t stands for time_emb_proj's output here)
+        wrt.extend(rec.into_inner().into_iter().filter(|(name, _)| !name.starts_with("time_emb_proj")));
+        assert_eq!(wrt.len(), 2 + if in_c == out_c { 8 } else { 10 });
+        for (name, v) in &wrt {
+            let (a, b, c) = (gn.get(v).unwrap(), gg.get(v).unwrap(), gr.get(v).unwrap());
+            assert_eq!(a.dims(), v.dims(), "{name}");
+            assert!(rel_diff(a, b) < 1e-5, "{name}: node vs graph gradient {}", rel_diff(a, b));
+            assert!(rel_diff(a, c) < 1e-4, "{name}: node vs reference gradient {}", rel_diff(a, c));
+        }
+    }
+
+    #[test]
+    fn node_matches_the_graph_and_candles_ops() {
+        check(4, 4, 0.0, 1.0);
+        check(4, 6, 0.0, 1.0);
+        check(6, 4, 0.3, 2.0);
+    }
+}
