@@ -1,5 +1,5 @@
 //! `ddpm train` end to end on a tiny UNet and the shipped MNIST: exact resume, crash-safe checkpoints,
-//! errors on bad input.
+//! metrics that a fresh run starts over, errors on bad input.
 
 use ddpm_cli::checkpoint;
 use ddpm_tests::{ddpm, ddpm_err, parse, read_tensors, tiny_unet_config};
@@ -48,6 +48,15 @@ fn resume_is_bit_exact() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["loss"].as_f64().unwrap().is_finite());
     }
+    // The resumed run continued b's metrics (steps 1 to 10, once each); a fresh run into a directory
+    // that has metrics starts them over instead of appending a second run to the first.
+    let steps = |run: &str| -> Vec<u64> {
+        let text = std::fs::read_to_string(std::path::Path::new(run).join("metrics.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(steps(b), (1..=10).collect::<Vec<_>>());
+    ddpm(&tiny_args(cfg, a, "4")).unwrap();
+    assert_eq!(steps(a), (1..=4).collect::<Vec<_>>());
 }
 
 #[test]

@@ -360,9 +360,12 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
         args.batch_size,
         device_name(&device)
     );
+    // a resumed run continues the directory's metrics; a fresh one starts them over
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .append(step > 0)
+        .write(true)
+        .truncate(step == 0)
         .open(s.out.join("metrics.jsonl"))
         .with_context(|| format!("{}: cannot open", s.out.join("metrics.jsonl").display()))?;
     let bar = progress::bar(s.total_steps, "train");
