@@ -67,6 +67,11 @@ fn check_with(
     }
 }
 
+/// `(len, k, amp) ->` `len` seeded values in [-amp, amp) from seed `seed + k`, on the CPU.
+fn seeded(seed: u64) -> impl Fn(usize, u64, f32) -> Tensor {
+    move |len, k, amp| Tensor::from_vec(common::lcg_values(len, seed + k, amp), len, &Device::Cpu).unwrap()
+}
+
 fn check(shape: &[usize], groups: usize, silu: bool) {
     check_with(shape, groups, silu, group_norm);
 }
@@ -167,7 +172,7 @@ fn half_precision_runs_the_f32_op_between_casts() {
     let dev = Device::Cpu;
     let (shape, groups) = ([2usize, 8, 5, 3], 4);
     let n: usize = shape.iter().product();
-    let data = |len: usize, k: u64, amp: f32| Tensor::from_vec(common::lcg_values(len, 40 + k, amp), len, &dev).unwrap();
+    let data = seeded(40);
     for (dtype, bound) in [(DType::BF16, 2e-2), (DType::F16, 3e-3)] {
         let half = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
         let x = half((data(n, 0, 3.0).reshape(&shape[..]).unwrap() + 0.5).unwrap());
@@ -200,7 +205,7 @@ fn backward_alone_matches_the_reference() {
     let dev = Device::Cpu;
     let (shape, groups) = ([3usize, 6, 5, 4], 3);
     let n: usize = shape.iter().product();
-    let data = |len: usize, k: u64, amp: f32| Tensor::from_vec(common::lcg_values(len, 90 + k, amp), len, &dev).unwrap();
+    let data = seeded(90);
     let x = Var::from_tensor(&(data(n, 0, 2.5).reshape(&shape[..]).unwrap() + 0.4).unwrap()).unwrap();
     let gamma = Var::from_tensor(&(data(6, 1, 0.8) + 1.0).unwrap()).unwrap();
     let beta = Var::from_tensor(&data(6, 2, 1.2)).unwrap();
