@@ -75,7 +75,7 @@ pub(crate) fn linear(vb: VarBuilder, rec: &Recorder, in_d: usize, out_d: usize) 
 /// Group normalisation over `groups` groups of channels:
 /// y = (x - mean_g) / sqrt(var_g + eps) * weight_c + bias_c.
 ///
-/// Computed by [`ddpm_core::ops::group_norm`]: a fused kernel with an analytic backward for f32 on
+/// Computed by [`ddpm_core::ops::group_norm()`]: a fused kernel with an analytic backward for f32 on
 /// the CPU, candle's composed (differentiable) ops elsewhere.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
