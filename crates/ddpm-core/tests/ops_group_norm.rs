@@ -169,7 +169,6 @@ fn strided_and_f64_inputs_fall_back() {
 fn half_precision_runs_the_f32_op_between_casts() {
     // bf16 and f16 inputs: values and gradients against the f32 reference on the same rounded values,
     // within the half types' rounding (bf16 2^-8, f16 2^-11 relative) of the output and the gradients.
-    let dev = Device::Cpu;
     let (shape, groups) = ([2usize, 8, 5, 3], 4);
     let n: usize = shape.iter().product();
     let data = seeded(40);

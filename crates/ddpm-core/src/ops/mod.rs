@@ -83,8 +83,9 @@ pub(crate) fn sum_in_lanes(values: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The f32 values of a contiguous CPU storage, or an error naming the op and the argument.
-pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU storage, or an error naming the op and the argument (for the
+/// `cpu_fwd` of a custom op).
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{op}: {what} must be a contiguous f32 tensor"),

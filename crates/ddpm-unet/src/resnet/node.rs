@@ -29,6 +29,7 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use ddpm_core::ops::conv::{conv2d_backward, conv2d_backward_per_image_bias, Conv2d};
+use ddpm_core::ops::f32_slice;
 use rayon::prelude::*;
 
 use super::ResnetBlock2D;
@@ -58,6 +59,9 @@ pub(super) fn forward(block: &ResnetBlock2D, x: &Tensor, t: &Tensor, seed: Optio
     x.apply_op3(&flat, &t.contiguous()?, node)
 }
 
+/// The node's op name, in its errors too.
+const NAME: &str = "ddpm-resnet-block";
+
 /// The graph node of one block application: the block on detached parameters, the forward's
 /// intermediates its backward reads, and (until the op's forward has run) the two terms of the
 /// block's output.
@@ -75,25 +79,30 @@ struct Node {
     sum: Mutex<Option<(Option<Tensor>, Tensor)>>,
 }
 
-/// The contiguous f32 values of a CPU tensor, passed to `f` (under the storage's read lock).
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// The contiguous f32 values of the CPU tensor `t` (named `what` in errors), passed to `f` under the
+/// storage's read lock.
+fn with_values<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => candle_core::bail!("resnet block: an intermediate is not a contiguous f32 CPU tensor"),
+    match &*storage {
+        Storage::Cpu(s) => Ok(f(f32_slice(s, layout, NAME, what)?)),
+        _ => candle_core::bail!("{NAME}: {what} must be a CPU tensor"),
     }
 }
 
 impl CustomOp3 for Node {
     fn name(&self) -> &'static str {
-        "ddpm-resnet-block"
+        NAME
     }
 
     /// y = (skip + out) / output_scale_factor, skip = x or conv_shortcut(x), out = conv2's output.
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, _sp: &CpuStorage, _lp: &Layout, _st: &CpuStorage, _lt: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((shortcut, out)) = self.sum.lock().map_err(|_| candle_core::Error::Msg("resnet block: poisoned lock".into()))?.take() else {
-            candle_core::bail!("resnet block: the node's forward ran twice")
+        let Some((shortcut, out)) = self.sum.lock().map_err(|_| candle_core::Error::Msg(format!("{NAME}: poisoned lock")))?.take() else {
+            candle_core::bail!("{NAME}: the node's forward ran twice")
         };
+        let skip_shape = shortcut.as_ref().map_or(lx.shape(), |s| s.shape());
+        if skip_shape != out.shape() {
+            candle_core::bail!("{NAME}: the shortcut is {skip_shape:?}, conv2's output {:?}", out.shape());
+        }
         let scale = self.block.output_scale_factor;
         let sum = |skip: &[f32], out: &[f32]| -> Vec<f32> {
             if scale == 1.0 {
@@ -104,18 +113,9 @@ impl CustomOp3 for Node {
             }
         };
         let y = match &shortcut {
-            Some(skip) => with_values(skip, |s| with_values(&out, |o| sum(s, o)))??,
-            None => {
-                let x = match (sx, lx.contiguous_offsets()) {
-                    (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-                    _ => candle_core::bail!("resnet block: x must be a contiguous f32 tensor"),
-                };
-                with_values(&out, |o| sum(x, o))?
-            }
+            Some(skip) => with_values(skip, "the shortcut", |s| with_values(&out, "conv2's output", |o| sum(s, o)))??,
+            None => with_values(&out, "conv2's output", |o| f32_slice(sx, lx, NAME, "x").map(|x| sum(x, o)))??,
         };
-        if y.len() != out.elem_count() {
-            candle_core::bail!("resnet block: the shortcut has {} values, conv2's output {}", y.len(), out.elem_count());
-        }
         Ok((CpuStorage::F32(y), out.shape().clone()))
     }
 
