@@ -8,8 +8,8 @@
 # the driver to compile) and CUDA_COMPUTE_CAP=90 for an H100/H200, then copy the binaries into $BIN
 # (plain, or compressed as NAME.xz; the presets' config.json may sit beside them):
 #   cargo build --release -p ddpm-cli --features cuda                    -> ddpm
-#   cargo test --release -p ddpm-core --features cuda --test ops_cuda --no-run   -> ops_cuda
-#   cargo test --release -p ddpm-unet --features cuda --test cuda --no-run       -> unet_cuda
+#   cargo test --release -p ddpm-core --features cuda --test ops_gpu --no-run    -> ops_gpu
+#   cargo test --release -p ddpm-unet --features cuda --test gpu --no-run        -> unet_gpu
 # Linking needs libcuda.so, cuBLAS, cuRAND and the CUDA runtime (on a machine without a driver, a
 # toolkit's lib64/stubs/libcuda.so). Run on the GPU machine (python3 with torch and diffusers):
 #   BIN=target/gpubin OUT=/tmp/gpu scripts/gpu_check.sh
@@ -43,7 +43,7 @@ libdirs=$(find $("$PY" -c 'import site; print(" ".join(site.getsitepackages()))'
     \( -name 'libcublasLt.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' -o -name 'libcuda.so.1' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
 export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # The test binaries find the fixtures under the path they were built in.
-fixtures_root=$(grep -a -o -m1 '/[[:alnum:]/._-]*/crates/ddpm-unet' "$BIN/unet_cuda" 2>/dev/null | head -n1)
+fixtures_root=$(grep -a -o -m1 '/[[:alnum:]/._-]*/crates/ddpm-unet' "$BIN/unet_gpu" 2>/dev/null | head -n1)
 if [ -n "$fixtures_root" ] && [ ! -e "$fixtures_root" ]; then
     mkdir -p "$(dirname "${fixtures_root%/crates/ddpm-unet}")" && ln -s "$PWD" "${fixtures_root%/crates/ddpm-unet}"
 fi
@@ -52,11 +52,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 ldd "$BIN/ddpm" | grep -E 'not found|cublas|curand|nvrtc|libcuda' | tee -a "$LOG"
 
 # 1. Correctness on the GPU.
-in_time "ops_cuda" && { say "ops_cuda (the project's kernels against their CPU kernels)";
-    timeout 120 "$BIN/ops_cuda" --test-threads 1 2>&1 | tee -a "$LOG" | tail -n 3; }
+in_time "ops_gpu" && { say "ops_gpu (the project's kernels against their CPU kernels)";
+    timeout 120 "$BIN/ops_gpu" --test-threads 1 2>&1 | tee -a "$LOG" | tail -n 3; }
 for k in $UNET_PATHS; do
-    in_time "unet_cuda DDPM_CUDA_KERNELS=$k" && { say "unet_cuda with DDPM_CUDA_KERNELS=$k";
-        DDPM_CUDA_KERNELS=$k timeout 120 "$BIN/unet_cuda" --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
+    in_time "unet_gpu DDPM_CUDA_KERNELS=$k" && { say "unet_gpu with DDPM_CUDA_KERNELS=$k";
+        DDPM_CUDA_KERNELS=$k timeout 120 "$BIN/unet_gpu" --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
 done
 
 # 2. FLOPs per image of each config (for the fraction of peak).

@@ -174,8 +174,8 @@ impl CustomOp2 for AttentionGrad {
 
 /// Multi-head attention `qkv (N, 3C, L) -> out (N, C, L)` with `heads` heads (see the module docs):
 /// out = softmax(scale Q K^T) V per sample and head. Fused on the CPU for contiguous f32 input,
-/// [`attention_products`] with the fused softmax on CUDA with the project's kernels enabled (f32, bf16,
-/// f16),
+/// [`attention_products`] with the fused softmax on CUDA or Metal with the project's kernels enabled
+/// (f32, bf16, f16),
 /// [`attention_composed`] elsewhere; differentiable every way.
 pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let op = AttentionOp { heads, scale: scale as f32 };
@@ -183,8 +183,8 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let fused = qkv.device().is_cpu() && qkv.dtype() == DType::F32 && qkv.is_contiguous() && dims.d > 0 && dims.l > 0;
     if fused {
         qkv.apply_op1(op)
-    } else if super::cuda_kernels_enabled(qkv.device()) && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        // candle's products around the fused softmax (CUDA kernels), which runs in f32 for f16 and bf16
+    } else if (super::cuda_kernels_enabled(qkv.device()) || super::metal_kernels_enabled(qkv.device())) && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        // candle's products around the fused softmax (CUDA or Metal kernels), which runs in f32 for f16 and bf16
         // scores as the composed path's does
         attention_products(qkv, heads, scale, |s| super::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(s.dtype()))
     } else {
@@ -204,7 +204,7 @@ pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tens
 }
 
 /// [`attention`] as batched products around `softmax` (over the last dimension of the (N heads, L, L)
-/// scores): [`attention_composed`] with candle's softmax, CUDA with [`super::softmax_last_dim`].
+/// scores): [`attention_composed`] with candle's softmax, CUDA and Metal with [`super::softmax_last_dim`].
 pub fn attention_products(qkv: &Tensor, heads: usize, scale: f64, softmax: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let dims = AttentionOp { heads, scale: scale as f32 }.dims(qkv.shape())?;
     let (n, c, d, l) = (dims.n, dims.c(), dims.d, dims.l);

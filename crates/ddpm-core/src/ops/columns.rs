@@ -1,6 +1,8 @@
 //! A convolution as one column matrix and one matrix product, differentiable without a transposed
 //! convolution: the path CUDA tensors take when the project's kernels are enabled
-//! ([`super::cuda_kernels_enabled`]; `conv::conv2d_columns` runs it on any device).
+//! ([`super::cuda_kernels_enabled`]), and Metal tensors with [`super::metal_kernels_enabled`] (f32
+//! Metal kernels `ddpm_im2col` and `ddpm_col2im`; half-precision images are widened for them);
+//! `conv::conv2d_columns` runs it on any device.
 //!
 //! ```text
 //!   cols (C k k, B L) = im2col(x)        Im2col, CUDA kernel ddpm_im2col; column b L + p is image b's
@@ -26,8 +28,8 @@ use super::conv::{col2im_image, im2col_image, Geometry};
 
 /// y = conv2d(x, w) of geometry `g` by columns (see the module docs), without the bias, as a
 /// transposed view. x and w share one dtype, f32, bf16 or f16, in which the product runs (tensor
-/// cores on CUDA for the half types). The CUDA kernels read and write all three; on the CPU, whose
-/// kernels are f32, half-precision images are widened for im2col and the columns narrowed back.
+/// cores on CUDA for the half types). The CUDA kernels read and write all three; on the CPU and Metal,
+/// whose kernels are f32, half-precision images are widened for im2col and the columns narrowed back.
 pub(super) fn conv2d(x: &Tensor, w: &Tensor, g: Geometry) -> Result<Tensor> {
     let o = w.dim(0)?;
     let dtype = x.dtype();
@@ -94,6 +96,25 @@ fn launch_columns(name: &str, g: &Geometry, input: &candle_core::CudaStorage, l:
     }
 }
 
+/// Runs the Metal column kernel `ddpm_{name}` (f32; one thread per output value) of geometry `g` from
+/// the contiguous `input` to a fresh output of `out_len` values.
+#[cfg(feature = "metal")]
+fn launch_metal_columns(name: &'static str, g: &Geometry, input: &candle_core::MetalStorage, l: &Layout, out_len: usize) -> Result<candle_core::MetalStorage> {
+    use super::metal::{self, uint, Arg, Grid};
+    use candle_core::backend::BackendStorage;
+    let dev = input.device();
+    let (x, xo, _) = metal::f32_buffer(input, l, name, "the input")?;
+    // ColumnGeometry in kernels.metal
+    let mut geometry = [0u32; 9];
+    for (dst, v) in geometry.iter_mut().zip([g.b, g.c, g.h, g.w, g.k, g.stride, g.pad, g.oh, g.ow]) {
+        *dst = metal::count(v, name)?;
+    }
+    let out = metal::alloc_f32(dev, out_len, name)?;
+    let args = [Arg::In(x, xo), Arg::Out(&out, 0), Arg::Words(geometry.to_vec()), uint(metal::count(out_len, name)?)];
+    metal::launch(dev, name, Grid::Elementwise(out_len), &args)?;
+    Ok(metal::wrap(out, dev, out_len))
+}
+
 /// `x (B, C, H, W) -> cols (C k k, B L)`, the images' column matrices side by side; backward
 /// [`Col2im`].
 struct Im2col(Geometry);
@@ -129,6 +150,14 @@ impl CustomOp1 for Im2col {
         // one thread per column (b, output position), the rows along the grid's y
         let cols = launch_columns("im2col", &g, s, l, cs.elem_count(), g.b * g.positions(), g.rows())?;
         Ok((cols, cs))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        let g = self.0;
+        let cs = columns(&g);
+        check_len(self.name(), "x", l.shape().elem_count(), &images(&g), &g)?;
+        Ok((launch_metal_columns("ddpm_im2col", &g, s, l, cs.elem_count())?, cs))
     }
 
     fn bwd(&self, _x: &Tensor, _cols: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -171,6 +200,14 @@ impl CustomOp1 for Col2im {
         // one thread per input pixel (b, y, x), the channels along the grid's y
         let dx = launch_columns("col2im", &g, s, l, xs.elem_count(), g.b * g.h * g.w, g.c)?;
         Ok((dx, xs))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        let g = self.0;
+        let xs = images(&g);
+        check_len(self.name(), "dcols", l.shape().elem_count(), &columns(&g), &g)?;
+        Ok((launch_metal_columns("ddpm_col2im", &g, s, l, xs.elem_count())?, xs))
     }
 
     fn bwd(&self, _dcols: &Tensor, _dx: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

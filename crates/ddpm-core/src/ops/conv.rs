@@ -495,7 +495,8 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
 /// 3x3 "same" convolution or the direct AVX2 / AVX-512 kernel for a narrower one, with the analytic
 /// backward (see the module docs); on CUDA in f32, bf16 or f16 with the project's kernels enabled
-/// ([`super::cuda_kernels_enabled`]) it is [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
+/// ([`super::cuda_kernels_enabled`]), or on Metal with [`super::metal_kernels_enabled`], it is
+/// [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
 /// differentiable in x, w and bias.
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
@@ -577,10 +578,10 @@ fn fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)
 }
 
-/// Whether these tensors take [`conv2d_columns`]: on CUDA with the project's kernels enabled, in a
-/// dtype it takes.
+/// Whether these tensors take [`conv2d_columns`]: on CUDA or Metal with the project's kernels
+/// enabled, in a dtype it takes.
 fn by_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
-    super::cuda_kernels_enabled(x.device()) && columns_dtype(x, w, bias)
+    (super::cuda_kernels_enabled(x.device()) || super::metal_kernels_enabled(x.device())) && columns_dtype(x, w, bias)
 }
 
 /// Whether x, w and bias share one dtype of f32, bf16 and f16 (what [`conv2d_columns`] takes).

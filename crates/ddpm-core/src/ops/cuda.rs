@@ -4,7 +4,7 @@
 //! The fused ops use them on every CUDA device unless `DDPM_CUDA_KERNELS=0` is set (see
 //! [`super::cuda_kernels_enabled`]), which gives candle's composed ops instead. `cargo test --features
 //! cuda` on a CUDA machine compares every kernel with the CPU kernel of the same op
-//! (`tests/ops_cuda.rs`); `scripts/gpu_check.sh` runs those tests and the benchmarks on a GPU.
+//! (`tests/ops_gpu.rs`); `scripts/gpu_check.sh` runs those tests and the benchmarks on a GPU.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};

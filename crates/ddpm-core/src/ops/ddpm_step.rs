@@ -9,7 +9,8 @@
 //! candle runs this as six to eight elementwise ops, each a pass over the batch with its own buffer.
 //! Here, for contiguous f32 tensors on the CPU, it is one multi-threaded pass that writes x' and x_0
 //! (computed in f64 per element and rounded once); on CUDA, when [`super::cuda_kernels_enabled`], one
-//! kernel does the same. Other devices and dtypes, and dynamic
+//! kernel does the same, and on Metal with [`super::metal_kernels_enabled`] (in f32 there: Metal has
+//! no f64). Other devices and dtypes, and dynamic
 //! thresholding (a per-sample quantile), take the composed candle ops in [`crate::ddpm`].
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -115,6 +116,35 @@ impl CustomOp3 for DdpmStep {
             &m, &x, &z, &mut out, &n64, &s.x0_from_sample, &s.x0_from_output, &clip, &r, &s.coef_x0, &s.coef_xt, &sigma, &with_noise);
         Ok((cuda::wrap(out, sx), Shape::from(2 * n)))
     }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sm: &candle_core::MetalStorage,
+        lm: &Layout,
+        sx: &candle_core::MetalStorage,
+        lx: &Layout,
+        sz: &candle_core::MetalStorage,
+        lz: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let dev = sx.device();
+        let (m, mo, _) = metal::f32_buffer(sm, lm, self.name(), "model output")?;
+        let (x, xo, n) = metal::f32_buffer(sx, lx, self.name(), "sample")?;
+        let (z, zo, _) = metal::f32_buffer(sz, lz, self.name(), "noise")?;
+        let out = metal::alloc_f32(dev, 2 * n, self.name())?;
+        let s = self.s;
+        let sigma = if self.with_noise { s.sigma } else { 0.0 };
+        // StepScalars in kernels.metal: cx, cm, r, c0, ct, sigma (f32, where the CPU computes in f64),
+        // then clip and with_noise
+        let coefficients = [s.x0_from_sample, s.x0_from_output, s.clip.unwrap_or(0.0), s.coef_x0, s.coef_xt, sigma];
+        let mut k: Vec<u32> = coefficients.iter().map(|&v| (v as f32).to_bits()).collect();
+        k.extend([s.clip.is_some() as u32, self.with_noise as u32]);
+        let args = [Arg::In(m, mo), Arg::In(x, xo), Arg::In(z, zo), Arg::Out(&out, 0), uint(metal::count(n, self.name())?), Arg::Words(k)];
+        metal::launch(dev, "ddpm_step", Grid::Elementwise(n), &args)?;
+        Ok((metal::wrap(out, dev, 2 * n), Shape::from(2 * n)))
+    }
 }
 
 /// Whether [`ddpm_step`] has a fused kernel for these tensors: f32 on the CPU, or on CUDA with
@@ -128,7 +158,7 @@ pub fn fused_step_available(model_output: &Tensor, sample: &Tensor, noise: Optio
 /// Needs [`fused_step_available`]; shapes are checked by the caller.
 pub fn ddpm_step(model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>, s: StepScalars) -> Result<(Tensor, Tensor)> {
     if !fused_step_available(model_output, sample, noise) {
-        candle_core::bail!("ddpm-step: the fused step takes f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0)");
+        candle_core::bail!("ddpm-step: the fused step takes f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
     let sample_c = sample.contiguous()?;
     let z = match noise {

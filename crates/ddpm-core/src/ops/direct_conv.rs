@@ -42,6 +42,7 @@ const PB: usize = 32;
 
 /// The vector instructions the kernels run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Isa {
     /// AVX2 + FMA: 8 lanes, 16 registers (`simd::avx2`).
     Avx2,
@@ -76,6 +77,7 @@ impl Isa {
 
     /// The instruction sets this CPU supports, widest first (tests run every one).
     fn supported() -> Vec<Isa> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut all = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
@@ -361,6 +363,7 @@ unsafe fn block_row<const T: usize>(isa: Isa, xb: &[f32], pd: Padded, c: usize, 
 fn weight_grad(isa: Isa, xb: &[f32], dyb: &[f32], pd: Padded, h: usize, c: usize, dw: &mut [f32]) {
     let rows = dyb.len() / pd.plane;
     /// The instruction set's `weight_grad_block` for `rows`, one arm per row count.
+    #[cfg(target_arch = "x86_64")]
     macro_rules! by_rows {
         ($isa_mod:ident: $($r:literal)*) => {
             match rows {

@@ -4,7 +4,7 @@
 //! The uniforms come from splitmix64 in counter mode (`rng::splitmix64`): r_j, its next output from
 //! the state seed + j gamma (gamma = 0x9E3779B97F4A7C15), which is output j of the stream seeded with
 //! `seed`, gives u_{2j} = r_j's low 32 bits and u_{2j+1} = its high 32 bits, so any element's mask is
-//! a function of (seed, i) alone. The CPU kernel, the CUDA kernel and
+//! a function of (seed, i) alone. The CPU kernel, the CUDA and Metal kernels and
 //! [`dropout_mask`] (the mask on the host, for devices without a kernel) therefore give the same mask
 //! bit for bit, and the backward recomputes it instead of storing it: dx = dy m is the same op on dy.
 
@@ -102,6 +102,21 @@ impl CustomOp1 for Dropout {
         let Mask { seed, threshold, scale } = self.0;
         cuda::launch!(&dev, "ddpm_dropout", cuda::elementwise(x.len()); &x, &mut y, &n, &seed, &threshold, &scale);
         Ok((cuda::wrap(y, s), l.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, ulong_words, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let dev = s.device();
+        let (x, xo, n) = metal::f32_buffer(s, l, self.name(), "x")?;
+        let y = metal::alloc_f32(dev, n, self.name())?;
+        let Mask { seed, threshold, scale } = self.0;
+        // DropoutScalars in kernels.metal: seed, threshold (ulong), n (uint), scale (float)
+        let ([s0, s1], [t0, t1]) = (ulong_words(seed), ulong_words(threshold));
+        let k = Arg::Words(vec![s0, s1, t0, t1, metal::count(n, self.name())?, scale.to_bits()]);
+        metal::launch(dev, "ddpm_dropout", Grid::Elementwise(n), &[Arg::In(x, xo), Arg::Out(&y, 0), k])?;
+        Ok((metal::wrap(y, dev, n), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -27,8 +27,10 @@
 //! dgamma and dbeta together, both multi-threaded over (sample, group) with rayon. Mean and rstd
 //! are recomputed in the backward rather than stored: a group is a few KB and sits in cache.
 //! CUDA f32 tensors take the same two passes as CUDA kernels, one block per (sample, group), when
-//! [`super::cuda_kernels_enabled`]. Everything else (Metal, f16, bf16, f64, strided input) takes the
-//! composed candle ops, which are differentiable too.
+//! [`super::cuda_kernels_enabled`], and Metal f32 tensors as Metal kernels when
+//! [`super::metal_kernels_enabled`]. Everything else (f64, strided input, Metal without the opt-in)
+//! takes the composed candle ops, which are differentiable too; f16 and bf16 on those GPUs run the f32
+//! kernels between casts.
 
 use std::mem::MaybeUninit;
 
@@ -334,6 +336,33 @@ impl CustomOp3 for GroupNormOp {
         Ok((cuda::wrap(out, sx), lx.shape().clone()))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sx: &candle_core::MetalStorage,
+        lx: &Layout,
+        sg: &candle_core::MetalStorage,
+        lg: &Layout,
+        sb: &candle_core::MetalStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let d = self.dims;
+        let dev = sx.device();
+        let (x, xo, n_x) = metal::f32_buffer(sx, lx, self.name(), "x")?;
+        let (gamma, go, n_g) = metal::f32_buffer(sg, lg, self.name(), "gamma")?;
+        let (beta, bo, n_b) = metal::f32_buffer(sb, lb, self.name(), "beta")?;
+        if n_x != d.numel() || n_g != d.c || n_b != d.c {
+            candle_core::bail!("ddpm-group-norm: argument sizes do not match {:?}", d);
+        }
+        let out = metal::alloc_f32(dev, n_x, self.name())?;
+        // one threadgroup per (sample, group) pair
+        let args = [Arg::In(x, xo), Arg::In(gamma, go), Arg::In(beta, bo), Arg::Out(&out, 0), metal_dims(d, self.eps, self.silu)?];
+        metal::launch(dev, "ddpm_group_norm", Grid::Groups(d.n * d.groups), &args)?;
+        Ok((metal::wrap(out, dev, n_x), lx.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -463,6 +492,47 @@ impl CustomOp3 for GroupNormBackward {
         cuda::launch!(&dev, "ddpm_group_norm_params", cuda::elementwise(d.c); &part_a, &part_b, &mut dgamma, &mut dbeta, &n, &c);
         Ok((cuda::wrap(packed, sx), Shape::from(numel + 2 * d.c)))
     }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sx: &candle_core::MetalStorage,
+        lx: &Layout,
+        sgb: &candle_core::MetalStorage,
+        lgb: &Layout,
+        sd: &candle_core::MetalStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let d = self.dims;
+        let dev = sx.device();
+        let (x, xo, n_x) = metal::f32_buffer(sx, lx, self.name(), "x")?;
+        let (gb, gbo, n_gb) = metal::f32_buffer(sgb, lgb, self.name(), "gamma and beta")?;
+        let (dout, dout_o, n_d) = metal::f32_buffer(sd, ld, self.name(), "the output gradient")?;
+        if n_x != d.numel() || n_d != d.numel() || n_gb != 2 * d.c {
+            candle_core::bail!("ddpm-group-norm-backward: argument sizes do not match {:?}", d);
+        }
+        let numel = d.numel();
+        let packed = metal::alloc_f32(dev, numel + 2 * d.c, self.name())?;
+        // part_a[n C + c] = A_{n,c} = sum_s dy, part_b[n C + c] = B_{n,c} = sum_s dy xhat
+        let part_a = metal::alloc_f32(dev, d.n * d.c, self.name())?;
+        let part_b = metal::alloc_f32(dev, d.n * d.c, self.name())?;
+        let args = [Arg::In(x, xo), Arg::In(gb, gbo), Arg::In(gb, gbo + 4 * d.c), Arg::In(dout, dout_o), Arg::Out(&packed, 0), Arg::Out(&part_a, 0), Arg::Out(&part_b, 0), metal_dims(d, self.eps, self.silu)?];
+        metal::launch(dev, "ddpm_group_norm_backward", Grid::Groups(d.n * d.groups), &args)?;
+        // packed = [dx | dgamma | dbeta]: dgamma_c = sum_n B_{n,c}, dbeta_c = sum_n A_{n,c}
+        let (n, c) = (metal::count(d.n, self.name())?, metal::count(d.c, self.name())?);
+        let args = [Arg::In(&part_a, 0), Arg::In(&part_b, 0), Arg::Out(&packed, 4 * numel), Arg::Out(&packed, 4 * (numel + d.c)), uint(n), uint(c)];
+        metal::launch(dev, "ddpm_group_norm_params", Grid::Elementwise(d.c), &args)?;
+        Ok((metal::wrap(packed, dev, numel + 2 * d.c), Shape::from(numel + 2 * d.c)))
+    }
+}
+
+/// `GroupNormDims` of kernels.metal: C, groups, Cg, S (u32) of `d`, then eps (f32) and silu.
+#[cfg(feature = "metal")]
+fn metal_dims(d: Dims, eps: f64, silu: bool) -> Result<super::metal::Arg<'static>> {
+    let count = |v: usize| super::metal::count(v, "ddpm-group-norm");
+    Ok(super::metal::Arg::Words(vec![count(d.c)?, count(d.groups)?, count(d.cg())?, count(d.s)?, (eps as f32).to_bits(), silu as u32]))
 }
 
 /// Checks the arguments of [`group_norm`] and returns (N, C, S).
@@ -498,7 +568,7 @@ fn check_args(
 /// their spatial positions (PyTorch's `GroupNorm`). x may have any rank >= 2 (rank 2 is a spatial
 /// size of 1).
 ///
-/// For contiguous f32 tensors on the CPU (or CUDA, see [`super::cuda_kernels_enabled`]) this is one fused custom op whose backward
+/// For contiguous f32 tensors on the CPU (or CUDA or Metal with the project's kernels, see [`super::cuda_kernels_enabled`] and [`super::metal_kernels_enabled`]) this is one fused custom op whose backward
 /// (also fused) gives the gradients of x, gamma and beta; bf16 and f16 tensors there run the same op in
 /// f32 between casts; otherwise it is [`group_norm_composed`]. All are differentiable.
 pub fn group_norm(
@@ -528,7 +598,7 @@ pub fn group_norm(
 /// CUDA, see [`super::cuda_kernels_enabled`]) only, where [`group_norm`] runs its fused op.
 pub fn group_norm_backward(x: &Tensor, num_groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let Some(op) = fused_op(x, num_groups, gamma, beta, (eps, silu), &[dout])? else {
-        candle_core::bail!("group_norm_backward: x, gamma, beta and dout must be f32 tensors on the CPU (or CUDA with the project's kernels), x contiguous");
+        candle_core::bail!("group_norm_backward: x, gamma, beta and dout must be f32 tensors on the CPU (or CUDA or Metal with the project's kernels), x contiguous");
     };
     if dout.dims() != x.dims() {
         candle_core::bail!("group_norm_backward: dout is {:?}, x is {:?}", dout.dims(), x.dims());

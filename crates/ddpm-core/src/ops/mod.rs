@@ -6,8 +6,12 @@
 //! CUDA kernels (`ops/cuda/kernels.cu`), used when [`cuda_kernels_enabled`]; so does the convolution,
 //! as im2col and col2im kernels around candle's (cuBLAS) matrix products (`ops/columns.rs`), so that
 //! its gradient runs no transposed convolution; attention as cuBLAS products around a fused softmax
-//! with its analytic backward (`ops/softmax.rs`). There are no Metal kernels yet: Metal takes the
-//! composed ops.
+//! with its analytic backward (`ops/softmax.rs`).
+//!
+//! With the `metal` feature the same f32 kernels except the convolution's exist in Metal
+//! (`ops/metal/kernels.metal`), opt-in with `DDPM_METAL_KERNELS=1` ([`metal_kernels_enabled`]): they
+//! have run in a CPU emulation (`scripts/check_metal.sh`), not yet on Apple hardware. Without it,
+//! Metal takes the composed ops.
 
 /// Defines `fn $name(args) body` twice, once compiled for AVX2, and calls the AVX2 copy when the CPU
 /// has it (8-wide lanes then take one instruction instead of two). Same results either way: the
@@ -35,6 +39,8 @@ pub(crate) mod columns;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "metal")]
+pub(crate) mod metal;
 pub mod ddpm_step;
 pub mod dropout;
 pub(crate) mod direct_conv;
@@ -62,10 +68,18 @@ pub fn cuda_kernels_enabled(device: &Device) -> bool {
     cfg!(feature = "cuda") && device.is_cuda() && *ENABLED.get_or_init(|| !std::env::var("DDPM_CUDA_KERNELS").is_ok_and(|v| v == "0"))
 }
 
-/// Whether the fused ops have a kernel for tensors on `device`: the CPU, or CUDA when
-/// [`cuda_kernels_enabled`].
+/// Whether the fused ops run their own Metal kernels on `device`: in a build with the `metal` feature,
+/// on a Metal device, when `DDPM_METAL_KERNELS=1` is in the environment (read once). Opt-in until
+/// they have run on Apple hardware; otherwise Metal tensors take candle's composed ops.
+pub fn metal_kernels_enabled(device: &Device) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "metal") && device.is_metal() && *ENABLED.get_or_init(|| std::env::var("DDPM_METAL_KERNELS").is_ok_and(|v| v == "1"))
+}
+
+/// Whether the fused ops have a kernel for tensors on `device`: the CPU, CUDA when
+/// [`cuda_kernels_enabled`], Metal when [`metal_kernels_enabled`].
 pub(crate) fn fused_device(device: &Device) -> bool {
-    device.is_cpu() || cuda_kernels_enabled(device)
+    device.is_cpu() || cuda_kernels_enabled(device) || metal_kernels_enabled(device)
 }
 
 /// The sum of `values` in 16 interleaved partial sums (lane l adds values l, l + 16, ...), then the

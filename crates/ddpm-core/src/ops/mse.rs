@@ -37,6 +37,15 @@ impl Mse {
             None => Ok((super::cuda::upload_f32(dev, &[1.0])?, 0)),
         }
     }
+
+    /// [`Mse::device_weights`] on a Metal device.
+    #[cfg(feature = "metal")]
+    fn metal_weights(&self, dev: &candle_core::MetalDevice) -> Result<(std::sync::Arc<candle_metal_kernels::metal::Buffer>, u32)> {
+        match &self.weights {
+            Some(w) => Ok((super::metal::upload_f32(dev, w)?, 1)),
+            None => Ok((super::metal::upload_f32(dev, &[1.0])?, 0)),
+        }
+    }
 }
 
 impl CustomOp2 for Mse {
@@ -84,6 +93,23 @@ impl CustomOp2 for Mse {
         let mut out = cuda::alloc_f32(&dev, 1)?;
         cuda::launch!(&dev, "ddpm_mse_total", cuda::per_block(1); &sums, &n64, &mut out);
         Ok((cuda::wrap(out, sp), Shape::from(())))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, sp: &candle_core::MetalStorage, lp: &Layout, sy: &candle_core::MetalStorage, ly: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let dev = sp.device();
+        let ((p, po, total), (y, yo, _)) = (metal::f32_buffer(sp, lp, self.name(), "prediction")?, metal::f32_buffer(sy, ly, self.name(), "target")?);
+        let (w, has_w) = self.metal_weights(dev)?;
+        // sums_i = w_i (1 / M) sum_j (p_ij - y_ij)^2, one threadgroup per sample; then L = (1 / N) sum_i sums_i
+        let sums = metal::alloc_f32(dev, self.n, self.name())?;
+        let (m, n) = (metal::count(total / self.n, self.name())?, metal::count(self.n, self.name())?);
+        let args = [Arg::In(p, po), Arg::In(y, yo), Arg::In(&w, 0), uint(has_w), Arg::Out(&sums, 0), uint(m)];
+        metal::launch(dev, "ddpm_mse_sample_sums", Grid::Groups(self.n), &args)?;
+        let out = metal::alloc_f32(dev, 1, self.name())?;
+        metal::launch(dev, "ddpm_mse_total", Grid::Groups(1), &[Arg::In(&sums, 0), uint(n), Arg::Out(&out, 0)])?;
+        Ok((metal::wrap(out, dev, 1), Shape::from(())))
     }
 
     fn bwd(&self, p: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -148,6 +174,30 @@ impl CustomOp3 for MseBackward {
         cuda::launch!(&dev, "ddpm_mse_backward", cuda::elementwise(total); &p, &y, &g, &w, &has_w, &mut dp, &m64, &total64, &inv_nm);
         Ok((cuda::wrap(dp, sp), lp.shape().clone()))
     }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sp: &candle_core::MetalStorage,
+        lp: &Layout,
+        sy: &candle_core::MetalStorage,
+        ly: &Layout,
+        sg: &candle_core::MetalStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let dev = sp.device();
+        let (p, po, total) = metal::f32_buffer(sp, lp, self.name(), "prediction")?;
+        let ((y, yo, _), (g, go, _)) = (metal::f32_buffer(sy, ly, self.name(), "target")?, metal::f32_buffer(sg, lg, self.name(), "gradient")?);
+        let (w, has_w) = self.0.metal_weights(dev)?;
+        let dp = metal::alloc_f32(dev, total, self.name())?;
+        // dp_ij = g 2 w_i (p_ij - y_ij) / (N M)
+        let (m, total32) = (metal::count(total / self.0.n, self.name())?, metal::count(total, self.name())?);
+        let args = [Arg::In(p, po), Arg::In(y, yo), Arg::In(g, go), Arg::In(&w, 0), uint(has_w), Arg::Out(&dp, 0), uint(m), uint(total32)];
+        metal::launch(dev, "ddpm_mse_backward", Grid::Elementwise(total), &args)?;
+        Ok((metal::wrap(dp, dev, total), lp.shape().clone()))
+    }
 }
 
 /// The weighted mean squared error L = (1 / N) sum_i w_i mean_j (p_ij - y_ij)^2 of a prediction `p`
@@ -155,7 +205,7 @@ impl CustomOp3 for MseBackward {
 /// is the plain mean over every element). A scalar that backpropagates into `p`; `y` is treated as a
 /// constant.
 ///
-/// For f32 tensors on the CPU (or CUDA, see [`super::cuda_kernels_enabled`]) this is one fused op with a fused backward; otherwise it is
+/// For f32 tensors on the CPU (or CUDA or Metal with the project's kernels, see [`super::cuda_kernels_enabled`] and [`super::metal_kernels_enabled`]) this is one fused op with a fused backward; otherwise it is
 /// [`weighted_mse_composed`].
 pub fn weighted_mse(p: &Tensor, y: &Tensor, weights: Option<&[f32]>) -> Result<Tensor> {
     if p.dims() != y.dims() || p.rank() == 0 {

@@ -4,7 +4,8 @@
 //! each parameter and the EMA three more; for a 36M-parameter UNet that is several GB of fresh memory
 //! per step, which the kernel must zero page by page. Here, for contiguous f32 tensors on the CPU,
 //! each update is a multi-threaded pass that writes into the tensors' own storage and allocates
-//! nothing; on CUDA, when [`super::cuda_kernels_enabled`], each is one kernel. [`fused_available`] says
+//! nothing; on CUDA, when [`super::cuda_kernels_enabled`], each is one kernel, and on Metal with
+//! [`super::metal_kernels_enabled`]. [`fused_available`] says
 //! whether a set of tensors qualifies; callers keep the composed ops for the rest (other devices and
 //! dtypes).
 
@@ -14,8 +15,9 @@ use rayon::prelude::*;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 15;
 
-/// Whether every tensor is a contiguous f32 tensor on the CPU, or on a CUDA device whose kernels are
-/// enabled ([`super::cuda_kernels_enabled`]): what the in-place kernels take.
+/// Whether every tensor is a contiguous f32 tensor on the CPU, or on a CUDA or Metal device whose
+/// kernels are enabled ([`super::cuda_kernels_enabled`], [`super::metal_kernels_enabled`]): what the
+/// in-place kernels take.
 pub fn fused_available(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| super::fused_device(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
 }
@@ -92,6 +94,19 @@ impl InplaceOp2 for RunningAverage {
         cuda::launch!(&dev, "ddpm_running_average", cuda::elementwise(n); &mut avg, &x, &n64, &self.keep, &self.take, &self.scale, &square);
         Ok(())
     }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s1: &mut candle_core::MetalStorage, l1: &Layout, s2: &candle_core::MetalStorage, l2: &Layout) -> Result<()> {
+        use super::metal::{self, float, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let (x, xo, n_x) = metal::f32_buffer(s2, l2, self.name(), "new values")?;
+        let (avg, ao, n) = metal::f32_buffer(s1, l1, self.name(), "average")?;
+        if n_x != n {
+            candle_core::bail!("{}: average and new values differ in size", self.name());
+        }
+        let args = [Arg::Out(avg, ao), Arg::In(x, xo), uint(metal::count(n, self.name())?), float(self.keep), float(self.take), float(self.scale), uint(self.square as u32)];
+        metal::launch(s1.device(), "ddpm_running_average", Grid::Elementwise(n), &args)
+    }
 }
 
 /// theta <- theta (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps).
@@ -146,6 +161,30 @@ impl InplaceOp3 for Apply {
         cuda::launch!(&dev, "ddpm_adamw_apply", cuda::elementwise(n); &mut theta, &m, &v, &n64, &self.decay, &self.lr, &self.inv_bc1, &self.inv_bc2, &self.eps);
         Ok(())
     }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &mut candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        use super::metal::{self, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let (m, mo, n_m) = metal::f32_buffer(s2, l2, self.name(), "first moment")?;
+        let (v, vo, n_v) = metal::f32_buffer(s3, l3, self.name(), "second moment")?;
+        let (theta, to, n) = metal::f32_buffer(s1, l1, self.name(), "parameter")?;
+        if n_m != n || n_v != n {
+            candle_core::bail!("ddpm-adamw-apply: parameter and moments differ in size");
+        }
+        // AdamwScalars in kernels.metal
+        let k = [self.decay, self.lr, self.inv_bc1, self.inv_bc2, self.eps].map(f32::to_bits).to_vec();
+        let args = [Arg::Out(theta, to), Arg::In(m, mo), Arg::In(v, vo), uint(metal::count(n, self.name())?), Arg::Words(k)];
+        metal::launch(s1.device(), "ddpm_adamw_apply", Grid::Elementwise(n), &args)
+    }
 }
 
 /// One AdamW step (Loshchilov and Hutter) written into `theta`, `m` and `v`, with k = `s.step`:
@@ -159,7 +198,7 @@ impl InplaceOp3 for Apply {
 /// must not share storage with each other or with `theta`.
 pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &AdamWStep) -> Result<()> {
     if !fused_available(&[theta, m, v, grad]) {
-        candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0)");
+        candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
     let k = s.step.min(i32::MAX as u64) as i32;
     m.inplace_op2(grad, &RunningAverage::new(s.beta1, s.grad_scale, false))?;
@@ -178,7 +217,7 @@ pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &Ad
 /// [`fused_available`] and must not share storage).
 pub fn ema_update_(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<()> {
     if !fused_available(&[ema, theta]) {
-        candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0)");
+        candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
     ema.inplace_op2(theta, &RunningAverage::new(decay, 1.0, false))
 }

@@ -1,5 +1,5 @@
 //! Softmax over the last dimension as one op with an analytic backward: the attention probabilities
-//! on CUDA (with the project's kernels enabled), where candle composes the softmax from five ops, each
+//! on CUDA and Metal (with the project's kernels enabled), where candle composes the softmax from five ops, each
 //! with a buffer and a backward of its own. For each row x (length n):
 //!
 //! ```text
@@ -8,7 +8,8 @@
 //! ```
 //!
 //! with the sums in f64 (CPU: in row order; CUDA kernels `ddpm_softmax_rows` and
-//! `ddpm_softmax_rows_backward`: one block per row, a fixed reduction tree).
+//! `ddpm_softmax_rows_backward`: one block per row, a fixed reduction tree; the Metal kernels of the
+//! same names sum in f32 in the same tree).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -73,6 +74,19 @@ impl CustomOp1 for SoftmaxRows {
         Ok((cuda::wrap(p, s), l.shape().clone()))
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(&self, s: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let dev = s.device();
+        let (x, xo, n) = metal::f32_buffer(s, l, self.name(), "x")?;
+        let p = metal::alloc_f32(dev, n, self.name())?;
+        // one threadgroup per row
+        let args = [Arg::In(x, xo), Arg::Out(&p, 0), uint(metal::count(self.cols, self.name())?)];
+        metal::launch(dev, "ddpm_softmax_rows", Grid::Groups(n / self.cols), &args)?;
+        Ok((metal::wrap(p, dev, n), l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.detach().contiguous()?;
         Ok(Some(p.detach().apply_op2_no_bwd(&grad, &SoftmaxRowsGrad { cols: self.cols })?))
@@ -120,5 +134,27 @@ impl CustomOp2 for SoftmaxRowsGrad {
         let cols = self.cols as u64;
         cuda::launch!(&dev, "ddpm_softmax_rows_backward", cuda::per_block(p.len() / self.cols); &p, &dp, &mut dx, &cols);
         Ok((cuda::wrap(dx, sp), lp.shape().clone()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        sp: &candle_core::MetalStorage,
+        lp: &Layout,
+        sd: &candle_core::MetalStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        use super::metal::{self, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let dev = sp.device();
+        let (p, po, n) = metal::f32_buffer(sp, lp, self.name(), "p")?;
+        let (dp, dpo, n_dp) = metal::f32_buffer(sd, ld, self.name(), "dp")?;
+        if n != n_dp {
+            candle_core::bail!("ddpm-softmax-rows-backward: p has {n} values, dp {n_dp}");
+        }
+        let dx = metal::alloc_f32(dev, n, self.name())?;
+        let args = [Arg::In(p, po), Arg::In(dp, dpo), Arg::Out(&dx, 0), uint(metal::count(self.cols, self.name())?)];
+        metal::launch(dev, "ddpm_softmax_rows_backward", Grid::Groups(n / self.cols), &args)?;
+        Ok((metal::wrap(dx, dev, n), lp.shape().clone()))
     }
 }

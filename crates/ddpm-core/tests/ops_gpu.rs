@@ -1,10 +1,11 @@
-//! The CUDA kernels of the fused ops against their CPU kernels (which the other ops_* tests check
-//! against the composed candle ops and hand-computed cases): values and gradients.
+//! The GPU kernels of the fused ops (CUDA, or Metal) against their CPU kernels (which the other
+//! ops_* tests check against the composed candle ops and hand-computed cases): values and gradients.
 //!
-//! Compiled with `--features cuda` only, and needs a CUDA GPU: `cargo test -p ddpm-core --features cuda
-//! --test ops_cuda` (nvcc on PATH, CUDA_COMPUTE_CAP set for the GPU). Without a GPU the tests fail
-//! with a message saying so.
-#![cfg(feature = "cuda")]
+//! Compiled with `--features cuda` or `--features metal` only, and needs that GPU: `cargo test -p
+//! ddpm-core --features cuda --test ops_gpu` (nvcc on PATH, CUDA_COMPUTE_CAP set for the GPU), or
+//! `--features metal` on a Mac (the Metal kernels are opt-in; the tests switch them on). Without the
+//! GPU the tests fail with a message saying so.
+#![cfg(any(feature = "cuda", feature = "metal"))]
 
 mod common;
 
@@ -12,14 +13,24 @@ use candle_core::{DType, Device, Tensor, Var};
 use ddpm_core::ops::ddpm_step::{ddpm_step, StepScalars};
 use ddpm_core::ops::optim::{adamw_step_, ema_update_, AdamWStep};
 use ddpm_core::ops::conv::{conv2d, upsample2x_conv2d};
-use ddpm_core::ops::{attention, cuda_kernels_enabled, dropout, group_norm, softmax_last_dim, weighted_mse};
+use ddpm_core::ops::{attention, dropout, group_norm, softmax_last_dim, weighted_mse};
 
 /// The first CUDA device, with the project's kernels switched on.
+#[cfg(feature = "cuda")]
 fn gpu() -> Device {
     // All tests set the same value, before any op reads it.
     std::env::set_var("DDPM_CUDA_KERNELS", "1");
     let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU (Device::new_cuda(0) failed)");
-    assert!(cuda_kernels_enabled(&dev));
+    assert!(ddpm_core::ops::cuda_kernels_enabled(&dev));
+    dev
+}
+
+/// The first Metal device, with the project's Metal kernels switched on (they are opt-in).
+#[cfg(not(feature = "cuda"))]
+fn gpu() -> Device {
+    std::env::set_var("DDPM_METAL_KERNELS", "1");
+    let dev = Device::new_metal(0).expect("these tests need a Metal GPU (Device::new_metal(0) failed)");
+    assert!(ddpm_core::ops::metal_kernels_enabled(&dev));
     dev
 }
 
@@ -112,7 +123,7 @@ fn adamw_and_ema_match_the_cpu_kernels() {
 
 #[test]
 fn convolutions_match_the_cpu_kernels() {
-    // On the GPU the convolution runs by columns (im2col and col2im kernels around cuBLAS products);
+    // On the GPU the convolution runs by columns (im2col and col2im kernels around candle's products);
     // on the CPU by the CPU kernels: "same" 3x3, strided, 1x1, a per-image bias and the upsampler.
     let gpu = gpu();
     for (b, c, o, (h, w), (k, stride, pad), per_image, upsample) in [
@@ -142,6 +153,7 @@ fn convolutions_match_the_cpu_kernels() {
 }
 
 #[test]
+#[cfg(feature = "cuda")]
 fn half_precision_convolutions_match_the_cpu() {
     // bf16 and f16 on the GPU (the column kernels in the half type, the products on tensor cores)
     // against the CPU's f32 convolution of the same rounded values: outputs and gradients within a
@@ -174,7 +186,7 @@ fn half_precision_convolutions_match_the_cpu() {
 #[test]
 fn softmax_and_attention_match_the_cpu_kernels() {
     // The softmax kernels (rows shorter and longer than a block of threads, large logits), and
-    // attention, which on the GPU runs cuBLAS products around them and on the CPU its fused kernel.
+    // attention, which on the GPU runs candle's products around them and on the CPU its fused kernel.
     let gpu = gpu();
     for (shape, amp) in [(vec![3, 7], 3.0), (vec![2, 700], 80.0)] {
         let run = |dev: &Device| {

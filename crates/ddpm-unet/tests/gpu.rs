@@ -1,10 +1,11 @@
-//! The whole UNet on a CUDA GPU: diffusers' outputs on the reference fixtures (f32 and bf16), and the
-//! training gradients against the CPU's.
+//! The whole UNet on a GPU (CUDA, or Metal): diffusers' outputs on the reference fixtures (f32, and
+//! bf16 on CUDA), and the training gradients against the CPU's.
 //!
-//! Compiled with `--features cuda` only, and needs a GPU: `cargo test -p ddpm-unet --features cuda
-//! --test cuda`. Run it twice, with and without `DDPM_CUDA_KERNELS=0`, to cover both the project's
-//! kernels and candle's composed ops.
-#![cfg(feature = "cuda")]
+//! Compiled with `--features cuda` or `--features metal` only, and needs that GPU: `cargo test -p
+//! ddpm-unet --features cuda --test gpu`. Run it twice, with and without `DDPM_CUDA_KERNELS=0`
+//! (on a Mac: with and without `DDPM_METAL_KERNELS=1`), to cover both the project's kernels and
+//! candle's composed ops.
+#![cfg(any(feature = "cuda", feature = "metal"))]
 
 use std::path::PathBuf;
 
@@ -17,8 +18,13 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/diffusers")).join(name)
 }
 
+/// The first CUDA device (with `cuda`), else the first Metal device.
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("these tests need a CUDA GPU (Device::new_cuda(0) failed)")
+    #[cfg(feature = "cuda")]
+    let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU (Device::new_cuda(0) failed)");
+    #[cfg(not(feature = "cuda"))]
+    let dev = Device::new_metal(0).expect("these tests need a Metal GPU (Device::new_metal(0) failed)");
+    dev
 }
 
 /// max |a - b| / max(1, max |b|), both brought to the CPU in f32.
@@ -48,6 +54,7 @@ fn gpu_matches_diffusers_in_f32() {
 }
 
 #[test]
+#[cfg(feature = "cuda")]
 fn gpu_matches_diffusers_in_bf16() {
     // bf16 keeps 8 bits of mantissa: a relative error of a few 1e-3 per op, some 1e-2 over the network.
     parity("unet-mnist-small", DType::BF16, 5e-2);
