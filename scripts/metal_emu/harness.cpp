@@ -47,7 +47,7 @@ static void check(const std::string& name, const Vec& got, const Ref& want, doub
         scale = std::max(scale, std::fabs(want[i]));
     }
     bool ok = sizes && err <= tol * scale && std::isfinite(err);
-    std::printf("%s %-44s max error %.2e of scale %.2e (bound %.0e)\n", ok ? "ok  " : "FAIL", name.c_str(), err, scale, tol);
+    std::printf("%s %-58s error %.1e / scale %.1e = %.1e (bound %.0e)\n", ok ? "ok  " : "FAIL", name.c_str(), err, scale, err / scale, tol);
     failures += !ok;
 }
 
