@@ -288,22 +288,26 @@ static void column_kernels() {
         Vec x = random(numel, 19), wt = random(o * rows, 20), dcols = random(rows * bl, 21);
         Vec cols(rows * bl, std::nanf(""));
         run_elementwise(rows * bl, [&](uint i) { ddpm_im2col(x.data(), cols.data(), g, rows * bl, i); });
-        // W (O, C k k) @ cols against the convolution written as its sum over channels and taps
+        // The input pixel that column entry (r, j) stands for: row r = (c k + ki) k + kj, column
+        // j = b L + oy OW + ox read x[b, c, oy S + ki - P, ox S + kj - P]; -1 in the zero padding.
+        auto source = [&](uint r, uint j) -> long {
+            const uint c = r / (cs.k * cs.k), ki = r / cs.k % cs.k, kj = r % cs.k;
+            const uint b = j / (oh * ow), oy = j % (oh * ow) / ow, ox = j % ow;
+            const int iy = (int)(oy * cs.stride + ki) - (int)cs.pad, ix = (int)(ox * cs.stride + kj) - (int)cs.pad;
+            if (iy < 0 || ix < 0 || iy >= (int)cs.h || ix >= (int)cs.w) return -1;
+            return ((long)(b * cs.c + c) * cs.h + iy) * cs.w + ix;
+        };
+        // W (O, C k k) @ cols against the convolution summed over channels and taps straight from x
         Vec product(o * bl);
         Ref direct(o * bl, 0.0);
         for (uint oc = 0; oc < o; oc++)
             for (uint j = 0; j < bl; j++) {
                 double s = 0;
-                for (uint r = 0; r < rows; r++) s += (double)wt[oc * rows + r] * cols[(size_t)r * bl + j];
+                for (uint r = 0; r < rows; r++) {
+                    s += (double)wt[oc * rows + r] * cols[(size_t)r * bl + j];
+                    if (long src = source(r, j); src >= 0) direct[oc * bl + j] += (double)wt[oc * rows + r] * x[src];
+                }
                 product[oc * bl + j] = (float)s;
-                const uint b = j / (oh * ow), oy = j % (oh * ow) / ow, ox = j % ow;
-                for (uint c = 0; c < cs.c; c++)
-                    for (uint ki = 0; ki < cs.k; ki++)
-                        for (uint kj = 0; kj < cs.k; kj++) {
-                            int iy = (int)(oy * cs.stride + ki) - (int)cs.pad, ix = (int)(ox * cs.stride + kj) - (int)cs.pad;
-                            if (iy < 0 || ix < 0 || iy >= (int)cs.h || ix >= (int)cs.w) continue;
-                            direct[oc * bl + j] += (double)wt[oc * rows + (c * cs.k + ki) * cs.k + kj] * x[((b * cs.c + c) * cs.h + iy) * cs.w + ix];
-                        }
             }
         check("im2col: W @ cols vs the direct convolution" + tag, product, direct, 1e-6);
         // col2im (a gather) against the scatter-add of every column entry onto the pixel it came from
@@ -311,13 +315,8 @@ static void column_kernels() {
         run_elementwise(numel, [&](uint i) { ddpm_col2im(dcols.data(), dx.data(), g, numel, i); });
         Ref scattered(numel, 0.0);
         for (uint r = 0; r < rows; r++)
-            for (uint j = 0; j < bl; j++) {
-                const uint c = r / (cs.k * cs.k), ki = r / cs.k % cs.k, kj = r % cs.k;
-                const uint b = j / (oh * ow), oy = j % (oh * ow) / ow, ox = j % ow;
-                int iy = (int)(oy * cs.stride + ki) - (int)cs.pad, ix = (int)(ox * cs.stride + kj) - (int)cs.pad;
-                if (iy < 0 || ix < 0 || iy >= (int)cs.h || ix >= (int)cs.w) continue;
-                scattered[((b * cs.c + c) * cs.h + iy) * cs.w + ix] += dcols[(size_t)r * bl + j];
-            }
+            for (uint j = 0; j < bl; j++)
+                if (long src = source(r, j); src >= 0) scattered[src] += dcols[(size_t)r * bl + j];
         check("col2im vs the scatter-add" + tag, dx, scattered, 1e-6);
     }
 }

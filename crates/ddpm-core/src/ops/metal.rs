@@ -5,15 +5,16 @@
 //! The kernels are opt-in: the fused ops use them on a Metal device only when `DDPM_METAL_KERNELS=1`
 //! is set (see [`super::metal_kernels_enabled`]), and take candle's composed ops otherwise. They have
 //! run only in the CPU emulation of `scripts/check_metal.sh` (every kernel against an f64 reference),
-//! not yet on Apple hardware. They are f32 only: the other dtypes keep the composed ops (f16 and bf16
-//! group norm run the f32 kernel between casts, as on CUDA).
+//! not yet on Apple hardware. They are f32 only: for f16 and bf16, group norm, the dropout mask, the
+//! column convolution and attention's softmax run the f32 kernels between casts, and the other ops
+//! keep the composed ones.
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Result};
-use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline};
+use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline, Library};
 use objc2_metal::MTLSize;
 
 /// The kernels' source, compiled by the Metal driver at run time.
@@ -58,33 +59,33 @@ pub(crate) fn ulong_words(v: u64) -> [u32; 2] {
     [v as u32, (v >> 32) as u32]
 }
 
+/// One device's compiled source and the pipelines made from it so far.
+struct Compiled {
+    library: Library,
+    pipelines: HashMap<&'static str, ComputePipeline>,
+}
+
 /// The pipeline of kernel `name` on `dev`, compiling the source the first time a device needs it.
 fn pipeline(dev: &MetalDevice, name: &'static str) -> Result<ComputePipeline> {
-    type Cache = Mutex<HashMap<(u64, &'static str), ComputePipeline>>;
-    static PIPELINES: OnceLock<Cache> = OnceLock::new();
-    static LIBRARIES: OnceLock<Mutex<HashMap<u64, candle_metal_kernels::metal::Library>>> = OnceLock::new();
-    let id = dev.metal_device().registry_id();
-    let mut pipelines = PIPELINES.get_or_init(Default::default).lock().map_err(|_| MetalError::Message("ddpm metal kernels: pipeline cache poisoned".into()))?;
-    if let Some(p) = pipelines.get(&(id, name)) {
-        return Ok(p.clone());
-    }
-    let library = {
-        let mut libraries = LIBRARIES.get_or_init(Default::default).lock().map_err(|_| MetalError::Message("ddpm metal kernels: library cache poisoned".into()))?;
-        match libraries.get(&id) {
-            Some(l) => l.clone(),
-            None => {
-                let l = dev.metal_device().new_library_with_source(SOURCE, None).map_err(MetalError::from)?;
-                libraries.insert(id, l.clone());
-                l
-            }
+    // keyed by the device's registry id
+    static DEVICES: OnceLock<Mutex<HashMap<u64, Compiled>>> = OnceLock::new();
+    let mut devices = DEVICES.get_or_init(Default::default).lock().map_err(|_| MetalError::Message("ddpm metal kernels: pipeline cache poisoned".into()))?;
+    let compiled = match devices.entry(dev.metal_device().registry_id()) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => {
+            let library = dev.metal_device().new_library_with_source(SOURCE, None).map_err(MetalError::from)?;
+            e.insert(Compiled { library, pipelines: HashMap::new() })
         }
     };
-    let function = library.get_function(name, None).map_err(MetalError::from)?;
+    if let Some(p) = compiled.pipelines.get(name) {
+        return Ok(p.clone());
+    }
+    let function = compiled.library.get_function(name, None).map_err(MetalError::from)?;
     let p = dev.metal_device().new_compute_pipeline_state_with_function(&function).map_err(MetalError::from)?;
     if p.max_total_threads_per_threadgroup() < THREADS {
         candle_core::bail!("ddpm metal kernel {name}: the device allows {} threads per threadgroup, the kernel needs {THREADS}", p.max_total_threads_per_threadgroup());
     }
-    pipelines.insert((id, name), p.clone());
+    compiled.pipelines.insert(name, p.clone());
     Ok(p)
 }
 

@@ -8,8 +8,8 @@
 //! its gradient runs no transposed convolution; attention as cuBLAS products around a fused softmax
 //! with its analytic backward (`ops/softmax.rs`).
 //!
-//! With the `metal` feature the same f32 kernels except the convolution's exist in Metal
-//! (`ops/metal/kernels.metal`), opt-in with `DDPM_METAL_KERNELS=1` ([`metal_kernels_enabled`]): they
+//! With the `metal` feature the same f32 kernels, the convolution's im2col and col2im included, exist
+//! in Metal (`ops/metal/kernels.metal`), opt-in with `DDPM_METAL_KERNELS=1` ([`metal_kernels_enabled`]): they
 //! have run in a CPU emulation (`scripts/check_metal.sh`), not yet on Apple hardware. Without it,
 //! Metal takes the composed ops.
 

@@ -28,23 +28,28 @@ struct Mse {
 }
 
 impl Mse {
-    /// The weights on `dev` and whether there are any (the kernels read 1 for every sample without;
-    /// a one-value placeholder stands in then).
-    #[cfg(feature = "cuda")]
-    fn device_weights(&self, dev: &candle_core::CudaDevice) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, i32)> {
+    /// The weights a GPU kernel reads and whether there are any: the kernels read 1 for every sample
+    /// without, and a one-value placeholder stands in then.
+    #[cfg(any(feature = "cuda", feature = "metal"))]
+    fn kernel_weights(&self) -> (&[f32], bool) {
         match &self.weights {
-            Some(w) => Ok((super::cuda::upload_f32(dev, w)?, 1)),
-            None => Ok((super::cuda::upload_f32(dev, &[1.0])?, 0)),
+            Some(w) => (w, true),
+            None => (&[1.0], false),
         }
     }
 
-    /// [`Mse::device_weights`] on a Metal device.
+    /// [`Mse::kernel_weights`] on a CUDA device.
+    #[cfg(feature = "cuda")]
+    fn device_weights(&self, dev: &candle_core::CudaDevice) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>, i32)> {
+        let (w, has_w) = self.kernel_weights();
+        Ok((super::cuda::upload_f32(dev, w)?, has_w as i32))
+    }
+
+    /// [`Mse::kernel_weights`] on a Metal device.
     #[cfg(feature = "metal")]
     fn metal_weights(&self, dev: &candle_core::MetalDevice) -> Result<(std::sync::Arc<candle_metal_kernels::metal::Buffer>, u32)> {
-        match &self.weights {
-            Some(w) => Ok((super::metal::upload_f32(dev, w)?, 1)),
-            None => Ok((super::metal::upload_f32(dev, &[1.0])?, 0)),
-        }
+        let (w, has_w) = self.kernel_weights();
+        Ok((super::metal::upload_f32(dev, w)?, has_w as u32))
     }
 }
 
