@@ -1,6 +1,7 @@
-// Runs every kernel of crates/ddpm-core/src/ops/metal/kernels.metal on the CPU and compares it with a
-// reference: the formula in f64, central differences of the f64 forward for the backward kernels,
-// and splitmix64's published sequence for dropout. Built and run by scripts/check_metal.sh, which
+// Runs every kernel of the Metal sources (ddpm-core's prelude.metal and kernels.metal, ddpm-unet's
+// kernels.metal) on the CPU and compares it with a reference: the formula in f64, central
+// differences of the f64 forward for the backward kernels, and splitmix64's published sequence for
+// dropout. Built and run by scripts/check_metal.sh, which
 // strips the kernels' attributes into build/kernels.cpp first. Exit status 1 if any check fails.
 //
 // Emulation: a threadgroup is THREADS std::threads sharing one std::barrier and one threadgroup

@@ -221,9 +221,8 @@ fn batch_indices(n: usize, batch: usize, seed: u64, step: u64, cache: &mut Optio
     perm[k * batch..(k + 1) * batch].to_vec()
 }
 
-/// The state of a run in memory.
+/// The state of a run in memory (the optimizer holds the model's variables).
 struct Trainer {
-    varmap: VarMap,
     model: UNet2DModel,
     opt: AdamW,
     ema: HashMap<String, Tensor>,
@@ -289,7 +288,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 /// Runs `ddpm train`; `before_write` is called before each checkpoint file is written (tests inject
-/// faults there).
+/// faults there). The steps: set-up ([`setup`], [`Trainer::new`]), resume ([`Trainer::resume`]),
+/// then per optimizer step [`Trainer::step`], [`log_step`], [`save_checkpoint`] and [`write_samples`].
 pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>) -> Result<()> {
     let device = parse_device(&args.device)?;
     let cfg = unet_config_from(&args)?;
@@ -303,53 +303,11 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
     let samples_dir = s.out.join("samples");
     std::fs::create_dir_all(&samples_dir).with_context(|| format!("{}: cannot create folder", samples_dir.display()))?;
 
-    // Build the model on a variable map, then give it seeded initial weights.
-    let varmap = VarMap::new();
-    let model = UNet2DModel::new_trainable(&s.unet_config, &varmap, DType::F32, &device)?;
-    let mut rng = NoiseRng::new(args.seed);
-    init::seeded_init(&varmap, &mut rng)?;
-    let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let params = AdamWParams { lr: s.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay };
-    let opt = AdamW::new(vars, params)?;
-    let ema = opt.vars().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect::<Result<HashMap<_, _>>>()?;
-    let mut tr = Trainer { varmap, model, opt, ema, rng };
-
-    let unet_json = s.unet_config.to_json_value();
-    let sched_json = serde_json::to_value(&s.sched_config)?;
-    let mut step = 0u64;
-    if let Some(r) = &args.resume {
-        let dir = if r == "auto" {
-            match checkpoint::list(&ckpt_dir).pop() {
-                Some((_, d)) => Some(d),
-                None => {
-                    eprintln!("--resume auto: no checkpoint under {}, starting from scratch", ckpt_dir.display());
-                    None
-                }
-            }
-        } else {
-            Some(PathBuf::from(r))
-        };
-        if let Some(dir) = dir {
-            let ck = checkpoint::load(&dir, &device)?;
-            check_same("UNet config", &ck.unet_config, &unet_json, &dir)?;
-            check_same("scheduler config", &ck.scheduler_config, &sched_json, &dir)?;
-            for (name, var) in tr.opt.vars() {
-                let t = ck.weights.get(name).with_context(|| format!("{}: checkpoint lacks weight `{name}`", dir.display()))?;
-                if t.dims() != var.dims() {
-                    bail!("{}: weight `{name}` has shape {:?}, the model needs {:?}", dir.display(), t.dims(), var.dims());
-                }
-                var.set(t)?;
-            }
-            tr.opt.load_state(&ck.optimizer, ck.step, &dir.display().to_string())?;
-            tr.ema = ck.ema;
-            tr.rng = NoiseRng::from_state(ck.rng);
-            step = ck.step;
-            keep_schedule_of(&ck.options, &args, &mut s);
-            eprintln!("resumed from {} at step {step}", dir.display());
-        }
-    }
-    let _ = &tr.varmap;
-
+    let mut tr = Trainer::new(&args, &s, &device)?;
+    let mut step = match &args.resume {
+        Some(r) => tr.resume(r, &ckpt_dir, &args, &mut s, &device)?,
+        None => 0,
+    };
     eprintln!(
         "training {} ({} parameters) on {} images from {} for {} steps, batch {}, on {}",
         if args.unet_config.is_some() { "custom UNet" } else { args.preset.as_str() },
@@ -361,13 +319,14 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
         device_name(&device)
     );
     // a resumed run continues the directory's metrics; a fresh one starts them over
+    let metrics_path = s.out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(step > 0)
         .write(true)
         .truncate(step == 0)
-        .open(s.out.join("metrics.jsonl"))
-        .with_context(|| format!("{}: cannot open", s.out.join("metrics.jsonl").display()))?;
+        .open(&metrics_path)
+        .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
     let bar = progress::bar(s.total_steps, "train");
     bar.set_position(step);
     let mut order_cache = None;
@@ -376,62 +335,25 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
     let start_step = step;
     while step < s.total_steps {
         let idx = batch_indices(set.len, args.batch_size, args.seed, step, &mut order_cache);
-        let flips: Vec<bool> = (0..idx.len()).map(|_| args.random_flip && tr.rng.uniform() < 0.5).collect();
-        let x0 = set.batch(&idx, &flips, &device)?;
-        let t = tr.rng.randint(idx.len(), s.sched_config.num_train_timesteps, &device)?;
-        let noise = tr.rng.randn(x0.shape(), DType::F32, &device)?;
-        let x_t = schedule.q_sample(&x0, &t, &noise)?;
-        let pred = tr.model.forward_train(&x_t, &t, &mut tr.rng)?;
-        let loss = ddpm_core::loss::simple_loss(&schedule, ddpm_core::loss::LossWeighting::None, &pred, &x0, &noise, &t)?;
-        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !loss_v.is_finite() {
+        let stats = tr.step(&set, &idx, &schedule, &args, &s, step, &device)?;
+        if !stats.loss.is_finite() {
             bail!(
-                "loss is {loss_v} at step {}; lower --lr (now {}) or raise --warmup-steps; the last good checkpoint is {}",
+                "loss is {} at step {}; lower --lr (now {}) or raise --warmup-steps; the last good checkpoint is {}",
+                stats.loss,
                 step + 1,
                 s.lr,
                 last_saved.as_ref().map(|p| p.display().to_string()).unwrap_or("none (nothing saved yet)".into())
             );
         }
-        let grads = loss.backward()?;
-        let norm = tr.opt.grad_norm(&grads)?;
-        let lr = warmup_lr(s.lr, step + 1, s.warmup);
-        tr.opt.step(&grads, lr, clip_scale(norm, args.grad_clip))?;
         step += 1;
-        ema_update(&mut tr.ema, tr.opt.vars(), ema_decay(args.ema_decay, step))?;
-
-        let done = step - start_step;
-        let ips = (done as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64();
-        bar.set_position(step);
-        bar.set_message(format!("loss {loss_v:.4}  {ips:.1} img/s"));
-        writeln!(
-            metrics,
-            "{}",
-            serde_json::json!({"step": step, "loss": loss_v, "lr": lr, "grad_norm": norm, "images_per_s": (ips * 100.0).round() / 100.0})
-        )?;
-
+        let ips = ((step - start_step) as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64();
+        log_step(&mut metrics, &bar, step, &stats, ips)?;
         let last = step == s.total_steps;
         if last || (args.save_every > 0 && step.is_multiple_of(args.save_every)) {
-            let ck = Checkpoint {
-                step,
-                rng: tr.rng.state(),
-                options: options_json(&args, &s)?,
-                unet_config: unet_json.clone(),
-                scheduler_config: sched_json.clone(),
-                ema: tr.ema.clone(),
-                weights: tr.weights(),
-                optimizer: tr.opt.state_tensors(),
-            };
-            let dir = checkpoint::save(&ckpt_dir, &ck, before_write)?;
-            checkpoint::prune(&ckpt_dir, args.keep_last)?;
-            last_saved = Some(dir);
+            last_saved = Some(save_checkpoint(&tr, &ckpt_dir, &args, &s, step, before_write)?);
         }
         if (last && args.num_samples > 0) || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)) {
-            let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.clone(), DType::F32, &device))?;
-            let size = crate::model::sample_size(&s.unet_config)?;
-            let shape = (args.num_samples, s.unet_config.in_channels, size, size);
-            let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, args.sample_steps, args.seed, &device)?;
-            let path = samples_dir.join(format!("step-{step:06}.png"));
-            imageio::save_grid(&grid, &path)?;
+            let path = write_samples(&tr, &samples_dir, &args, &s, step, &device)?;
             bar.println(format!("step {step}: wrote {}", path.display()));
         }
     }
@@ -443,4 +365,127 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
         last_saved.map(|p| p.join(checkpoint::MODEL_DIR).display().to_string()).unwrap_or_default()
     );
     Ok(())
+}
+
+/// What one optimizer step measured.
+struct StepStats {
+    /// The batch's loss before the update.
+    loss: f32,
+    /// The learning rate of the update (after warm-up).
+    lr: f64,
+    /// The gradient's global L2 norm before clipping.
+    grad_norm: f64,
+}
+
+impl Trainer {
+    /// A fresh run's state: the model on a variable map with seeded initial weights, AdamW over its
+    /// variables, the EMA starting at the initial weights, and the noise source seeded by `--seed`.
+    fn new(args: &TrainArgs, s: &Setup, device: &candle_core::Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let model = UNet2DModel::new_trainable(&s.unet_config, &varmap, DType::F32, device)?;
+        let mut rng = NoiseRng::new(args.seed);
+        init::seeded_init(&varmap, &mut rng)?;
+        let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let params = AdamWParams { lr: s.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay };
+        let opt = AdamW::new(vars, params)?;
+        let ema = opt.vars().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect::<Result<HashMap<_, _>>>()?;
+        Ok(Trainer { model, opt, ema, rng })
+    }
+
+    /// Restores the checkpoint that `--resume` names (`auto`: the latest under `ckpt_dir`, if any)
+    /// after checking that it was trained with the same configs, and returns its step (0 when there is
+    /// nothing to resume). The warm-up and learning rate it was trained with are kept in `s`.
+    fn resume(&mut self, resume: &str, ckpt_dir: &Path, args: &TrainArgs, s: &mut Setup, device: &candle_core::Device) -> Result<u64> {
+        let dir = if resume == "auto" {
+            match checkpoint::list(ckpt_dir).pop() {
+                Some((_, d)) => d,
+                None => {
+                    eprintln!("--resume auto: no checkpoint under {}, starting from scratch", ckpt_dir.display());
+                    return Ok(0);
+                }
+            }
+        } else {
+            PathBuf::from(resume)
+        };
+        let ck = checkpoint::load(&dir, device)?;
+        check_same("UNet config", &ck.unet_config, &s.unet_config.to_json_value(), &dir)?;
+        check_same("scheduler config", &ck.scheduler_config, &serde_json::to_value(&s.sched_config)?, &dir)?;
+        for (name, var) in self.opt.vars() {
+            let t = ck.weights.get(name).with_context(|| format!("{}: checkpoint lacks weight `{name}`", dir.display()))?;
+            if t.dims() != var.dims() {
+                bail!("{}: weight `{name}` has shape {:?}, the model needs {:?}", dir.display(), t.dims(), var.dims());
+            }
+            var.set(t)?;
+        }
+        self.opt.load_state(&ck.optimizer, ck.step, &dir.display().to_string())?;
+        self.ema = ck.ema;
+        self.rng = NoiseRng::from_state(ck.rng);
+        keep_schedule_of(&ck.options, args, s);
+        eprintln!("resumed from {} at step {}", dir.display(), ck.step);
+        Ok(ck.step)
+    }
+
+    /// Optimizer step `step + 1` on the images `idx` of `set` (flipped at random with
+    /// `--random-flip`): x_t = q_sample(x_0, t, eps) at random t, L_simple on the network's
+    /// training forward (dropout), AdamW with warm-up and clipping, then the EMA update.
+    #[allow(clippy::too_many_arguments)]
+    fn step(&mut self, set: &ImageSet, idx: &[usize], schedule: &NoiseSchedule, args: &TrainArgs, s: &Setup, step: u64, device: &candle_core::Device) -> Result<StepStats> {
+        let flips: Vec<bool> = (0..idx.len()).map(|_| args.random_flip && self.rng.uniform() < 0.5).collect();
+        let x0 = set.batch(idx, &flips, device)?;
+        let t = self.rng.randint(idx.len(), s.sched_config.num_train_timesteps, device)?;
+        let noise = self.rng.randn(x0.shape(), DType::F32, device)?;
+        let x_t = schedule.q_sample(&x0, &t, &noise)?;
+        let pred = self.model.forward_train(&x_t, &t, &mut self.rng)?;
+        let loss = ddpm_core::loss::simple_loss(schedule, ddpm_core::loss::LossWeighting::None, &pred, &x0, &noise, &t)?;
+        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !loss_v.is_finite() {
+            // no update from a non-finite loss: the caller stops with the last good checkpoint
+            return Ok(StepStats { loss: loss_v, lr: 0.0, grad_norm: f64::NAN });
+        }
+        let grads = loss.backward()?;
+        let grad_norm = self.opt.grad_norm(&grads)?;
+        let lr = warmup_lr(s.lr, step + 1, s.warmup);
+        self.opt.step(&grads, lr, clip_scale(grad_norm, args.grad_clip))?;
+        ema_update(&mut self.ema, self.opt.vars(), ema_decay(args.ema_decay, step + 1))?;
+        Ok(StepStats { loss: loss_v, lr, grad_norm })
+    }
+}
+
+/// Shows step `step`'s loss and speed on the progress bar and appends them to `metrics.jsonl`.
+fn log_step(metrics: &mut std::fs::File, bar: &indicatif::ProgressBar, step: u64, stats: &StepStats, ips: f64) -> Result<()> {
+    bar.set_position(step);
+    bar.set_message(format!("loss {:.4}  {ips:.1} img/s", stats.loss));
+    let line = serde_json::json!({"step": step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "images_per_s": (ips * 100.0).round() / 100.0});
+    writeln!(metrics, "{line}")?;
+    Ok(())
+}
+
+/// Writes the checkpoint of step `step` under `ckpt_dir` (a temporary name, then renamed), prunes the
+/// older ones to `--keep-last`, and returns its folder.
+fn save_checkpoint(tr: &Trainer, ckpt_dir: &Path, args: &TrainArgs, s: &Setup, step: u64, before_write: &dyn Fn(&str) -> Result<()>) -> Result<PathBuf> {
+    let ck = Checkpoint {
+        step,
+        rng: tr.rng.state(),
+        options: options_json(args, s)?,
+        unet_config: s.unet_config.to_json_value(),
+        scheduler_config: serde_json::to_value(&s.sched_config)?,
+        ema: tr.ema.clone(),
+        weights: tr.weights(),
+        optimizer: tr.opt.state_tensors(),
+    };
+    let dir = checkpoint::save(ckpt_dir, &ck, before_write)?;
+    checkpoint::prune(ckpt_dir, args.keep_last)?;
+    Ok(dir)
+}
+
+/// Samples `--num-samples` images from the EMA weights with DDIM (`--sample-steps`, seeded by
+/// `--seed`) and writes their grid as `samples/step-NNNNNN.png`; returns its path.
+fn write_samples(tr: &Trainer, samples_dir: &Path, args: &TrainArgs, s: &Setup, step: u64, device: &candle_core::Device) -> Result<PathBuf> {
+    let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.clone(), DType::F32, device))?;
+    let size = crate::model::sample_size(&s.unet_config)?;
+    let shape = (args.num_samples, s.unet_config.in_channels, size, size);
+    let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, args.sample_steps, args.seed, device)?;
+    let path = samples_dir.join(format!("step-{step:06}.png"));
+    imageio::save_grid(&grid, &path)?;
+    Ok(path)
 }

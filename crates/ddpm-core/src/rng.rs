@@ -17,11 +17,11 @@ pub struct NoiseRng {
 }
 
 /// splitmix64's increment: its state after k outputs is seed + k GAMMA.
-pub(crate) const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+pub const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// splitmix64: advances the state `x` by [`SPLITMIX_GAMMA`] and returns its output. Expands a seed into
-/// the generator's 256-bit state; the dropout masks run it in counter mode (`ops/dropout.rs`).
-pub(crate) fn splitmix64(x: &mut u64) -> u64 {
+/// the generator's 256-bit state; ddpm-unet's dropout masks run it in counter mode (its `ops/dropout.rs`).
+pub fn splitmix64(x: &mut u64) -> u64 {
     *x = x.wrapping_add(SPLITMIX_GAMMA);
     let mut z = *x;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -2,8 +2,8 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use ddpm_core::ops::attention;
-use ddpm_core::ops::conv::conv2d;
+use crate::ops::attention;
+use crate::ops::conv::conv2d;
 
 use crate::nn::{group_norm, linear, GroupNorm, Recorder};
 
@@ -56,7 +56,7 @@ impl Attention {
     /// with the three weights stacked), so that no (N, HW, C) copy of the activations is made:
     ///
     ///   qkv = [W_q; W_k; W_v] group_norm(x) + [b_q; b_k; b_v]     (N, 3C, HW)
-    ///   a   = softmax(q k^T / sqrt(d)) v per head                  (N, C, HW), ddpm_core::ops::attention
+    ///   a   = softmax(q k^T / sqrt(d)) v per head                  (N, C, HW), crate::ops::attention
     ///   y   = (W_out a + b_out + x) / rescale_output_factor
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;

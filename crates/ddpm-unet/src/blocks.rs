@@ -4,7 +4,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use ddpm_core::ops::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 use crate::attention::Attention;
@@ -53,10 +53,10 @@ impl Upsample2D {
     }
 
     /// (N, C, H, W) -> (N, C, 2H, 2W), without building the upsampled image on the CPU (see
-    /// [`ddpm_core::ops::conv::upsample2x_conv2d`]).
+    /// [`crate::ops::conv::upsample2x_conv2d`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.conv;
-        ddpm_core::ops::conv::upsample2x_conv2d(x, &c.weight, c.bias.as_ref())
+        crate::ops::conv::upsample2x_conv2d(x, &c.weight, c.bias.as_ref())
     }
 }
 

@@ -1,6 +1,9 @@
 //! Loading by Hub repo id: the local Hugging Face cache first, the network only when the files are
 //! not cached and `HF_HUB_OFFLINE` is not set.
 //!
+//! Downloading needs the `hub` feature (on by default); without it a repo id resolves from the cache
+//! only, and hf-hub is not compiled.
+//!
 //! hf-hub 1.0 asks the network first for a branch revision and reads no offline variable, so the
 //! cache lookup (`models--owner--name/refs/main` -> `snapshots/<commit>/<file>`) is done here.
 
@@ -9,10 +12,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
-use crate::load::{
-    find_model_files, load_from_files, ModelFiles, BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME,
-    SCHEDULER_CONFIG_NAME,
-};
+#[cfg(feature = "hub")]
+use crate::load::SCHEDULER_CONFIG_NAME;
+use crate::load::{find_model_files, load_from_files, ModelFiles, BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME};
 use crate::unet::UNet2DModel;
 
 /// Where to look for cached files and whether the network may be used.
@@ -93,7 +95,8 @@ pub fn repo_cache_folder(cache_dir: &Path, owner: &str, name: &str) -> PathBuf {
     cache_folder(cache_dir, "models", owner, name)
 }
 
-/// A blocking hf-hub client that keeps its files in `cache_dir`.
+/// A blocking hf-hub client that keeps its files in `cache_dir` (with the `hub` feature).
+#[cfg(feature = "hub")]
 pub fn client(cache_dir: &Path) -> std::result::Result<hf_hub::HFClientSync, String> {
     hf_hub::HFClient::builder()
         .cache_dir(cache_dir)
@@ -134,6 +137,7 @@ pub fn find_in_cache(cache_dir: &Path, owner: &str, name: &str) -> Option<ModelF
 
 /// Downloads the model files of `owner/name` into `cache_dir` with hf-hub (root layout first, then
 /// `unet/`; safetensors first, then `.bin`; the scheduler config when there is one).
+#[cfg(feature = "hub")]
 fn download(cache_dir: &Path, owner: &str, name: &str) -> std::result::Result<ModelFiles, String> {
     let repo = client(cache_dir)?.model(owner, name);
     let get = |f: &str| repo.download_file().filename(f).send();
@@ -194,7 +198,11 @@ pub fn resolve_model_with(repo_id_or_dir: &str, opts: &HubOptions) -> Result<Mod
             reason: "; not downloaded because HF_HUB_OFFLINE is set".into(),
         });
     }
-    download(&opts.cache_dir, owner, name).map_err(|e| Error::NotFound {
+    #[cfg(feature = "hub")]
+    let downloaded = download(&opts.cache_dir, owner, name);
+    #[cfg(not(feature = "hub"))]
+    let downloaded: std::result::Result<ModelFiles, String> = Err("ddpm-unet was built without its `hub` feature".into());
+    downloaded.map_err(|e| Error::NotFound {
         what: repo_id_or_dir.to_string(),
         files: looked_for(),
         places: format!("{places}, https://huggingface.co/{owner}/{name}"),

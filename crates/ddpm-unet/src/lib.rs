@@ -30,6 +30,7 @@ pub mod error;
 pub mod hub;
 pub mod load;
 pub mod nn;
+pub mod ops;
 pub mod presets;
 pub mod resnet;
 pub mod unet;

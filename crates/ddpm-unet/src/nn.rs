@@ -5,7 +5,7 @@ use std::cell::RefCell;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
-use ddpm_core::ops::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 /// Collects every parameter created while a model is built, under its full state-dict name, so that
@@ -75,7 +75,7 @@ pub(crate) fn linear(vb: VarBuilder, rec: &Recorder, in_d: usize, out_d: usize) 
 /// Group normalisation over `groups` groups of channels:
 /// y = (x - mean_g) / sqrt(var_g + eps) * weight_c + bias_c.
 ///
-/// Computed by [`ddpm_core::ops::group_norm()`]: a fused kernel with an analytic backward for f32 on
+/// Computed by [`crate::ops::group_norm()`]: a fused kernel with an analytic backward for f32 on
 /// the CPU, candle's composed (differentiable) ops elsewhere.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -88,18 +88,18 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Normalises `x` (N, C, ...).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ddpm_core::ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false)
+        crate::ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, false)
     }
 
     /// SiLU(group_norm(x)) = y * sigmoid(y) with y = group_norm(x), in one fused op on the CPU.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        ddpm_core::ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true)
+        crate::ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps, true)
     }
 
     /// The gradients (dx, dweight, dbias) of [`forward_silu`](Self::forward_silu) at `x` for the
-    /// incoming gradient `dout`, outside candle's graph ([`ddpm_core::ops::group_norm_backward`]).
+    /// incoming gradient `dout`, outside candle's graph ([`crate::ops::group_norm_backward`]).
     pub(crate) fn backward_silu(&self, x: &Tensor, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        ddpm_core::ops::group_norm_backward(x, self.groups, &self.weight, &self.bias, self.eps, true, dout)
+        crate::ops::group_norm_backward(x, self.groups, &self.weight, &self.bias, self.eps, true, dout)
     }
 
     /// The weight and the bias.
@@ -140,7 +140,7 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The mask seed of an inverted dropout y = x * m / (1 - p), m_i ~ Bernoulli(1 - p)
-/// ([`ddpm_core::ops::dropout`]), or `None` where dropout is the identity: `rng == None` (evaluation)
+/// ([`crate::ops::dropout`]), or `None` where dropout is the identity: `rng == None` (evaluation)
 /// or `p == 0`. Otherwise one `u64` is drawn from the caller's generator and the mask is derived from
 /// it by a counter-based hash (splitmix64, two 32-bit uniforms per output, made on the device), so a
 /// training run is reproducible bit for bit, on any device, and the generator advances by one draw per

@@ -2,7 +2,7 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use ddpm_core::ops::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 mod node;
@@ -96,10 +96,10 @@ impl ResnetBlock2D {
         };
         let c1 = &self.conv1;
         let h1 = self.norm1.forward_silu(x)?;
-        let h = ddpm_core::ops::conv::conv2d(&h1, &c1.weight, Some(&bias), c1.stride, c1.padding)?;
+        let h = crate::ops::conv::conv2d(&h1, &c1.weight, Some(&bias), c1.stride, c1.padding)?;
         let h2 = self.norm2.forward_silu(&h)?;
         let h2 = match seed {
-            Some(s) => ddpm_core::ops::dropout(&h2, self.dropout, s)?,
+            Some(s) => crate::ops::dropout(&h2, self.dropout, s)?,
             None => h2,
         };
         let out = self.conv2.forward(&h2)?;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use ddpm_core::ops::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 use ddpm_core::{NoisePredictor, NoiseRng};
 
 use crate::blocks::{AttnParams, DownBlock, MidBlock, UpBlock};

@@ -1,6 +1,8 @@
 //! Launching the Metal kernels of the fused ops (`src/ops/metal/kernels.metal`), with the `metal`
-//! feature. The source is compiled once per device, at the first launch, and each kernel's pipeline is
-//! kept for the next.
+//! feature, and the launcher that other crates' kernels use ([`launch_in`] with their own
+//! [`Kernels`]: ddpm-unet's network kernels). A source is compiled once per device, after the shared
+//! prelude (`src/ops/metal/prelude.metal`: the block size, the threadgroup reductions), at its first
+//! launch, and each kernel's pipeline is kept for the next.
 //!
 //! The kernels are opt-in: the fused ops use them on a Metal device only when `DDPM_METAL_KERNELS=1`
 //! is set (see [`super::metal_kernels_enabled`]), and take candle's composed ops otherwise. They have
@@ -17,15 +19,28 @@ use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Result};
 use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline, Library};
 use objc2_metal::MTLSize;
 
-/// The kernels' source, compiled by the Metal driver at run time.
-const SOURCE: &str = include_str!("metal/kernels.metal");
+/// The declarations every kernel source is compiled after (THREADS, `group_sum`, `group_max`,
+/// `logistic`).
+pub const PRELUDE: &str = include_str!("metal/prelude.metal");
 
-/// Threads per threadgroup; `kernels.metal`'s reductions are written for this size (its `THREADS`).
-const THREADS: usize = 256;
+/// One crate's Metal kernels: a source compiled, after [`PRELUDE`], into one library per device.
+#[derive(Debug)]
+pub struct Kernels {
+    /// A name unique among the sources (the library cache's key).
+    pub name: &'static str,
+    /// The kernels' source.
+    pub source: &'static str,
+}
+
+/// This crate's kernels (`kernels.metal`).
+static CORE: Kernels = Kernels { name: "ddpm-core", source: include_str!("metal/kernels.metal") };
+
+/// Threads per threadgroup; the prelude's reductions are written for this size (its `THREADS`).
+pub const THREADS: usize = 256;
 
 /// How a kernel's threads are laid out.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Grid {
+pub enum Grid {
     /// One thread per element of `n`, rounded up to whole threadgroups (the kernel checks i < n).
     Elementwise(usize),
     /// One threadgroup of [`THREADS`] threads per unit of work (row, sample, (sample, group) pair),
@@ -34,7 +49,7 @@ pub(crate) enum Grid {
 }
 
 /// One kernel argument, at the index of its position in the argument list (`[[buffer(i)]]`).
-pub(crate) enum Arg<'a> {
+pub enum Arg<'a> {
     /// A buffer the kernel reads, from a byte offset.
     In(&'a Buffer, usize),
     /// A buffer the kernel writes (or reads and writes), from a byte offset.
@@ -45,17 +60,17 @@ pub(crate) enum Arg<'a> {
 }
 
 /// A `constant uint&` argument.
-pub(crate) fn uint(v: u32) -> Arg<'static> {
+pub fn uint(v: u32) -> Arg<'static> {
     Arg::Words(vec![v])
 }
 
 /// A `constant float&` argument.
-pub(crate) fn float(v: f32) -> Arg<'static> {
+pub fn float(v: f32) -> Arg<'static> {
     Arg::Words(vec![v.to_bits()])
 }
 
 /// The two words of a `ulong` field: low, then high (Apple GPUs are little-endian).
-pub(crate) fn ulong_words(v: u64) -> [u32; 2] {
+pub fn ulong_words(v: u64) -> [u32; 2] {
     [v as u32, (v >> 32) as u32]
 }
 
@@ -65,15 +80,17 @@ struct Compiled {
     pipelines: HashMap<&'static str, ComputePipeline>,
 }
 
-/// The pipeline of kernel `name` on `dev`, compiling the source the first time a device needs it.
-fn pipeline(dev: &MetalDevice, name: &'static str) -> Result<ComputePipeline> {
-    // keyed by the device's registry id
-    static DEVICES: OnceLock<Mutex<HashMap<u64, Compiled>>> = OnceLock::new();
-    let mut devices = DEVICES.get_or_init(Default::default).lock().map_err(|_| MetalError::Message("ddpm metal kernels: pipeline cache poisoned".into()))?;
-    let compiled = match devices.entry(dev.metal_device().registry_id()) {
+/// The pipeline of kernel `name` of `kernels` on `dev`, compiling the prelude and the source the first
+/// time a device needs it.
+fn pipeline(dev: &MetalDevice, kernels: &'static Kernels, name: &'static str) -> Result<ComputePipeline> {
+    // keyed by the device's registry id and the source's name
+    static LIBRARIES: OnceLock<Mutex<HashMap<(u64, &'static str), Compiled>>> = OnceLock::new();
+    let mut libraries = LIBRARIES.get_or_init(Default::default).lock().map_err(|_| MetalError::Message("ddpm metal kernels: pipeline cache poisoned".into()))?;
+    let compiled = match libraries.entry((dev.metal_device().registry_id(), kernels.name)) {
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => {
-            let library = dev.metal_device().new_library_with_source(SOURCE, None).map_err(MetalError::from)?;
+            let source = format!("{PRELUDE}\n{}", kernels.source);
+            let library = dev.metal_device().new_library_with_source(&source, None).map_err(MetalError::from)?;
             e.insert(Compiled { library, pipelines: HashMap::new() })
         }
     };
@@ -89,9 +106,15 @@ fn pipeline(dev: &MetalDevice, name: &'static str) -> Result<ComputePipeline> {
     Ok(p)
 }
 
-/// Encodes kernel `name` on `dev`'s current command buffer with `args` (in `[[buffer(i)]]` order) over
-/// `grid`. Nothing is launched for an empty grid.
+/// Encodes this crate's kernel `name` on `dev`'s current command buffer with `args` (in
+/// `[[buffer(i)]]` order) over `grid`. Nothing is launched for an empty grid.
 pub(crate) fn launch(dev: &MetalDevice, name: &'static str, grid: Grid, args: &[Arg]) -> Result<()> {
+    launch_in(dev, &CORE, name, grid, args)
+}
+
+/// Encodes kernel `name` of `kernels` on `dev`'s current command buffer with `args` (in
+/// `[[buffer(i)]]` order) over `grid`. Nothing is launched for an empty grid.
+pub fn launch_in(dev: &MetalDevice, kernels: &'static Kernels, name: &'static str, grid: Grid, args: &[Arg]) -> Result<()> {
     let groups = match grid {
         Grid::Elementwise(n) => n.div_ceil(THREADS),
         Grid::Groups(g) => g,
@@ -99,7 +122,7 @@ pub(crate) fn launch(dev: &MetalDevice, name: &'static str, grid: Grid, args: &[
     if groups == 0 {
         return Ok(());
     }
-    let pipeline = pipeline(dev, name)?;
+    let pipeline = pipeline(dev, kernels, name)?;
     let guard = dev.command_encoder()?;
     let encoder: &ComputeCommandEncoder = guard.as_ref();
     encoder.set_compute_pipeline_state(&pipeline);
@@ -121,7 +144,7 @@ pub(crate) fn launch(dev: &MetalDevice, name: &'static str, grid: Grid, args: &[
 
 /// The buffer, byte offset and length of a contiguous f32 Metal storage, or an error naming the op
 /// and the argument.
-pub(crate) fn f32_buffer<'a>(s: &'a MetalStorage, l: &Layout, op: &str, what: &str) -> Result<(&'a Buffer, usize, usize)> {
+pub fn f32_buffer<'a>(s: &'a MetalStorage, l: &Layout, op: &str, what: &str) -> Result<(&'a Buffer, usize, usize)> {
     match (s.dtype(), l.contiguous_offsets()) {
         (DType::F32, Some((a, b))) => Ok((s.buffer(), a * 4, b - a)),
         _ => candle_core::bail!("{op}: {what} must be a contiguous f32 tensor"),
@@ -129,21 +152,21 @@ pub(crate) fn f32_buffer<'a>(s: &'a MetalStorage, l: &Layout, op: &str, what: &s
 }
 
 /// A fresh f32 buffer of `len` values on `dev` (the kernel writes them all).
-pub(crate) fn alloc_f32(dev: &MetalDevice, len: usize, label: &str) -> Result<Arc<Buffer>> {
+pub fn alloc_f32(dev: &MetalDevice, len: usize, label: &str) -> Result<Arc<Buffer>> {
     dev.new_buffer(len, DType::F32, label)
 }
 
 /// Host values copied to `dev` (per-sample weights).
-pub(crate) fn upload_f32(dev: &MetalDevice, values: &[f32]) -> Result<Arc<Buffer>> {
+pub fn upload_f32(dev: &MetalDevice, values: &[f32]) -> Result<Arc<Buffer>> {
     dev.new_buffer_with_data(values)
 }
 
 /// The storage of `len` f32 values computed into `buffer` on `dev`.
-pub(crate) fn wrap(buffer: Arc<Buffer>, dev: &MetalDevice, len: usize) -> MetalStorage {
+pub fn wrap(buffer: Arc<Buffer>, dev: &MetalDevice, len: usize) -> MetalStorage {
     MetalStorage::new(buffer, dev.clone(), len, DType::F32)
 }
 
 /// `n` as the 32-bit count the kernels index with, or an error naming the op.
-pub(crate) fn count(n: usize, op: &str) -> Result<u32> {
+pub fn count(n: usize, op: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{op}: {n} values is more than the Metal kernels index (2^32 - 1)")))
 }

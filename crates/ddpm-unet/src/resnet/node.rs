@@ -28,8 +28,8 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use ddpm_core::ops::conv::{conv2d_backward, conv2d_backward_per_image_bias, Conv2d};
-use ddpm_core::ops::f32_slice;
+use crate::ops::conv::{conv2d_backward, conv2d_backward_per_image_bias, Conv2d};
+use crate::ops::f32_slice;
 use rayon::prelude::*;
 
 use super::ResnetBlock2D;
@@ -126,7 +126,7 @@ impl CustomOp3 for Node {
         let conv_grads = |c: &Conv2d, input: &Tensor, d: &Tensor| conv2d_backward(input, &c.weight, d, c.stride, c.padding);
         let (dh2, dw2, db2) = conv_grads(&b.conv2, &self.h2, &dy)?;
         let dh2 = match self.seed {
-            Some(s) => ddpm_core::ops::dropout(&dh2, b.dropout, s)?,
+            Some(s) => crate::ops::dropout(&dh2, b.dropout, s)?,
             None => dh2,
         };
         let (dh, dg2, dbeta2) = b.norm2.backward_silu(&self.h, &dh2)?;
@@ -165,7 +165,7 @@ mod tests {
     fn reference(b: &ResnetBlock2D, x: &Tensor, t: &Tensor, seed: Option<u64>) -> Tensor {
         let norm_silu = |n: &crate::nn::GroupNorm, x: &Tensor| {
             let [w, bias] = n.params();
-            ddpm_core::ops::group_norm_composed(x, n.groups, w, bias, n.eps, true).unwrap()
+            crate::ops::group_norm_composed(x, n.groups, w, bias, n.eps, true).unwrap()
         };
         let conv = |c: &Conv2d, x: &Tensor| {
             let y = x.conv2d(&c.weight, c.padding, c.stride, 1, 1).unwrap();
@@ -174,7 +174,7 @@ mod tests {
         let h = conv(&b.conv1, &norm_silu(&b.norm1, x)).broadcast_add(&t.unsqueeze(2).unwrap().unsqueeze(3).unwrap()).unwrap();
         let mut h2 = norm_silu(&b.norm2, &h);
         if let Some(s) = seed {
-            let m = ddpm_core::ops::dropout_mask(h2.elem_count(), b.dropout, s);
+            let m = crate::ops::dropout_mask(h2.elem_count(), b.dropout, s);
             h2 = (h2 * Tensor::from_vec(m, h.shape(), x.device()).unwrap()).unwrap();
         }
         let skip = b.conv_shortcut.as_ref().map_or_else(|| x.clone(), |c| conv(c, x));

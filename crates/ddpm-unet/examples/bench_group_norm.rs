@@ -1,7 +1,7 @@
 //! Times forward + backward of the fused group norm (with and without SiLU) against the composed
 //! candle ops it replaces, on x (64, 32, 28, 28) with 8 groups.
 //!
-//! `cargo run --release -p ddpm-core --example bench_group_norm`
+//! `cargo run --release -p ddpm-unet --example bench_group_norm`
 //!
 //! Every fwd+bwd here allocates several fresh 6.4 MB buffers. With glibc's default malloc these are
 //! often mmapped and returned to the OS on free, so the page faults of touching them again dominate
@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use ddpm_core::ops::{group_norm, group_norm_composed};
+use ddpm_unet::ops::{group_norm, group_norm_composed};
 
 type GroupNormFn = fn(&Tensor, usize, &Tensor, &Tensor, f64, bool) -> candle_core::Result<Tensor>;
 

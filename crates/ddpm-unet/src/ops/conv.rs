@@ -39,7 +39,7 @@ use super::{direct_conv, upsample_conv, winograd};
 /// Input and output channels from which a 3x3 stride-1 convolution with padding 1 runs as Winograd
 /// F(2x2, 3x3) rather than the direct kernel (or im2col without AVX2 or AVX-512): both at least this.
 /// The products shrink 2.25x but the tile transforms cost in proportion to C + O per tile, the
-/// products to C O, so Winograd pays off when both are wide. Measured with `cargo bench -p ddpm-core
+/// products to C O, so Winograd pays off when both are wide. Measured with `cargo bench -p ddpm-unet
 /// --bench conv` on 2 cores of an AVX-512 CPU (forward + backward, GFLOP/s of the direct
 /// convolution, Winograd / direct): the CIFAR-10 model's 128 -> 128 at 32x32 356 / 282, 256 -> 256
 /// at 16x16 430 / 247; mnist-small's 128 -> 64 at 14x14 214 / 256 and at 7x7 138 / 165. (On an AVX2
@@ -503,6 +503,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     let g = Geometry::new((b, c, h, wd), k, stride, pad);
     if fused(x, w, bias) {
         apply(x, w, bias, g)
+    } else if let Some(y) = by_cudnn(x, w, bias, &g)? {
+        add_bias(y, bias, bias_rows)
     } else if by_columns(x, w, bias) {
         add_bias(columns::conv2d(x, w, g)?, bias, bias_rows)
     } else {
@@ -536,8 +538,11 @@ pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
     }
     if !fused(x, w, bias) {
         let u = upsample_nearest2x(x)?;
+        let g = Geometry::new((b, c, 2 * h, 2 * wd), k, 1, 1);
+        if let Some(y) = by_cudnn(&u, w, bias, &g)? {
+            return add_bias(y, bias, bias_rows);
+        }
         if by_columns(x, w, bias) {
-            let g = Geometry::new((b, c, 2 * h, 2 * wd), k, 1, 1);
             return add_bias(columns::conv2d(&u, w, g)?, bias, bias_rows);
         }
         return add_bias(u.conv2d(w, 1, 1, 1, 1)?, bias, bias_rows);
@@ -576,6 +581,21 @@ fn check_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
 /// Whether the fused CPU kernels take these tensors: all on the CPU in f32.
 fn fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)
+}
+
+/// The convolution of geometry `g` without the bias, by cuDNN where it runs this one
+/// (`ops/cudnn_conv.rs`: CUDA with the project's kernels enabled, cuDNN loaded, one dtype of f32, bf16
+/// and f16), else `None`.
+fn by_cudnn(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &Geometry) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if columns_dtype(x, w, bias) {
+        if let Some(plan) = super::cudnn_conv::plan_for(x, w, g) {
+            return super::cudnn_conv::conv2d(x, w, plan).map(Some);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (x, w, bias, g);
+    Ok(None)
 }
 
 /// Whether these tensors take [`conv2d_columns`]: on CUDA or Metal with the project's kernels

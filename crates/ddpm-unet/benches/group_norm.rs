@@ -2,14 +2,14 @@
 //! shapes of the `mnist-small` UNet at batch 64 and of the paper's CIFAR-10 UNet at batch 8, in
 //! millions of elements of x per second.
 //!
-//!   cargo bench -p ddpm-core --bench group_norm      # RAYON_NUM_THREADS sets the threads
+//!   cargo bench -p ddpm-unet --bench group_norm      # RAYON_NUM_THREADS sets the threads
 //!
 //! The fastest of 15 timed runs after one warm-up run.
 
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use ddpm_core::ops::group_norm::group_norm;
+use ddpm_unet::ops::group_norm::group_norm;
 
 use common::best_secs;
 

@@ -4,8 +4,8 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use ddpm_core::ops::attention::attention_products;
-use ddpm_core::ops::{attention, attention_composed, softmax_last_dim};
+use ddpm_unet::ops::attention::attention_products;
+use ddpm_unet::ops::{attention, attention_composed, softmax_last_dim};
 
 /// Largest |a - b| over all elements.
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use ddpm_core::ops::conv::{conv2d, conv2d_backward, conv2d_backward_per_image_bias, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
+use ddpm_unet::ops::conv::{conv2d, conv2d_backward, conv2d_backward_per_image_bias, conv2d_columns, upsample2x_conv2d, upsample_nearest2x, WINOGRAD_MIN_CHANNELS};
 
 /// Largest |a - b| over all elements.
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

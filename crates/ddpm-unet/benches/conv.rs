@@ -5,7 +5,7 @@
 //! (`conv2d_backward`, outside candle's graph: the kernels without candle's gradient store around
 //! them); the upsamplers have no such entry point ("-").
 //!
-//!   cargo bench -p ddpm-core --bench conv            # RAYON_NUM_THREADS sets the threads
+//!   cargo bench -p ddpm-unet --bench conv            # RAYON_NUM_THREADS sets the threads
 //!
 //! The fastest of 15 timed runs after one warm-up run (on a shared machine the fastest run is the one
 //! least disturbed by other work).
@@ -13,7 +13,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use ddpm_core::ops::conv::{conv2d, conv2d_backward, upsample2x_conv2d};
+use ddpm_unet::ops::conv::{conv2d, conv2d_backward, upsample2x_conv2d};
 
 use common::best_secs;
 

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use ddpm_core::ops::{group_norm, group_norm_backward, group_norm_composed};
+use ddpm_unet::ops::{group_norm, group_norm_backward, group_norm_composed};
 
 /// Group norm + optional SiLU from elementary candle ops, independent of the crate's code:
 /// mean and biased variance over (N, G, M), then the affine map, then x * sigmoid(x).

@@ -2,7 +2,7 @@
 //! against the host mask, the kept fraction, the gradient, and the half-precision path.
 
 use candle_core::{DType, Device, Tensor, Var};
-use ddpm_core::ops::{dropout, dropout_mask};
+use ddpm_unet::ops::{dropout, dropout_mask};
 
 fn values(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()

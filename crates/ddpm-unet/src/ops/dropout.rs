@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::rng::{splitmix64, SPLITMIX_GAMMA};
+use ddpm_core::rng::{splitmix64, SPLITMIX_GAMMA};
 
 /// The mask's parameters: element i is kept when u_i >= `threshold`, and then scaled by `scale`.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,188 @@
+//! The convolution on CUDA through cuDNN, the library PyTorch's convolutions run on: forward,
+//! backward data and backward filter as three cuDNN calls, with no column matrix built or kept for
+//! the backward pass (the column path of `ops/columns.rs` keeps one of C k^2 times the input's size
+//! per layer).
+//!
+//! ```text
+//!   y  = x * w                      cudnnConvolutionForward          (cross-correlation, NCHW)
+//!   dx = dy *^T w                   cudnnConvolutionBackwardData     (the transposed convolution)
+//!   dw = sum_b dy_b * x_b           cudnnConvolutionBackwardFilter
+//! ```
+//!
+//! The bias is added outside (candle's broadcast add, whose gradient is the sum of dy over B, H', W').
+//! cuDNN is loaded at run time (`ops/cudnn.rs`); without it, or for a geometry it has no
+//! deterministic algorithm for, the convolution takes the column path and says so once. Each
+//! geometry's plan (descriptors and algorithms) is made once and cached; f32 runs in full precision,
+//! or in TF32 after `candle_core::cuda::set_gemm_reduced_precision_f32(true)` (the products' switch),
+//! bf16 and f16 on tensor cores with f32 accumulation.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::conv::Geometry;
+use super::cudnn::{self, ConvDType, ConvKey, ConvPlan, CudnnError};
+
+/// The cuDNN plan for convolving `x` with `w` in geometry `g`, or `None` where the convolution must
+/// take another path: not CUDA, the project's kernels off, cuDNN not loaded, a dtype other than one
+/// shared f32, bf16 or f16, or no deterministic algorithm for the geometry (said once).
+pub(super) fn plan_for(x: &Tensor, w: &Tensor, g: &Geometry) -> Option<Arc<ConvPlan>> {
+    let candle_core::Device::Cuda(dev) = x.device() else { return None };
+    if !super::cuda_kernels_enabled(x.device()) || w.dtype() != x.dtype() {
+        return None;
+    }
+    let dtype = match x.dtype() {
+        DType::F32 if candle_core::cuda::gemm_reduced_precision_f32() => ConvDType::Tf32,
+        DType::F32 => ConvDType::F32,
+        DType::BF16 => ConvDType::Bf16,
+        DType::F16 => ConvDType::F16,
+        _ => return None,
+    };
+    cudnn::library()?;
+    let key = ConvKey { n: g.b, c: g.c, h: g.h, w: g.w, o: w.dim(0).ok()?, k: g.k, stride: g.stride, pad: g.pad, dtype };
+    let stream = dev.cuda_stream();
+    // cudnnCreate binds a handle to the thread's current context: make it the device's
+    stream.context().bind_to_thread().ok()?;
+    // SAFETY: the stream is the live stream of the device whose context is now current, and the
+    // plans of this device are only ever launched on its streams.
+    match unsafe { cudnn::plan(stream.context().ordinal(), stream.cu_stream() as *mut std::ffi::c_void, key) } {
+        Ok(plan) => Some(plan),
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("ddpm: cuDNN cannot run a convolution ({e}); such convolutions use the built-in CUDA kernels"));
+            None
+        }
+    }
+}
+
+/// y = conv2d(x, w) by cuDNN with `plan` (made by [`plan_for`] for these tensors), without the bias;
+/// differentiable in x and w.
+pub(super) fn conv2d(x: &Tensor, w: &Tensor, plan: Arc<ConvPlan>) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Forward(plan))
+}
+
+/// A cuDNN error as a candle error.
+fn error(e: CudnnError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// The elements of a contiguous CUDA storage as a view of `T`, or an error naming the op and the
+/// argument.
+fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout, op: &str, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+/// Which of the plan's three convolutions an op runs, on which two inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// (x, w) -> y.
+    Forward,
+    /// (w, dy) -> dx.
+    BackwardData,
+    /// (x, dy) -> dw.
+    BackwardFilter,
+}
+
+impl Pass {
+    /// The shape of the pass's output: y (B, O, H', W'), dx (B, C, H, W) or dw (O, C, k, k).
+    fn output_dims(self, plan: &ConvPlan) -> [usize; 4] {
+        match self {
+            Pass::Forward => plan.output_shape(),
+            Pass::BackwardData => plan.key().input_shape(),
+            Pass::BackwardFilter => plan.key().filter_shape(),
+        }
+    }
+}
+
+/// Runs `pass` of `plan` on the contiguous storages `a` and `b` (in the pass's argument order) into a
+/// fresh output of `T`, with a workspace of the plan's size (from candle's stream-ordered pool).
+fn run<T: CudaDType + DeviceRepr>(plan: &ConvPlan, pass: Pass, dev: &CudaDevice, (a, la): (&CudaStorage, &Layout), (b, lb): (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+    const OP: &str = "ddpm-conv2d-cudnn";
+    let (a, b) = (view::<T>(a, la, OP, "first input")?, view::<T>(b, lb, OP, "second input")?);
+    let out_len: usize = pass.output_dims(plan).iter().product();
+    let stream = dev.cuda_stream();
+    // SAFETY: cuDNN writes every element of the output and reads none before that; the workspace's
+    // contents are cuDNN's own.
+    let mut out = unsafe { dev.alloc::<T>(out_len) }?;
+    let ws_bytes = plan.workspace_bytes();
+    let mut ws = unsafe { dev.alloc::<u8>(ws_bytes.max(1)) }?;
+    {
+        // the guards make the stream wait for the buffers' last writers and record this use
+        let (pa, _ga) = a.device_ptr(&stream);
+        let (pb, _gb) = b.device_ptr(&stream);
+        let (po, _go) = out.device_ptr_mut(&stream);
+        let (pw, _gw) = ws.device_ptr_mut(&stream);
+        let s = stream.cu_stream() as *mut std::ffi::c_void;
+        // SAFETY: the plan was made for these shapes and this dtype (the key), each pointer covers the
+        // elements its descriptor describes, and the workspace holds the bytes the algorithm asked for.
+        unsafe {
+            match pass {
+                Pass::Forward => plan.forward(s, pa, pb, po, pw, ws_bytes),
+                Pass::BackwardData => plan.backward_data(s, pa, pb, po, pw, ws_bytes),
+                Pass::BackwardFilter => plan.backward_filter(s, pa, pb, po, pw, ws_bytes),
+            }
+        }
+        .map_err(error)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// [`run`] in the inputs' dtype.
+fn run_any(plan: &ConvPlan, pass: Pass, a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+    let dev = a.0.device();
+    match a.0.dtype() {
+        DType::F32 => run::<f32>(plan, pass, dev, a, b),
+        DType::BF16 => run::<half::bf16>(plan, pass, dev, a, b),
+        DType::F16 => run::<half::f16>(plan, pass, dev, a, b),
+        d => candle_core::bail!("ddpm-conv2d-cudnn: no cuDNN convolution in {d:?}"),
+    }
+}
+
+/// The forward convolution (x, w) -> y; its backward runs [`Backward`] twice.
+struct Forward(Arc<ConvPlan>);
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-cudnn"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("ddpm-conv2d-cudnn runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(&self, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout) -> Result<(CudaStorage, Shape)> {
+        let y = run_any(&self.0, Pass::Forward, (sx, lx), (sw, lw))?;
+        Ok((y, Shape::from(Pass::Forward.output_dims(&self.0).to_vec())))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = w.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(self.0.clone(), Pass::BackwardData))?;
+        let dw = x.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(self.0.clone(), Pass::BackwardFilter))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// One of the backward convolutions: (w, dy) -> dx or (x, dy) -> dw.
+struct Backward(Arc<ConvPlan>, Pass);
+
+impl CustomOp2 for Backward {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-cudnn-backward"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("ddpm-conv2d-cudnn-backward runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(&self, sa: &CudaStorage, la: &Layout, sb: &CudaStorage, lb: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = run_any(&self.0, self.1, (sa, la), (sb, lb))?;
+        Ok((out, Shape::from(self.1.output_dims(&self.0).to_vec())))
+    }
+}
