@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One pass over everything that needs a CUDA GPU, for a machine without a Rust toolchain: the CUDA tests
 # (the project's kernels and the whole UNet against the CPU and diffusers), then training and inference
-# images/s and GPU memory of `ddpm bench` against the PyTorch peer on the same GPU (f32, TF32, bf16),
+# images/s and GPU memory of `ddpm bench` against the PyTorch peer on the same GPU (f32, TF32, bf16, and
+# PyTorch at its fastest: bf16 autocast + torch.compile + channels_last),
 # the fraction of the GPU's peak the training step reaches, and a short training run with sampling.
 #
 # Build where cargo is, with an nvcc no newer than the GPU driver's CUDA (the kernels ship as PTX for
@@ -10,6 +11,8 @@
 #   cargo build --release -p ddpm-cli --features cuda                    -> ddpm
 #   cargo test --release -p ddpm-core --features cuda --test ops_gpu --no-run    -> ops_gpu
 #   cargo test --release -p ddpm-unet --features cuda --test gpu --no-run        -> unet_gpu
+# scripts/build_gpu_bins.sh does all of this (toolkit and link libraries from PyPI, a stub libcuda) into
+# target/gpubin, compressed.
 # Linking needs libcuda.so, cuBLAS, cuRAND and the CUDA runtime (on a machine without a driver, a
 # toolkit's lib64/stubs/libcuda.so). Run on the GPU machine (python3 with torch and diffusers):
 #   BIN=target/gpubin OUT=/tmp/gpu scripts/gpu_check.sh
@@ -23,6 +26,7 @@ RUNS=${RUNS:-2}
 THREADS=${THREADS:-8}
 DEADLINE=${DEADLINE:-400}       # seconds; later items are skipped once this much time has passed
 RUN_TIMEOUT=${RUN_TIMEOUT:-90}  # seconds for one benchmark process
+COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-240}  # seconds for one torch.compile run of the peer (the compilation included)
 PY=${PY:-python3}
 FLOPS=${FLOPS:-1}               # 0: skip counting FLOPs (no fraction of peak)
 TRAIN=${TRAIN:-1}               # 0: skip the training run with sampling
@@ -38,9 +42,10 @@ in_time() { [ "$(elapsed)" -lt "$DEADLINE" ] || { say "SKIPPED (past ${DEADLINE}
 # Binaries may come compressed (name.xz), to fit a transfer: unpacked once.
 for f in "$BIN"/*.xz; do [ -e "$f" ] && "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$f" && chmod +x "${f%.xz}"; done
 # The CUDA libraries the binaries link (cuBLAS, cuRAND, the runtime) from the Python packages beside
-# torch, and the driver's libcuda where it is not on the loader's path.
+# torch (cuDNN too, for binaries built with the cudnn feature), and the driver's libcuda where it is not
+# on the loader's path.
 libdirs=$(find $("$PY" -c 'import site; print(" ".join(site.getsitepackages()))') /usr/local/cuda/lib64 /usr/local/nvidia \
-    \( -name 'libcublasLt.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' -o -name 'libcuda.so.1' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
+    \( -name 'libcublasLt.so.*' -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' -o -name 'libcudnn.so.*' -o -name 'libcuda.so.1' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | paste -sd:)
 export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # The test binaries find the fixtures under the path they were built in.
 fixtures_root=$(grep -a -o -m1 '/[[:alnum:]/._-]*/crates/ddpm-unet' "$BIN/unet_gpu" 2>/dev/null | head -n1)
@@ -86,7 +91,9 @@ used = [int(l) for l in open(mem) if l.strip().isdigit()]
 lines = [l for l in open(one) if l.strip().startswith("{")]
 row = json.loads(lines[-1]) if lines else {}
 row.update(label=label, preset=preset, rc=int(rc), wall_s=round(time.time() - float(t0), 1),
-           gpu_mem_peak_mib=(max(used) - int(base)) if used else None)
+           gpu_mem_peak_mib=(max(used) - int(base)) if used else None,
+           # the allocator's own peak: candle's memory pool (ours) or PyTorch's caching allocator
+           alloc_peak_mib=row.get("cuda_pool_peak_mib", row.get("cuda_max_allocated_mib")))
 print(json.dumps(row))
 PYEOF
     say "$label $preset: $(tail -n1 "$OUT/bench.jsonl")"
@@ -120,6 +127,18 @@ for case in $CASES; do
         bench "pytorch bf16" "$preset" "${peer[@]}" --dtype bfloat16
     done
 done
+# Once per config: our convolutions without cuDNN (the column kernels, DDPM_CUDNN=0), then PyTorch at
+# its fastest (bf16 autocast, channels_last, torch.compile: minutes of compilation in its warm-up).
+for case in $CASES; do
+    IFS=: read -r preset batch steps <<< "$case"
+    bench "ours f32 no cudnn" "$preset" env DDPM_CUDNN=0 "$BIN/ddpm" bench --unet-config "$tmp/$preset.json" \
+        --batch-size "$batch" --threads "$THREADS" --steps "$steps" --device cuda
+done
+for case in $CASES; do
+    IFS=: read -r preset batch steps <<< "$case"
+    RUN_TIMEOUT=$COMPILE_TIMEOUT bench "pytorch bf16 compile" "$preset" "$PY" scripts/peer_pytorch.py --config "$tmp/$preset.json" \
+        --batch "$batch" --threads "$THREADS" --steps "$steps" --device cuda --dtype bfloat16 --compile --channels-last
+done
 # candle's own CUDA ops (the project's kernels off), once, 3 steps: its convolution gradient is a
 # direct transposed convolution, slow enough to need a short run.
 for case in $CASES; do
@@ -139,8 +158,8 @@ flops = {}
 for l in open(sys.argv[2]):
     if l.strip():
         f = json.loads(l); flops[f["config"].rsplit("/", 1)[-1][:-5]] = f
-peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours tf32": 495e12, "pytorch f32": 495e12,
-        "ours bf16": 989e12, "pytorch bf16": 989e12}
+peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "pytorch f32": 495e12,
+        "ours bf16": 989e12, "pytorch bf16": 989e12, "pytorch bf16 compile": 989e12}
 out = []
 for preset in dict.fromkeys(r["preset"] for r in rows):
     med = {}
@@ -148,7 +167,7 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
         ok = [r for r in rows if r["preset"] == preset and r["label"] == label and r["rc"] == 0 and "train_img_per_s" in r]
         if not ok:
             med[label] = None; continue
-        m = {k: statistics.median(r[k] for r in ok if r.get(k) is not None) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib"] if any(r.get(k) is not None for r in ok)}
+        m = {k: statistics.median(r[k] for r in ok if r.get(k) is not None) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib"] if any(r.get(k) is not None for r in ok)}
         m["runs"] = len(ok)
         if preset in flops:
             m["train_tflop_per_s"] = round(m["train_img_per_s"] * flops[preset]["train_flops_per_image"] / 1e12, 2)
@@ -156,8 +175,8 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
         med[label] = m
     ratio = lambda a, b, k: round(med[a][k] / med[b][k], 3) if med.get(a) and med.get(b) and med[b].get(k) else None
     out.append({"preset": preset, "medians": med, "ratios": {
-        f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib"]}
-        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours f32 candle ops", "pytorch f32")]}})
+        f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib"]}
+        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
 print(json.dumps(out, indent=1))
 PYEOF
 cat "$OUT/summary.json" | tee -a "$LOG"

@@ -3,8 +3,10 @@
 //!
 //! Training = forward, backward and AdamW step on L_simple with the linear schedule (T = 1000), exactly
 //! as the peer times it: 2 warm-up steps, then `--steps` timed steps; inference = one UNet forward.
-//! With `--dtype bf16` (or f16) the weights, the optimiser state and the UNet's input are in that dtype
-//! and the loss is taken in f32, as the peer does with `--dtype bfloat16`.
+//! With `--dtype bf16` (or f16) the model trains in mixed precision, as `ddpm train --dtype bf16` does
+//! and as the peer does with `--dtype bfloat16` (autocast): f32 master weights and optimiser state,
+//! activations and products in that dtype, the loss in f32. `--pure-dtype` keeps the weights and the
+//! optimiser state in that dtype too (the peer's `--pure-dtype`).
 
 use std::time::Instant;
 
@@ -38,9 +40,13 @@ pub struct BenchArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Parameter and activation dtype: f32, or bf16/f16 on CUDA.
+    /// Compute dtype: f32, or bf16/f16 on CUDA (mixed precision unless --pure-dtype).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// With --dtype bf16/f16: weights and optimiser state in that dtype too, instead of mixed
+    /// precision with f32 master weights.
+    #[arg(long)]
+    pub pure_dtype: bool,
     /// Let f32 matrix products on CUDA use TF32 tensor cores (PyTorch's default for convolutions).
     #[arg(long)]
     pub tf32: bool,
@@ -56,6 +62,32 @@ pub fn peak_rss_mib() -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map(|kib| kib / 1024)
         .unwrap_or(0)
+}
+
+/// The high-water mark, in MiB, of the memory that candle's CUDA allocations took from the device's
+/// default memory pool (cudarc allocates stream-ordered from it where the device supports pools):
+/// the analogue of PyTorch's `torch.cuda.max_memory_allocated`. `None` off CUDA, or where the driver
+/// does not answer.
+fn cuda_pool_peak_mib(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ctx = d.cuda_stream().context().clone();
+        if !ctx.has_async_alloc() {
+            return None;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut high: u64 = 0;
+        // SAFETY: plain queries of the device's default pool into local out-parameters; USED_MEM_HIGH
+        // is a cuuint64_t.
+        let ok = unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut high as *mut u64).cast()) == sys::CUresult::CUDA_SUCCESS
+        };
+        return ok.then_some(high >> 20);
+    }
+    let _ = device;
+    None
 }
 
 /// Waits for queued GPU work so that timings are real.
@@ -91,7 +123,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         set_tf32(&device)?;
     }
     let varmap = VarMap::new();
-    let model = UNet2DModel::new_trainable(&cfg, &varmap, dtype, &device)?;
+    // f32 master weights under mixed precision, the compute dtype's with --pure-dtype
+    let weights = if a.pure_dtype { dtype } else { DType::F32 };
+    let model = UNet2DModel::new_trainable(&cfg, &varmap, weights, &device)?.with_compute_dtype(dtype);
     let mut rng = NoiseRng::new(0);
     crate::init::seeded_init(&varmap, &mut rng)?;
     let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -140,10 +174,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "threads": a.threads,
             "device": crate::device::device_name(&device),
             "dtype": a.dtype,
+            "precision": if dtype == DType::F32 { "float32" } else if a.pure_dtype { "pure" } else { "mixed" },
             "tf32": a.tf32,
             "train_img_per_s": round3(train),
             "infer_img_per_s": round3(infer),
-            "peak_rss_mib": peak_rss_mib()
+            "peak_rss_mib": peak_rss_mib(),
+            "cuda_pool_peak_mib": cuda_pool_peak_mib(&device)
         })
     );
     Ok(())

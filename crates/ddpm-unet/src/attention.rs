@@ -1,11 +1,11 @@
 //! Spatial self-attention over the H*W positions (diffusers' `Attention` as used by UNet2DModel).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use crate::ops::attention;
 use crate::ops::conv::conv2d;
 
-use crate::nn::{group_norm, linear, GroupNorm, Recorder};
+use crate::nn::{group_norm, linear, GroupNorm, Linear, Recorder};
 
 /// Multi-head self-attention with a group norm in front and a residual connection:
 ///
@@ -66,7 +66,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let a = attention(&qkv.reshape((n, 3 * c, h * w))?, self.heads, scale)?.reshape((n, c, h, w))?;
         let out_w = self.to_out.weight().reshape((c, c, 1, 1))?;
-        let out = conv2d(&a, &out_w, self.to_out.bias(), 1, 0)?;
+        let out = conv2d(&a, &out_w, Some(self.to_out.bias()), 1, 0)?;
         let y = (out + x)?;
         if self.rescale_output_factor == 1.0 {
             Ok(y)
@@ -80,7 +80,7 @@ impl Attention {
         let layers = [&self.to_q, &self.to_k, &self.to_v];
         let c = self.to_q.weight().dim(0)?;
         let weights = Tensor::cat(&layers.map(|l| l.weight()), 0)?.reshape((3 * c, c, 1, 1))?;
-        let biases = layers.iter().map(|l| l.bias().cloned().ok_or_else(|| candle_core::Error::Msg("attention: projection without bias".into()))).collect::<Result<Vec<_>>>()?;
-        Ok((weights, Tensor::cat(&biases, 0)?))
+        let biases = Tensor::cat(&layers.map(|l| l.bias()), 0)?;
+        Ok((weights, biases))
     }
 }

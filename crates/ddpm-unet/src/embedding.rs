@@ -1,9 +1,9 @@
 //! The timestep embedding: sinusoidal features of t, then a two-layer MLP (`time_embedding`).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 
-use crate::nn::{linear, silu, Recorder};
+use crate::nn::{linear, silu, Linear, Recorder};
 
 /// Sinusoidal timestep features (diffusers' `Timesteps`, the Transformer's positional encoding):
 ///

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 use crate::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
@@ -69,7 +69,33 @@ pub(crate) fn linear(vb: VarBuilder, rec: &Recorder, in_d: usize, out_d: usize) 
     let init = torch_default_init(in_d);
     let w = param(&vb, rec, (out_d, in_d), "weight", init)?;
     let b = param(&vb, rec, out_d, "bias", init)?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(Linear { weight: w, bias: b })
+}
+
+/// A linear layer y = x W^T + b, computed in x's dtype: f32 weights are cast for bf16 or f16 inputs
+/// (mixed precision, [`crate::ops::cast_like`]).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// The weight (out, in).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias (out).
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// y = x W^T + b for x (..., in).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = (crate::ops::cast_like(&self.weight, x)?, crate::ops::cast_like(&self.bias, x)?);
+        candle_nn::Module::forward(&candle_nn::Linear::new(w, Some(b)), x)
+    }
 }
 
 /// Group normalisation over `groups` groups of channels:

@@ -1,13 +1,13 @@
 //! diffusers' `ResnetBlock2D` with the time embedding added after the first conv ("default").
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use crate::ops::conv::Conv2d;
 use ddpm_core::NoiseRng;
 
 mod node;
 
-use crate::nn::{conv2d, dropout_seed, group_norm, linear, silu, GroupNorm, Recorder};
+use crate::nn::{conv2d, dropout_seed, group_norm, linear, silu, GroupNorm, Linear, Recorder};
 
 /// A residual block:
 ///
@@ -91,7 +91,7 @@ impl ResnetBlock2D {
     /// out = conv2(h2), skip = shortcut(x)
     pub(crate) fn parts(&self, x: &Tensor, t: &Tensor, seed: Option<u64>) -> Result<Parts> {
         let bias = match &self.conv1.bias {
-            Some(b) => t.broadcast_add(b)?,
+            Some(b) => t.broadcast_add(&crate::ops::cast_like(b, t)?)?,
             None => t.clone(),
         };
         let c1 = &self.conv1;

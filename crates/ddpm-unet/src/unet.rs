@@ -43,6 +43,7 @@ pub struct UNet2DModel {
     conv_out: Conv2d,
     tensors: Vec<(String, Tensor)>,
     dtype: DType,
+    compute_dtype: DType,
     device: Device,
 }
 
@@ -166,6 +167,7 @@ impl UNet2DModel {
             conv_out,
             tensors: rec.into_inner(),
             dtype,
+            compute_dtype: dtype,
             device,
         })
     }
@@ -178,6 +180,22 @@ impl UNet2DModel {
     /// The dtype of the weights (inputs are converted to it, outputs back to the input's dtype).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The same model computing in `dtype` (bf16 or f16) while its weights keep theirs: mixed
+    /// precision, as PyTorch's autocast trains. Weights in f32 (the optimizer's master weights, from
+    /// a [`VarMap`] of f32 variables) are cast to `dtype` where they meet the activations, and their
+    /// gradients come back in f32; the time embedding's MLP stays in the weights' dtype. Inputs are
+    /// converted to `dtype`, outputs back to the input's dtype.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The dtype the activations run in: the weights' unless [`with_compute_dtype`](Self::with_compute_dtype)
+    /// set another.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// The device of the weights.
@@ -251,14 +269,15 @@ impl UNet2DModel {
             m => candle_core::bail!("UNet: {m} timesteps for a batch of {n}"),
         };
         let in_dtype = x.dtype();
-        let mut x = x.to_dtype(self.dtype)?;
+        let mut x = x.to_dtype(self.compute_dtype)?;
         if cfg.center_input_sample {
             // x -> 2x - 1
             x = x.affine(2.0, -1.0)?;
         }
-        // emb = linear_2(SiLU(linear_1(sinusoidal(t)))), features computed in f32
+        // emb = linear_2(SiLU(linear_1(sinusoidal(t)))), features computed in f32, the MLP in the
+        // weights' dtype, the result in the compute dtype
         let emb = self.time_proj.forward(&t)?.to_dtype(self.dtype)?;
-        let emb = self.time_embedding.forward(&emb)?;
+        let emb = self.time_embedding.forward(&emb)?.to_dtype(self.compute_dtype)?;
 
         let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];

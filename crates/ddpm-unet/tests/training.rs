@@ -217,3 +217,37 @@ fn presets_build_and_run_on_a_varmap() {
         assert_eq!(y.dims(), &[1, cfg.out_channels, s, s]);
     }
 }
+
+#[test]
+fn mixed_precision_keeps_f32_weights_and_matches_f32_training() {
+    // f32 master weights computing in f16 (bf16 convolutions need CUDA; the casts are the same): the
+    // output within f16's rounding of the f32 model's, and every gradient back in f32, close to the
+    // f32 model's gradient. The compute dtype changes the activations only.
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let f32_model = UNet2DModel::new_trainable(&tiny(0.0), &varmap, DType::F32, &dev).unwrap();
+    let mixed = f32_model.clone().with_compute_dtype(DType::F16);
+    assert_eq!((mixed.dtype(), mixed.compute_dtype()), (DType::F32, DType::F16));
+    let mut rng = NoiseRng::new(3);
+    let (x, t, target) = batch(&mut rng, &dev);
+    let run = |m: &UNet2DModel| {
+        let y = m.forward(&x, &t).unwrap();
+        assert_eq!(y.dtype(), DType::F32, "the output comes back in the input's dtype");
+        let loss = y.sub(&target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<Tensor> = varmap.all_vars().iter().map(|v| grads.get(v.as_tensor()).expect("every weight gets a gradient").clone()).collect();
+        (y, g)
+    };
+    let ((y32, g32), (y16, g16)) = (run(&f32_model), run(&mixed));
+    let max_abs = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-3);
+    let dy = rel(&y16, &y32);
+    assert!(dy < 2e-2 && dy > 0.0, "output differs by {dy} (0 would mean no f16 compute)");
+    // each gradient against the largest: small gradients carry f16's absolute rounding
+    let scale = g32.iter().map(max_abs).fold(0f32, f32::max);
+    for (a, b) in g16.iter().zip(&g32) {
+        assert_eq!(a.dtype(), DType::F32, "the gradient of an f32 weight is f32");
+        let d = max_abs(&(a - b).unwrap()) / scale;
+        assert!(d < 2e-2, "gradient differs by {d} of the largest gradient");
+    }
+}

@@ -495,10 +495,13 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// On the CPU in f32 this is im2col + one matrix product per image, Winograd F(2x2, 3x3) for a wide
 /// 3x3 "same" convolution or the direct AVX2 / AVX-512 kernel for a narrower one, with the analytic
 /// backward (see the module docs); on CUDA in f32, bf16 or f16 with the project's kernels enabled
-/// ([`super::cuda_kernels_enabled`]), or on Metal with [`super::metal_kernels_enabled`], it is
-/// [`conv2d_columns`]; elsewhere candle's `conv2d`. All are
-/// differentiable in x, w and bias.
+/// ([`super::cuda_kernels_enabled`]) it runs through cuDNN (`ops/cudnn_conv.rs`) where cuDNN is
+/// loaded, else [`conv2d_columns`], as it does on Metal with [`super::metal_kernels_enabled`];
+/// elsewhere candle's `conv2d`. All are differentiable in x, w and bias. Weight and bias in another
+/// dtype than x (f32 master weights under mixed precision) are cast to x's ([`super::cast_like`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let (w, bias) = params_like(x, w, bias)?;
+    let (w, bias) = (&w, bias.as_ref());
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
     let g = Geometry::new((b, c, h, wd), k, stride, pad);
     if fused(x, w, bias) {
@@ -532,6 +535,8 @@ pub fn conv2d_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usi
 /// the flops and no upsampled image (`ops/upsample_conv.rs`); elsewhere it upsamples with
 /// [`upsample_nearest2x`] and convolves as [`conv2d`] does there. Differentiable in x, w and bias.
 pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (w, bias) = params_like(x, w, bias)?;
+    let (w, bias) = (&w, bias.as_ref());
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, 1, 1)?;
     if k != 3 {
         candle_core::bail!("upsample2x_conv2d: the kernel must be 3x3, weight is {:?}", w.dims());
@@ -556,6 +561,12 @@ pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, 2, w, 2))?.reshape((n, c, 2 * h, 2 * w))
+}
+
+/// The weight and bias in x's dtype ([`super::cast_like`]: f32 master weights meet bf16 or f16
+/// activations under mixed precision).
+fn params_like(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    Ok((super::cast_like(w, x)?, bias.map(|b| super::cast_like(b, x)).transpose()?))
 }
 
 /// Checks the arguments of a convolution and returns (B, C, H, W, k, rows of the bias): 1 for a

@@ -570,7 +570,9 @@ fn check_args(
 ///
 /// For contiguous f32 tensors on the CPU (or CUDA or Metal with the project's kernels, see [`super::cuda_kernels_enabled`] and [`super::metal_kernels_enabled`]) this is one fused custom op whose backward
 /// (also fused) gives the gradients of x, gamma and beta; bf16 and f16 tensors there run the same op in
-/// f32 between casts; otherwise it is [`group_norm_composed`]. All are differentiable.
+/// f32 between casts; otherwise it is [`group_norm_composed`]. All are differentiable. gamma and beta
+/// in another dtype than x (f32 master weights under mixed precision) are cast to x's
+/// ([`super::cast_like`]).
 pub fn group_norm(
     x: &Tensor,
     num_groups: usize,
@@ -579,6 +581,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    let (gamma, beta) = (&super::cast_like(gamma, x)?, &super::cast_like(beta, x)?);
     if let Some(op) = fused_op(x, num_groups, gamma, beta, (eps, silu), &[])? {
         return x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op);
     }

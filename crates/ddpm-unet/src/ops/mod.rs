@@ -66,6 +66,16 @@ pub use softmax::softmax_last_dim;
 
 pub(crate) use ddpm_core::ops::fused_device;
 
+use candle_core::{Result, Tensor};
+
+/// `p` in the dtype of `x`: under mixed precision the parameters stay in f32 (the optimizer's master
+/// weights) while the activations, and so the products, run in bf16 or f16, as PyTorch's autocast
+/// does. The cast is differentiable (its gradient is cast back to `p`'s dtype) and free when the
+/// dtypes already agree.
+pub fn cast_like(p: &Tensor, x: &Tensor) -> Result<Tensor> {
+    p.to_dtype(x.dtype())
+}
+
 /// The sum of `values` in 16 interleaved partial sums (lane l adds values l, l + 16, ...), then the
 /// lanes and the tail: independent additions that vectorise, where a plain `iter().sum()` waits for
 /// each addition before the next (a fixed order too, so the result does not depend on threads).
