@@ -1,10 +1,14 @@
-//! diffusers' `scheduler_config.json` for `DDPMScheduler`, read and written as diffusers does.
+//! diffusers' `scheduler_config.json` for `DDPMScheduler` and `DDIMScheduler`, read and written as
+//! diffusers does.
 //!
-//! Every field that a file omits (or sets to `null`) takes the default of diffusers'
-//! `DDPMScheduler.__init__`, not serde's zero; fields that this crate does not know (`_class_name`,
-//! `tensor_format`, `set_alpha_to_one`, ...) are ignored. A value of the wrong type or an unknown
-//! enum variant is an error that names the field, and [`SchedulerConfig::validate`] rejects values
-//! that parse but cannot be used.
+//! `_class_name` says which scheduler the file is for ([`SchedulerClass`]; a file without it is a
+//! `DDPMScheduler` config). Every field that a file omits (or sets to `null`) takes the default of
+//! diffusers' `__init__` of that class, not serde's zero (the two classes share their defaults).
+//! Fields that no implemented class reads (`tensor_format`, `timestep_values`, ...) are ignored, as
+//! diffusers ignores them, and named by [`SchedulerConfig::from_file_checked`] so that the caller can
+//! warn. A value of the wrong type, an unknown enum variant or an unknown `_class_name` is an error
+//! that names the field, and [`SchedulerConfig::validate`] rejects values that parse but cannot be
+//! used.
 
 use std::fmt;
 use std::path::Path;
@@ -16,7 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-/// The `_class_name` written into saved configs.
+/// The `_class_name` of a [`SchedulerConfig::default`] (diffusers' `DDPMScheduler`).
 pub const CLASS_NAME: &str = "DDPMScheduler";
 /// The `_diffusers_version` written into saved configs (the version the fixtures were made with).
 pub const DIFFUSERS_VERSION: &str = "0.42.1";
@@ -118,12 +122,137 @@ config_enum!(
     }
 );
 
-/// diffusers' `DDPMScheduler` configuration (`scheduler_config.json`).
+config_enum!(
+    /// The diffusers scheduler class a config is for (`_class_name`), which
+    /// [`crate::Sampler::from_config`] builds. Another class (DPMSolverMultistepScheduler, ...) is
+    /// added as a variant here, its fields in [`SchedulerClass::fields`] and its sampler in
+    /// [`crate::Sampler`]. The default is `DDPMScheduler`, the class of a config without `_class_name`.
+    #[derive(Default)]
+    SchedulerClass, "_class_name" {
+        /// `DDPMScheduler`: ancestral sampling ([`crate::DdpmScheduler`]).
+        #[default]
+        Ddpm => "DDPMScheduler",
+        /// `DDIMScheduler`: DDIM sampling ([`crate::DdimScheduler`]).
+        Ddim => "DDIMScheduler",
+    }
+);
+
+/// The fields of `DDPMScheduler.__init__` (diffusers 0.42), sorted.
+const DDPM_FIELDS: &[&str] = &[
+    "beta_end",
+    "beta_schedule",
+    "beta_start",
+    "clip_sample",
+    "clip_sample_range",
+    "dynamic_thresholding_ratio",
+    "num_train_timesteps",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+    "sample_max_value",
+    "steps_offset",
+    "thresholding",
+    "timestep_spacing",
+    "trained_betas",
+    "variance_type",
+];
+
+/// The fields of `DDIMScheduler.__init__` (diffusers 0.42), sorted.
+const DDIM_FIELDS: &[&str] = &[
+    "beta_end",
+    "beta_schedule",
+    "beta_start",
+    "clip_sample",
+    "clip_sample_range",
+    "dynamic_thresholding_ratio",
+    "num_train_timesteps",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+    "sample_max_value",
+    "set_alpha_to_one",
+    "steps_offset",
+    "thresholding",
+    "timestep_spacing",
+    "trained_betas",
+];
+
+impl SchedulerClass {
+    /// Every implemented class.
+    pub const ALL: &'static [SchedulerClass] = &[SchedulerClass::Ddpm, SchedulerClass::Ddim];
+
+    /// The fields this class's `__init__` takes, sorted: the fields its saved config holds besides
+    /// `_class_name` and `_diffusers_version`. Every one of them is honoured.
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            SchedulerClass::Ddpm => DDPM_FIELDS,
+            SchedulerClass::Ddim => DDIM_FIELDS,
+        }
+    }
+
+    /// Whether a field is read by some implemented class (a `DDIMScheduler` config that holds
+    /// `variance_type` is not wrong: diffusers ignores fields of compatible classes silently).
+    pub fn is_known_field(name: &str) -> bool {
+        Self::ALL.iter().any(|c| c.fields().contains(&name))
+    }
+}
+
+/// Fields of a `scheduler_config.json` that no implemented scheduler class reads. diffusers ignores
+/// such fields with a warning; so does this crate: [`UnknownFields::warning`] is that warning.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnknownFields {
+    /// Where the config came from (the file, or `<json>`).
+    pub source: String,
+    /// The field names, sorted. Private fields (`_name`) are never listed.
+    pub names: Vec<String>,
+}
+
+impl UnknownFields {
+    /// The non-private keys of the JSON object `value` that no implemented class reads, sorted.
+    pub fn of(source: impl Into<String>, value: &Value) -> Self {
+        let mut names: Vec<String> = value
+            .as_object()
+            .map(|m| {
+                m.keys().filter(|k| !k.starts_with('_') && !SchedulerClass::is_known_field(k)).cloned().collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        Self { source: source.into(), names }
+    }
+
+    /// No unknown field.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// A one-line warning naming the source and the fields, `None` when there are none.
+    pub fn warning(&self) -> Option<String> {
+        (!self.is_empty()).then(|| self.to_string())
+    }
+}
+
+impl fmt::Display for UnknownFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "warning: {}: ignoring {} that no supported scheduler ({}) reads: {}",
+            self.source,
+            if self.names.len() == 1 { "a field" } else { "fields" },
+            SchedulerClass::NAMES.join(", "),
+            self.names.join(", ")
+        )
+    }
+}
+
+/// diffusers' scheduler configuration (`scheduler_config.json`) for the class in `class_name`.
 ///
-/// [`Default`] gives diffusers' defaults: the linear schedule of the DDPM paper with T = 1000,
-/// beta from 1e-4 to 0.02, `fixed_small` variance, epsilon prediction and x_0 clipped to [-1, 1].
+/// One struct holds the fields of every implemented class; each class uses its own
+/// ([`SchedulerClass::fields`]): `variance_type` only `DDPMScheduler`, `set_alpha_to_one` only
+/// `DDIMScheduler`. [`Default`] gives diffusers' defaults for `DDPMScheduler`: the linear schedule of
+/// the DDPM paper with T = 1000, beta from 1e-4 to 0.02, `fixed_small` variance, epsilon prediction
+/// and x_0 clipped to [-1, 1].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
+    /// The diffusers class the config is for (`_class_name`, default DDPMScheduler).
+    pub class_name: SchedulerClass,
     /// Number of diffusion steps T used in training (default 1000).
     pub num_train_timesteps: usize,
     /// beta at the first timestep (default 0.0001).
@@ -154,11 +283,15 @@ pub struct SchedulerConfig {
     pub steps_offset: usize,
     /// Rescale the betas to a zero terminal SNR (Lin et al. 2023) (default false).
     pub rescale_betas_zero_snr: bool,
+    /// DDIM only: the step past the last inference timestep goes to alpha_bar = 1 when true
+    /// (default), to alpha_bar_0 when false.
+    pub set_alpha_to_one: bool,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
+            class_name: SchedulerClass::Ddpm,
             num_train_timesteps: 1000,
             beta_start: 0.0001,
             beta_end: 0.02,
@@ -174,6 +307,7 @@ impl Default for SchedulerConfig {
             timestep_spacing: TimestepSpacing::Leading,
             steps_offset: 0,
             rescale_betas_zero_snr: false,
+            set_alpha_to_one: true,
         }
     }
 }
@@ -190,14 +324,37 @@ fn read_field<T: serde::de::DeserializeOwned>(map: &Map<String, Value>, name: &s
 }
 
 impl SchedulerConfig {
-    /// Builds a config from a parsed JSON object: missing or `null` fields take diffusers' defaults,
-    /// unknown fields are ignored, a field of the wrong type is an [`Error::InvalidConfig`] naming
-    /// it. The result is validated.
+    /// diffusers' defaults for `class` (the classes share their defaults; only `class_name` differs).
+    pub fn for_class(class: SchedulerClass) -> Self {
+        Self { class_name: class, ..Self::default() }
+    }
+
+    /// Builds a config from a parsed JSON object: `_class_name` picks the class (DDPMScheduler when
+    /// absent), missing or `null` fields take diffusers' defaults, unknown fields are ignored
+    /// (see [`SchedulerConfig::from_json_value_checked`] to name them), a field of the wrong type or
+    /// an unknown class is an [`Error::InvalidConfig`] naming it. The result is validated.
     pub fn from_json_value(value: &Value) -> Result<Self> {
         let map = value
             .as_object()
             .ok_or_else(|| Error::config("<root>", "a scheduler config must be a JSON object"))?;
         let mut c = Self::default();
+        match map.get("_class_name") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(name)) => {
+                c.class_name = name.parse().map_err(|_| {
+                    Error::config(
+                        "_class_name",
+                        format!(
+                            "`{name}` is not a scheduler this crate implements; expected one of {}",
+                            SchedulerClass::NAMES.join(", ")
+                        ),
+                    )
+                })?;
+            }
+            Some(other) => {
+                return Err(Error::config("_class_name", format!("expected a class name string, got {other}")));
+            }
+        }
         read_field(map, "num_train_timesteps", &mut c.num_train_timesteps)?;
         read_field(map, "beta_start", &mut c.beta_start)?;
         read_field(map, "beta_end", &mut c.beta_end)?;
@@ -214,8 +371,15 @@ impl SchedulerConfig {
         read_field(map, "timestep_spacing", &mut c.timestep_spacing)?;
         read_field(map, "steps_offset", &mut c.steps_offset)?;
         read_field(map, "rescale_betas_zero_snr", &mut c.rescale_betas_zero_snr)?;
+        read_field(map, "set_alpha_to_one", &mut c.set_alpha_to_one)?;
         c.validate()?;
         Ok(c)
+    }
+
+    /// [`SchedulerConfig::from_json_value`], also naming the fields that no implemented class reads
+    /// (source `<json>`).
+    pub fn from_json_value_checked(value: &Value) -> Result<(Self, UnknownFields)> {
+        Ok((Self::from_json_value(value)?, UnknownFields::of("<json>", value)))
     }
 
     /// Parses and validates a config from JSON text (see [`SchedulerConfig::from_json_value`]).
@@ -225,16 +389,25 @@ impl SchedulerConfig {
     }
 
     /// Reads and validates `scheduler_config.json`; every error names the file (and the field).
+    /// Unknown fields are ignored silently: [`SchedulerConfig::from_file_checked`] names them.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        Ok(Self::from_file_checked(path)?.0)
+    }
+
+    /// Reads and validates `scheduler_config.json`, and names the fields that no implemented class
+    /// reads, for the caller to print ([`UnknownFields::warning`]); every error names the file
+    /// (and the field).
+    pub fn from_file_checked(path: impl AsRef<Path>) -> Result<(Self, UnknownFields)> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: name.clone(), source })?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: name.clone(), message: e.to_string() })?;
-        Self::from_json_value(&v).map_err(|e| e.in_file(name))
+        let config = Self::from_json_value(&v).map_err(|e| e.in_file(name.clone()))?;
+        Ok((config, UnknownFields::of(name, &v)))
     }
 
-    /// The config as diffusers writes it: every field, keys sorted, plus `_class_name` and
-    /// `_diffusers_version`.
+    /// The config as diffusers' `save_config` writes it for `class_name`: that class's fields
+    /// ([`SchedulerClass::fields`]), keys sorted, plus `_class_name` and `_diffusers_version`.
     pub fn to_json_string(&self) -> Result<String> {
         serde_json::to_string_pretty(self).map_err(|e| Error::Json { path: "<string>".into(), message: e.to_string() })
     }
@@ -300,25 +473,32 @@ impl SchedulerConfig {
 
 impl Serialize for SchedulerConfig {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        // Keys in sorted order, as diffusers' `save_config` writes them.
-        let mut m = serializer.serialize_map(Some(17))?;
-        m.serialize_entry("_class_name", CLASS_NAME)?;
+        // Keys in sorted order, as diffusers' `save_config` writes them; only the class's own fields.
+        let fields = self.class_name.fields();
+        let mut m = serializer.serialize_map(Some(fields.len() + 2))?;
+        m.serialize_entry("_class_name", self.class_name.as_str())?;
         m.serialize_entry("_diffusers_version", DIFFUSERS_VERSION)?;
-        m.serialize_entry("beta_end", &self.beta_end)?;
-        m.serialize_entry("beta_schedule", &self.beta_schedule)?;
-        m.serialize_entry("beta_start", &self.beta_start)?;
-        m.serialize_entry("clip_sample", &self.clip_sample)?;
-        m.serialize_entry("clip_sample_range", &self.clip_sample_range)?;
-        m.serialize_entry("dynamic_thresholding_ratio", &self.dynamic_thresholding_ratio)?;
-        m.serialize_entry("num_train_timesteps", &self.num_train_timesteps)?;
-        m.serialize_entry("prediction_type", &self.prediction_type)?;
-        m.serialize_entry("rescale_betas_zero_snr", &self.rescale_betas_zero_snr)?;
-        m.serialize_entry("sample_max_value", &self.sample_max_value)?;
-        m.serialize_entry("steps_offset", &self.steps_offset)?;
-        m.serialize_entry("thresholding", &self.thresholding)?;
-        m.serialize_entry("timestep_spacing", &self.timestep_spacing)?;
-        m.serialize_entry("trained_betas", &self.trained_betas)?;
-        m.serialize_entry("variance_type", &self.variance_type)?;
+        for &field in fields {
+            match field {
+                "beta_end" => m.serialize_entry(field, &self.beta_end)?,
+                "beta_schedule" => m.serialize_entry(field, &self.beta_schedule)?,
+                "beta_start" => m.serialize_entry(field, &self.beta_start)?,
+                "clip_sample" => m.serialize_entry(field, &self.clip_sample)?,
+                "clip_sample_range" => m.serialize_entry(field, &self.clip_sample_range)?,
+                "dynamic_thresholding_ratio" => m.serialize_entry(field, &self.dynamic_thresholding_ratio)?,
+                "num_train_timesteps" => m.serialize_entry(field, &self.num_train_timesteps)?,
+                "prediction_type" => m.serialize_entry(field, &self.prediction_type)?,
+                "rescale_betas_zero_snr" => m.serialize_entry(field, &self.rescale_betas_zero_snr)?,
+                "sample_max_value" => m.serialize_entry(field, &self.sample_max_value)?,
+                "set_alpha_to_one" => m.serialize_entry(field, &self.set_alpha_to_one)?,
+                "steps_offset" => m.serialize_entry(field, &self.steps_offset)?,
+                "thresholding" => m.serialize_entry(field, &self.thresholding)?,
+                "timestep_spacing" => m.serialize_entry(field, &self.timestep_spacing)?,
+                "trained_betas" => m.serialize_entry(field, &self.trained_betas)?,
+                "variance_type" => m.serialize_entry(field, &self.variance_type)?,
+                other => return Err(serde::ser::Error::custom(format!("scheduler config field `{other}` has no value"))),
+            }
+        }
         m.end()
     }
 }

@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::config::{PredictionType, SchedulerConfig};
-use crate::ddpm::{check_step_inputs, clip_or_threshold, pred_x0_scalar, StepOutput};
+use crate::ddpm::{check_step_inputs, clip_or_threshold, pred_x0_scalar, StepOutput, StepPrecision};
 use crate::error::{Error, Result};
 use crate::rng::NoiseRng;
 use crate::schedule::NoiseSchedule;
@@ -12,10 +12,11 @@ use crate::timesteps::inference_timesteps;
 
 /// The DDIM sampler.
 ///
-/// Defaults as diffusers' `DDIMScheduler`: eta = 0 (deterministic), `set_alpha_to_one` true (the
-/// step past the last timestep uses alpha_bar = 1), the model output not recomputed from the
-/// clipped x_0. The `variance_type` of the config is not used (DDIM's variance is set by eta).
-/// Until [`DdimScheduler::set_timesteps`] is called it visits all T timesteps.
+/// Defaults as diffusers' `DDIMScheduler`: eta = 0 (deterministic), `set_alpha_to_one` as the config
+/// says (the step past the last timestep uses alpha_bar = 1 when true, alpha_bar_0 when false), the
+/// model output not recomputed from the clipped x_0. The `variance_type` of the config is not used
+/// (DDIM's variance is set by eta). Until [`DdimScheduler::set_timesteps`] is called it visits all T
+/// timesteps.
 #[derive(Debug, Clone)]
 pub struct DdimScheduler {
     schedule: NoiseSchedule,
@@ -24,24 +25,28 @@ pub struct DdimScheduler {
     eta: f64,
     set_alpha_to_one: bool,
     use_clipped_model_output: bool,
+    precision: StepPrecision,
 }
 
 impl DdimScheduler {
-    /// A DDIM scheduler for `config` (validated) with eta = 0, visiting all training timesteps.
+    /// A DDIM scheduler for `config` (validated) with eta = 0 and the config's `set_alpha_to_one`,
+    /// visiting all training timesteps.
     pub fn new(config: &SchedulerConfig, device: &Device) -> Result<Self> {
         Ok(Self::from_schedule(NoiseSchedule::new(config, device)?))
     }
 
-    /// A DDIM scheduler over an already computed schedule.
+    /// A DDIM scheduler over an already computed schedule (`set_alpha_to_one` from its config).
     pub fn from_schedule(schedule: NoiseSchedule) -> Self {
         let t = schedule.num_train_timesteps();
+        let set_alpha_to_one = schedule.config().set_alpha_to_one;
         Self {
             schedule,
             timesteps: (0..t).rev().collect(),
             num_inference_steps: t,
             eta: 0.0,
-            set_alpha_to_one: true,
+            set_alpha_to_one,
             use_clipped_model_output: false,
+            precision: StepPrecision::F64,
         }
     }
 
@@ -66,8 +71,8 @@ impl DdimScheduler {
         self.eta
     }
 
-    /// diffusers' `set_alpha_to_one`: when true (default) the final step goes to alpha_bar = 1, else
-    /// to alpha_bar_0.
+    /// Overrides the config's `set_alpha_to_one`: when true the final step goes to alpha_bar = 1,
+    /// else to alpha_bar_0.
     pub fn with_set_alpha_to_one(mut self, set_alpha_to_one: bool) -> Self {
         self.set_alpha_to_one = set_alpha_to_one;
         self
@@ -77,6 +82,21 @@ impl DdimScheduler {
     pub fn with_use_clipped_model_output(mut self, yes: bool) -> Self {
         self.use_clipped_model_output = yes;
         self
+    }
+
+    /// Chooses how the step's scalar coefficients are computed (default [`StepPrecision::F64`]).
+    /// [`StepPrecision::DiffusersF32`] reproduces diffusers' float32 numbers: near t = 0 the
+    /// variance 1 - alpha_bar_t / alpha_bar_prev and the direction coefficient
+    /// 1 - alpha_bar_prev - sigma_t^2 lose about 1e-3 of their relative precision to cancellation
+    /// in f32, so with eta > 0 the last step differs from the f64 one by up to ~1e-4.
+    pub fn with_precision(mut self, precision: StepPrecision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The precision of the step's scalar coefficients.
+    pub fn precision(&self) -> StepPrecision {
+        self.precision
     }
 
     /// alpha_bar used after the last timestep: 1 with `set_alpha_to_one`, else alpha_bar_0.
@@ -134,10 +154,19 @@ impl DdimScheduler {
         check_step_inputs(model_output, sample, noise)?;
         let c = self.config();
         let prev = self.previous_timestep(t)?;
-        let ab = self.schedule.alphas_cumprod()[t];
-        let ab_prev = prev.map_or(self.final_alpha_cumprod(), |p| self.schedule.alphas_cumprod()[p]);
+        // r(x): every intermediate rounded to f32 in DiffusersF32 precision, as diffusers' f32 tensors do
+        let f32_mode = self.precision == StepPrecision::DiffusersF32;
+        let r = |x: f64| if f32_mode { x as f32 as f64 } else { x };
+        let abar = if f32_mode { self.schedule.alphas_cumprod_diffusers_f32() } else { self.schedule.alphas_cumprod() };
+        let ab = abar[t];
+        // alpha_bar_prev: alpha_bar of the previous timestep, past the end 1 or alpha_bar_0
+        let ab_prev = match prev {
+            Some(p) => abar[p],
+            None if self.set_alpha_to_one => 1.0,
+            None => abar[0],
+        };
         // beta_bar_t = 1 - alpha_bar_t
-        let b = 1.0 - ab;
+        let b = r(1.0 - ab);
 
         let x0 = pred_x0_scalar(c.prediction_type, model_output, sample, ab, b)?;
         let mut eps = match c.prediction_type {
@@ -150,15 +179,15 @@ impl DdimScheduler {
         let x0 = clip_or_threshold(c, x0)?;
 
         // sigma_t^2 = (1 - alpha_bar_prev) / (1 - alpha_bar_t) (1 - alpha_bar_t / alpha_bar_prev)
-        let variance = (1.0 - ab_prev) / b * (1.0 - ab / ab_prev);
+        let variance = r(r(r(1.0 - ab_prev) / b) * r(1.0 - r(ab / ab_prev)));
         // sigma_t = eta sqrt(sigma_t^2)
-        let std = self.eta * variance.max(0.0).sqrt();
+        let std = r(self.eta * r(variance.max(0.0).sqrt()));
         if self.use_clipped_model_output {
             // eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t), with the clipped x_0
             eps = ((sample - (&x0 * ab.sqrt())?)? / b.sqrt())?;
         }
         // direction pointing to x_t: sqrt(1 - alpha_bar_prev - sigma_t^2) eps
-        let dir = (eps * (1.0 - ab_prev - std * std).max(0.0).sqrt())?;
+        let dir = (eps * r(r(r(1.0 - ab_prev) - r(std * std)).max(0.0).sqrt()))?;
         // x_{t_prev} = sqrt(alpha_bar_prev) x_0 + direction
         let mut prev_sample = ((&x0 * ab_prev.sqrt())? + dir)?;
         if self.eta > 0.0 {

@@ -6,7 +6,9 @@
 //! matched against diffusers.
 //!
 //! A network plugs in through the [`NoisePredictor`] trait; randomness comes from a caller-owned
-//! [`NoiseRng`] so runs repeat bit for bit.
+//! [`NoiseRng`] so runs repeat bit for bit. A diffusers `scheduler_config.json` builds the scheduler
+//! its `_class_name` names (DDPMScheduler or DDIMScheduler, every field honoured) through
+//! [`SchedulerConfig::from_file_checked`] and [`Sampler::from_config`].
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
@@ -39,7 +41,7 @@ pub mod schedule;
 pub mod timesteps;
 pub mod vlb;
 
-pub use config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing, VarianceType};
+pub use config::{BetaSchedule, PredictionType, SchedulerClass, SchedulerConfig, TimestepSpacing, UnknownFields, VarianceType};
 pub use ddim::DdimScheduler;
 pub use ddpm::{DdpmScheduler, StepCoefficients, StepOutput, StepPrecision};
 pub use error::{Error, Result};

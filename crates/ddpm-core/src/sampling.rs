@@ -2,9 +2,9 @@
 
 use candle_core::{DType, Device, Shape, Tensor};
 
-use crate::config::SchedulerConfig;
+use crate::config::{SchedulerClass, SchedulerConfig};
 use crate::ddim::DdimScheduler;
-use crate::ddpm::{DdpmScheduler, StepOutput};
+use crate::ddpm::{DdpmScheduler, StepOutput, StepPrecision};
 use crate::error::{Error, Result};
 use crate::predictor::NoisePredictor;
 use crate::rng::NoiseRng;
@@ -56,8 +56,14 @@ impl Scheduler for DdimScheduler {
     }
 }
 
-/// The two samplers behind one type, for code that picks one at run time (`--sampler ddpm|ddim`).
+/// Every implemented scheduler behind one type, for code that picks one at run time: from a
+/// `scheduler_config.json` by its `_class_name` ([`Sampler::from_config`]) or by a flag
+/// (`--scheduler ddpm|ddim`). It implements [`Scheduler`], so generic code swaps samplers without
+/// naming the concrete type.
+///
+/// Non-exhaustive: further diffusers classes (DPMSolverMultistepScheduler, ...) become variants.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Sampler {
     /// Ancestral DDPM sampling.
     Ddpm(DdpmScheduler),
@@ -66,7 +72,62 @@ pub enum Sampler {
 }
 
 impl Sampler {
-    /// A DDPM sampler for `config` with `steps` inference steps (`None`: all T).
+    /// The scheduler of the class that `config.class_name` names, built from every field of the
+    /// config, as diffusers' `SchedulerMixin.from_pretrained` builds it: DDPM or DDIM (eta 0; set it
+    /// with [`DdimScheduler::set_eta`] through [`Sampler::Ddim`]), visiting all T training
+    /// timesteps until [`Sampler::set_timesteps`].
+    ///
+    /// ```
+    /// # fn main() -> ddpm_core::Result<()> {
+    /// use ddpm_core::{Sampler, Scheduler, SchedulerConfig};
+    /// let config = SchedulerConfig::from_json_str(
+    ///     r#"{"_class_name": "DDIMScheduler", "set_alpha_to_one": false, "steps_offset": 1}"#,
+    /// )?;
+    /// let mut sampler = Sampler::from_config(&config, &candle_core::Device::Cpu)?;
+    /// sampler.set_timesteps(10)?;
+    /// assert_eq!(sampler.timesteps()[..3], [901, 801, 701]);
+    /// # Ok(()) }
+    /// ```
+    pub fn from_config(config: &SchedulerConfig, device: &Device) -> Result<Self> {
+        Ok(match config.class_name {
+            SchedulerClass::Ddpm => Sampler::Ddpm(DdpmScheduler::new(config, device)?),
+            SchedulerClass::Ddim => Sampler::Ddim(DdimScheduler::new(config, device)?),
+        })
+    }
+
+    /// Samples with `n` inference steps, spaced as the config's `timestep_spacing` and
+    /// `steps_offset` say.
+    pub fn set_timesteps(&mut self, n: usize) -> Result<()> {
+        match self {
+            Sampler::Ddpm(s) => s.set_timesteps(n),
+            Sampler::Ddim(s) => s.set_timesteps(n),
+        }
+    }
+
+    /// Chooses how the step's scalar coefficients are computed (default [`StepPrecision::F64`];
+    /// [`StepPrecision::DiffusersF32`] reproduces diffusers' float32 numbers).
+    pub fn with_precision(self, precision: StepPrecision) -> Self {
+        match self {
+            Sampler::Ddpm(s) => Sampler::Ddpm(s.with_precision(precision)),
+            Sampler::Ddim(s) => Sampler::Ddim(s.with_precision(precision)),
+        }
+    }
+
+    /// The class of the scheduler (what `_class_name` it saves as).
+    pub fn class_name(&self) -> SchedulerClass {
+        match self {
+            Sampler::Ddpm(_) => SchedulerClass::Ddpm,
+            Sampler::Ddim(_) => SchedulerClass::Ddim,
+        }
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &SchedulerConfig {
+        self.inner().schedule().config()
+    }
+
+    /// A DDPM sampler for `config` with `steps` inference steps (`None`: all T), whatever class the
+    /// config names.
     pub fn ddpm(config: &SchedulerConfig, steps: Option<usize>, device: &Device) -> Result<Self> {
         let mut s = DdpmScheduler::new(config, device)?;
         if let Some(n) = steps {
@@ -75,7 +136,8 @@ impl Sampler {
         Ok(Sampler::Ddpm(s))
     }
 
-    /// A DDIM sampler for `config` with `steps` inference steps and the given eta.
+    /// A DDIM sampler for `config` with `steps` inference steps and the given eta, whatever class
+    /// the config names (its `set_alpha_to_one` is used either way).
     pub fn ddim(config: &SchedulerConfig, steps: usize, eta: f64, device: &Device) -> Result<Self> {
         let mut s = DdimScheduler::new(config, device)?.with_eta(eta)?;
         s.set_timesteps(steps)?;

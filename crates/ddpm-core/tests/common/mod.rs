@@ -14,9 +14,17 @@ pub struct Fixtures {
     pub cases: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The schedulers built from diffusers' saved scheduler_config.json files (one folder per case).
+pub const SCHEDULER_CONFIGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/diffusers/scheduler-configs");
+
 impl Fixtures {
     pub fn load() -> Self {
-        let bytes = std::fs::read(FIXTURES).expect("read scheduler.safetensors");
+        Self::load_file(FIXTURES)
+    }
+
+    /// The tensors and the `cases` metadata of a fixture safetensors file.
+    pub fn load_file(path: &str) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors header");
         let cases = meta
             .metadata()
