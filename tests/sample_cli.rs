@@ -108,3 +108,50 @@ fn bad_input_gives_one_line_errors() {
     assert!(e.contains("10x10") && e.contains("28x28"), "{e}");
     assert!(!tmp.path().join("s.png").exists() && !tmp.path().join("x.png").exists());
 }
+
+/// A DDIMPipeline-style folder (diffusers' DDIMScheduler config with `set_alpha_to_one: false` and
+/// `steps_offset: 1`, issue 19): `sample` without `--scheduler` uses DDIM with every field of that
+/// config, and `export` writes a DDIMPipeline with the same scheduler config.
+#[test]
+fn a_ddim_scheduler_config_picks_ddim_with_its_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(fixtures().join("unet-mnist-small").join(f), model.join(f)).unwrap();
+    }
+    let diffusers_config = fixtures().join("scheduler-configs/ddim-alpha-false-offset1/scheduler_config.json");
+    std::fs::copy(&diffusers_config, model.join("scheduler_config.json")).unwrap();
+
+    let config = ddpm_core::SchedulerConfig::from_file(model.join("scheduler_config.json")).unwrap();
+    let sampler = ddpm_cli::generate::make_sampler(None, &config, Some(10), 0.0, &Device::Cpu).unwrap();
+    let ddpm_core::Sampler::Ddim(ddim) = &sampler else { panic!("expected DDIM, got {sampler:?}") };
+    assert_eq!(ddim.timesteps()[..2], [901, 801], "steps_offset 1");
+    assert!((ddim.final_alpha_cumprod() - 0.99915).abs() < 1e-9, "set_alpha_to_one false: alpha_bar_0 = 1 - 0.00085");
+    // --scheduler still overrides the class
+    let forced = ddpm_cli::generate::make_sampler(Some(ddpm_cli::generate::SamplerKind::Ddpm), &config, Some(10), 0.0, &Device::Cpu).unwrap();
+    assert!(matches!(forced, ddpm_core::Sampler::Ddpm(_)));
+
+    let m = model.display().to_string();
+    let p = |n: &str| tmp.path().join(n).display().to_string();
+    let (default, ddim_png, ddpm_png) = (p("default.png"), p("ddim.png"), p("ddpm.png"));
+    let base = ["sample", "--model", &m, "--num", "2", "--steps", "10", "--seed", "5", "--device", "cpu", "--out"];
+    let run = |out: &str, extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.push(out);
+        args.extend_from_slice(extra);
+        ddpm(&args).unwrap();
+        std::fs::read(out).unwrap()
+    };
+    let a = run(&default, &[]);
+    assert_eq!(a, run(&ddim_png, &["--scheduler", "ddim"]), "without --scheduler the config's DDIMScheduler is used");
+    assert_ne!(a, run(&ddpm_png, &["--scheduler", "ddpm"]));
+
+    let out = tmp.path().join("pipeline");
+    ddpm(&["export", "--checkpoint", &m, "--out", out.to_str().unwrap()]).unwrap();
+    let read = |p: &std::path::Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let index = read(&out.join("model_index.json"));
+    assert_eq!(index["_class_name"], "DDIMPipeline");
+    assert_eq!(index["scheduler"][1], "DDIMScheduler");
+    assert_eq!(read(&out.join("scheduler/scheduler_config.json")), read(&diffusers_config), "the config diffusers saved, field for field");
+}

@@ -1,10 +1,12 @@
-//! `ddpm export`: a folder that diffusers loads as it is with `DDPMPipeline.from_pretrained(DIR)`:
+//! `ddpm export`: a folder that diffusers loads as it is with `DDPMPipeline.from_pretrained(DIR)`
+//! (`DDIMPipeline` when the model's scheduler config is a DDIMScheduler's):
 //! `model_index.json`, `unet/` (config.json, diffusion_pytorch_model.safetensors) and
 //! `scheduler/scheduler_config.json`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use ddpm_core::SchedulerClass;
 use serde_json::json;
 
 use crate::checkpoint::{write_json, WEIGHTS_FILE};
@@ -23,14 +25,22 @@ pub struct ExportArgs {
 
 /// Runs `ddpm export`.
 pub fn run(a: ExportArgs) -> Result<()> {
-    export(&a.checkpoint, &a.out)?;
-    eprintln!("wrote {}: load it with DDPMPipeline.from_pretrained({:?})", a.out.display(), a.out.display().to_string());
+    let pipeline = export(&a.checkpoint, &a.out)?;
+    eprintln!("wrote {}: load it with {pipeline}.from_pretrained({:?})", a.out.display(), a.out.display().to_string());
     Ok(())
 }
 
+/// The diffusers pipeline that samples with a scheduler of `class`.
+pub fn pipeline_class(class: SchedulerClass) -> &'static str {
+    match class {
+        SchedulerClass::Ddpm => "DDPMPipeline",
+        SchedulerClass::Ddim => "DDIMPipeline",
+    }
+}
+
 /// Copies a model (checkpoint or model folder) into a diffusers pipeline folder at `out`, through a
-/// temporary folder renamed at the end.
-pub fn export(src: &Path, out: &Path) -> Result<()> {
+/// temporary folder renamed at the end; returns the pipeline class written into `model_index.json`.
+pub fn export(src: &Path, out: &Path) -> Result<&'static str> {
     let model = model_dir_of(src);
     let config = model.join("config.json");
     let weights = model.join(WEIGHTS_FILE);
@@ -46,9 +56,11 @@ pub fn export(src: &Path, out: &Path) -> Result<()> {
     ddpm_unet::load_dir(&model, &candle_core::Device::Cpu, candle_core::DType::F32)
         .with_context(|| format!("{}: weights do not load", model.display()))?;
     let sched = match model.join("scheduler_config.json") {
-        p if p.is_file() => ddpm_core::SchedulerConfig::from_file(&p)?,
+        p if p.is_file() => crate::model::read_scheduler_config(&p)?,
         _ => ddpm_core::SchedulerConfig::default(),
     };
+    // DDPMPipeline or DDIMPipeline, by the scheduler class
+    let pipeline = pipeline_class(sched.class_name);
     let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "export".into());
     let tmp = out.with_file_name(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -58,9 +70,9 @@ pub fn export(src: &Path, out: &Path) -> Result<()> {
         write_json(
             &tmp.join("model_index.json"),
             &json!({
-                "_class_name": "DDPMPipeline",
-                "_diffusers_version": "0.42.1",
-                "scheduler": ["diffusers", "DDPMScheduler"],
+                "_class_name": pipeline,
+                "_diffusers_version": ddpm_core::config::DIFFUSERS_VERSION,
+                "scheduler": ["diffusers", sched.class_name.as_str()],
                 "unet": ["diffusers", "UNet2DModel"]
             }),
         )?;
@@ -72,5 +84,5 @@ pub fn export(src: &Path, out: &Path) -> Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    result
+    result.map(|()| pipeline)
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use ddpm_core::ddpm::{DdpmScheduler, StepOutput};
 use ddpm_core::sampling::{self, Sampler, Scheduler};
-use ddpm_core::{NoisePredictor, NoiseRng, NoiseSchedule, SchedulerConfig};
+use ddpm_core::{NoisePredictor, NoiseRng, NoiseSchedule, SchedulerClass, SchedulerConfig};
 
 /// The sampler a command uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -16,18 +16,39 @@ pub enum SamplerKind {
     Ddim,
 }
 
-/// Builds the sampler: DDPM with `steps` (default all training steps) or DDIM with `steps` (default 50).
-pub fn make_sampler(kind: SamplerKind, config: &SchedulerConfig, steps: Option<usize>, eta: f64, device: &Device) -> Result<Sampler> {
+impl From<SamplerKind> for SchedulerClass {
+    fn from(kind: SamplerKind) -> Self {
+        match kind {
+            SamplerKind::Ddpm => SchedulerClass::Ddpm,
+            SamplerKind::Ddim => SchedulerClass::Ddim,
+        }
+    }
+}
+
+/// Builds the sampler of `kind`, or when `None` the class the config names (its `_class_name`), from
+/// every field of the config: DDPM with `steps` (default all training steps) or DDIM with `steps`
+/// (default 50) and `eta`.
+pub fn make_sampler(kind: Option<SamplerKind>, config: &SchedulerConfig, steps: Option<usize>, eta: f64, device: &Device) -> Result<Sampler> {
     if steps == Some(0) {
         bail!("--steps 0: sampling needs at least one denoising step");
     }
     if let Some(n) = steps.filter(|&n| n > config.num_train_timesteps) {
         bail!("--steps {n}: the model was trained with {} diffusion steps; use at most that many", config.num_train_timesteps);
     }
-    Ok(match kind {
-        SamplerKind::Ddpm => Sampler::ddpm(config, steps, device)?,
-        SamplerKind::Ddim => Sampler::ddim(config, steps.unwrap_or(50), eta, device)?,
-    })
+    let class = kind.map_or(config.class_name, SchedulerClass::from);
+    let mut sampler = Sampler::from_config(&SchedulerConfig { class_name: class, ..config.clone() }, device)?;
+    match &mut sampler {
+        Sampler::Ddim(d) => {
+            d.set_eta(eta)?;
+            d.set_timesteps(steps.unwrap_or(50))?;
+        }
+        other => {
+            if let Some(n) = steps {
+                other.set_timesteps(n)?;
+            }
+        }
+    }
+    Ok(sampler)
 }
 
 /// Generates one batch of `shape` from noise drawn from `rng`; `on_step(i, x)` sees the sample after
@@ -65,7 +86,7 @@ pub fn ddim_grid<P: NoisePredictor + ?Sized>(
     seed: u64,
     device: &Device,
 ) -> Result<Tensor> {
-    let sampler = make_sampler(SamplerKind::Ddim, config, Some(steps.min(config.num_train_timesteps)), 0.0, device)?;
+    let sampler = make_sampler(Some(SamplerKind::Ddim), config, Some(steps.min(config.num_train_timesteps)), 0.0, device)?;
     generate(model, &sampler, shape, DType::F32, device, &mut NoiseRng::new(seed), |_, _| Ok(()))
 }
 

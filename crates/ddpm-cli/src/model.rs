@@ -12,7 +12,7 @@ use ddpm_unet::UNet2DModel;
 pub struct LoadedModel {
     /// The UNet.
     pub unet: UNet2DModel,
-    /// The scheduler config found beside it (diffusers' defaults when there is none).
+    /// The scheduler config found beside it (diffusers' DDPMScheduler defaults when there is none).
     pub scheduler: SchedulerConfig,
     /// Where the weights came from, for messages.
     pub origin: String,
@@ -36,13 +36,28 @@ pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let files = ddpm_unet::resolve_model(&target).with_context(|| format!("--model {spec}"))?;
     let unet = ddpm_unet::load_from_files(&files.config, &files.weights, device, dtype)?;
     let scheduler = match &files.scheduler_config {
-        Some(p) => SchedulerConfig::from_file(p)?,
+        Some(p) => read_scheduler_config(p)?,
         None => {
-            eprintln!("warning: {spec} has no scheduler_config.json; using diffusers' DDPMScheduler defaults");
-            SchedulerConfig::default()
+            let d = SchedulerConfig::default();
+            eprintln!(
+                "warning: {spec} has no scheduler_config.json; assuming {} with diffusers' defaults \
+                 ({} steps, {} betas {} to {}, {} variance, {} prediction)",
+                d.class_name, d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.variance_type, d.prediction_type
+            );
+            d
         }
     };
     Ok(LoadedModel { unet, scheduler, origin: files.unet_dir().display().to_string() })
+}
+
+/// Reads a `scheduler_config.json`, printing the one-line warning that names the fields no supported
+/// scheduler reads (diffusers ignores them too).
+pub fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig> {
+    let (config, unknown) = SchedulerConfig::from_file_checked(path)?;
+    if let Some(w) = unknown.warning() {
+        eprintln!("{w}");
+    }
+    Ok(config)
 }
 
 /// The image size of a UNet config (`sample_size`), required by the commands that make images.

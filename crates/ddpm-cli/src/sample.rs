@@ -24,9 +24,10 @@ pub struct SampleArgs {
     /// Images denoised at once.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// ddpm (ancestral sampling) or ddim.
-    #[arg(long, value_enum, default_value_t = SamplerKind::Ddpm)]
-    pub scheduler: SamplerKind,
+    /// ddpm (ancestral sampling) or ddim [default: the scheduler class named in the model's
+    /// scheduler_config.json, DDPM without one].
+    #[arg(long, value_enum)]
+    pub scheduler: Option<SamplerKind>,
     /// Denoising steps (default: all training steps for DDPM, 50 for DDIM).
     #[arg(long)]
     pub steps: Option<usize>,
