@@ -289,8 +289,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 /// Runs `ddpm train`; `before_write` is called before each checkpoint file is written (tests inject
-/// faults there). The steps: set-up ([`setup`], [`Trainer::new`]), resume ([`Trainer::resume`]),
-/// then per optimizer step [`Trainer::step`], [`log_step`], [`save_checkpoint`] and [`write_samples`].
+/// faults there). The steps: set-up (`setup`, `Trainer::new`), resume (`Trainer::resume`), then per
+/// optimizer step `Trainer::step`, `log_step`, `save_checkpoint` and `write_samples`.
 pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>) -> Result<()> {
     let device = parse_device(&args.device)?;
     let cfg = unet_config_from(&args)?;
