@@ -137,6 +137,11 @@ config_enum!(
     }
 );
 
+/// The most diffusion steps a schedule may have: a schedule keeps several f64 and f32 vectors of this
+/// length (diffusers' models use 1000 to 4000), so a larger value in a config is refused rather than
+/// allocated.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1 << 20;
+
 /// The fields of `DDPMScheduler.__init__` (diffusers 0.42), sorted.
 const DDPM_FIELDS: &[&str] = &[
     "beta_end",
@@ -426,6 +431,12 @@ impl SchedulerConfig {
         let t = self.num_train_timesteps;
         if t == 0 {
             return Err(Error::config("num_train_timesteps", "must be at least 1"));
+        }
+        if t > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::config(
+                "num_train_timesteps",
+                format!("{t} is more than the {MAX_TRAIN_TIMESTEPS} supported (a schedule keeps several vectors of that length)"),
+            ));
         }
         if let Some(betas) = &self.trained_betas {
             if betas.len() != t {

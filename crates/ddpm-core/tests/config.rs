@@ -90,6 +90,10 @@ fn bad_values_are_errors_naming_the_field() {
         (r#"{"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}"#, "trained_betas"),
         (r#"{"num_train_timesteps": 2, "trained_betas": [0.1, 1.2]}"#, "trained_betas"),
         (r#"{"set_alpha_to_one": "false"}"#, "set_alpha_to_one"),
+        // size bombs (issue 22): each allocated vectors of this length and aborted the process
+        (r#"{"num_train_timesteps": 1000000000000}"#, "num_train_timesteps"),
+        (r#"{"num_train_timesteps": 18446744073709551615}"#, "num_train_timesteps"),
+        (r#"{"num_train_timesteps": 1e12}"#, "num_train_timesteps"),
     ] {
         let (f, msg) = field_of(json);
         assert_eq!(f, field, "{json}: {msg}");

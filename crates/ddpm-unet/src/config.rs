@@ -426,6 +426,54 @@ impl UNetConfig {
         self.attn_norm_num_groups.unwrap_or(self.norm_num_groups)
     }
 
+    /// Refuses sizes that could not be built or run (a config is data from anywhere: a size bomb must
+    /// be an error naming the field, never an allocation failure): at most [`MAX_LEVELS`] levels,
+    /// [`MAX_LAYERS_PER_BLOCK`] layers per block, [`MAX_CHANNELS`] channels in any entry,
+    /// [`MAX_SAMPLE_SIZE`] pixels a side, and a parameter count below [`MAX_PARAMETERS`] by an upper
+    /// bound computed in u128 before anything is built:
+    ///
+    ///   bound = R (2 * 9 W^2 + W^2 + 4 W) + 2 D (D + W),  W = 2 max(block_out_channels)
+    ///
+    /// R = levels (2 layers + 1) + 2 residual blocks (down, up and middle), each counted as two 3x3
+    /// convolutions and a 1x1 shortcut at width W (which covers the skip concatenations, the
+    /// samplers and the attention projections), plus the time embedding's layers (D its width).
+    fn check_size(&self) -> Result<()> {
+        let bad = |f: &str, v: String, r: String| Err(Error::config(f, v, r));
+        let levels = self.block_out_channels.len();
+        if levels > MAX_LEVELS {
+            return bad("block_out_channels", format!("{levels} entries"), format!("at most {MAX_LEVELS} levels are supported"));
+        }
+        if self.layers_per_block > MAX_LAYERS_PER_BLOCK {
+            return bad("layers_per_block", self.layers_per_block.to_string(), format!("at most {MAX_LAYERS_PER_BLOCK} are supported"));
+        }
+        let channel_fields = [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("norm_num_groups", self.norm_num_groups)];
+        for (field, c) in channel_fields.into_iter().chain(self.block_out_channels.iter().map(|&c| ("block_out_channels", c))) {
+            if c > MAX_CHANNELS {
+                return bad(field, c.to_string(), format!("at most {MAX_CHANNELS} channels are supported"));
+            }
+        }
+        let temb = self.time_embed_dim();
+        if temb > MAX_CHANNELS * 4 {
+            return bad("time_embedding_dim", temb.to_string(), format!("at most {} is supported", MAX_CHANNELS * 4));
+        }
+        if let Some(s) = self.sample_size.filter(|&s| s > MAX_SAMPLE_SIZE) {
+            return bad("sample_size", s.to_string(), format!("at most {MAX_SAMPLE_SIZE} pixels a side are supported"));
+        }
+        // the upper bound on the parameter count (all factors are bounded above, so no overflow in u128)
+        let widest = 2 * self.block_out_channels.iter().copied().max().unwrap_or(0) as u128;
+        let blocks = levels as u128 * (2 * self.layers_per_block as u128 + 1) + 2;
+        let per_block = 2 * widest * widest * 9 + widest * widest + 4 * widest;
+        let bound = blocks * per_block + 2 * (temb as u128) * (temb as u128 + widest);
+        if bound > MAX_PARAMETERS as u128 {
+            return bad(
+                "block_out_channels",
+                json(&self.block_out_channels),
+                format!("with layers_per_block {} the model could have up to {bound} parameters; at most {MAX_PARAMETERS} are supported", self.layers_per_block),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks that the config describes a UNet this crate can build; errors name the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, v: String, r: &str| Err(Error::config(f, v, r));
@@ -494,6 +542,7 @@ impl UNetConfig {
         if self.block_out_channels.is_empty() {
             return bad("block_out_channels", boc, "must not be empty");
         }
+        self.check_size()?;
         if self.down_block_types.len() != self.block_out_channels.len() {
             return bad(
                 "down_block_types",
@@ -600,6 +649,18 @@ impl UNetConfig {
         Ok(())
     }
 }
+
+/// The most resolution levels a config may have (diffusers' published models have 4 to 6).
+pub const MAX_LEVELS: usize = 16;
+/// The most residual blocks per level (diffusers' published models have 2).
+pub const MAX_LAYERS_PER_BLOCK: usize = 64;
+/// The most channels in any one field (diffusers' published models have at most 1280).
+pub const MAX_CHANNELS: usize = 1 << 16;
+/// The largest `sample_size` (diffusers' published DDPM models are at most 256).
+pub const MAX_SAMPLE_SIZE: usize = 1 << 14;
+/// The bound on a model's parameter count, 2^33 (32 GiB of f32 weights): a config above it is refused
+/// before anything is allocated. The paper's CIFAR-10 model has 35.7M, the 256x256 ones 114M.
+pub const MAX_PARAMETERS: u64 = 1 << 33;
 
 /// Any serializable value as compact JSON, for error messages.
 fn json<T: Serialize + ?Sized>(v: &T) -> String {

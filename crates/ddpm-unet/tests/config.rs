@@ -171,3 +171,45 @@ fn all_presets_are_valid_and_unknown_names_list_the_known() {
         "{msg}"
     );
 }
+
+/// The error of reading `patch` over the mnist-small preset's config and listing its tensors (which
+/// builds nothing), or `None` where both succeed.
+fn size_error(patch: serde_json::Value) -> Option<String> {
+    let mut v = preset("mnist-small").unwrap().to_json_value();
+    for (k, x) in patch.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    UNetConfig::from_json_value(&v).and_then(|c| ddpm_unet::expected_tensors(&c)).err().map(|e| e.to_string())
+}
+
+#[test]
+fn size_bombs_are_refused_naming_the_field_before_any_allocation() {
+    // issue 22's configs, each of which aborted the process (an allocation failure or a capacity
+    // overflow) or ran until killed inside `expected_tensors`, `export` or `train --unet-config`
+    let levels = preset("mnist-small").unwrap().block_out_channels.len();
+    let mut wide = vec![32u64; levels];
+    wide[0] = 16_000_000_000;
+    for (patch, field) in [
+        (serde_json::json!({ "block_out_channels": wide }), "block_out_channels"),
+        (serde_json::json!({ "layers_per_block": 1_000_000_000_000u64 }), "layers_per_block"),
+        (serde_json::json!({ "layers_per_block": 1e12 }), "layers_per_block"),
+        (serde_json::json!({ "time_embedding_dim": 10_000_000_000_000u64 }), "time_embedding_dim"),
+        (serde_json::json!({ "sample_size": 100_000 }), "sample_size"),
+        (serde_json::json!({ "in_channels": 100_000_000 }), "in_channels"),
+        // each entry allowed, the whole too large: 16 levels of 65536 channels and 64 blocks each
+        (serde_json::json!({ "layers_per_block": 64, "block_out_channels": vec![65536; levels] }), "block_out_channels"),
+    ] {
+        let msg = size_error(patch.clone()).unwrap_or_else(|| panic!("{patch} was accepted"));
+        assert!(msg.contains(field), "{patch}: {msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+    // the largest published DDPM layout (the 256x256 models, 114M parameters) is still accepted
+    let church = size_error(serde_json::json!({
+        "block_out_channels": [128, 128, 256, 256, 512, 512],
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "layers_per_block": 2, "sample_size": 256, "attention_head_dim": null
+    }));
+    assert_eq!(church, None);
+}
+
