@@ -186,7 +186,7 @@ pub fn read_weights(
 }
 
 /// Checks `tensors` against what `config` needs: every expected key present with the expected
-/// shape, and no extra key. `file` names the source in errors.
+/// shape and finite values (no NaN or infinity), and no extra key. `file` names the source in errors.
 pub fn check_tensors(
     config: &UNetConfig,
     tensors: &HashMap<String, Tensor>,
@@ -210,7 +210,7 @@ pub fn check_tensors(
                     found: t.dims().to_vec(),
                 })
             }
-            Some(_) => {}
+            Some(t) => check_finite(t, key, file)?,
         }
     }
     let known: HashSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
@@ -229,6 +229,25 @@ pub fn check_tensors(
             key: (*key).clone(),
             found,
         });
+    }
+    Ok(())
+}
+
+/// An error naming `key` and `file` if tensor `t` holds a NaN or an infinity: such weights would load
+/// and sample black images without a word. x - x is 0 for every finite x and NaN otherwise, so the
+/// count of non-finite values is the count of x - x != 0 (one pass on the tensor's device).
+fn check_finite(t: &Tensor, key: &str, file: &Path) -> Result<()> {
+    let werr = |e: candle_core::Error| Error::Weights { path: file.into(), source: e };
+    let bad = (t - t)
+        .and_then(|d| d.ne(0f64))
+        .and_then(|m| m.to_dtype(DType::F32))
+        .and_then(|m| m.sum_all())
+        .and_then(|n| n.to_scalar::<f32>())
+        .map_err(werr)?;
+    if bad > 0.0 {
+        return Err(werr(candle_core::Error::Msg(format!(
+            "tensor `{key}` holds {bad} NaN or infinite value(s); refusing to load it"
+        ))));
     }
     Ok(())
 }

@@ -173,3 +173,19 @@ fn missing_folder_lists_files_looked_for() {
         "{msg}"
     );
 }
+
+#[test]
+fn nan_or_infinite_weights_are_refused_naming_the_tensor() {
+    // issue 22, item 3: such weights loaded, sampled an all-black image and exited 0
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let (cfg, mut ts) = mnist();
+        let key = "conv_in.bias";
+        let t = &ts[key];
+        let mut v = t.to_vec1::<f32>().unwrap();
+        v[1] = bad;
+        ts.insert(key.into(), Tensor::new(v, &Device::Cpu).unwrap());
+        let msg = load_err(&cfg, ts).to_string();
+        assert!(msg.contains("weights.safetensors") && msg.contains("`conv_in.bias`") && msg.contains("1 NaN or infinite"), "{bad}: {msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+}
