@@ -181,7 +181,6 @@ const IMAGE_EXTS: &[&str] = &["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif",
 pub fn load_image_folder(dir: &Path, size: usize, channels: usize) -> Result<ImageSet> {
     let mut files = Vec::new();
     collect_files(dir, &mut files)?;
-    files.sort();
     let mut pixels = Vec::new();
     let (mut ok, mut skipped) = (0usize, 0usize);
     for f in files.iter().filter(|f| {
@@ -207,15 +206,40 @@ pub fn load_image_folder(dir: &Path, size: usize, channels: usize) -> Result<Ima
     Ok(ImageSet { pixels, len: ok, channels, height: size, width: size, source: dir.display().to_string() })
 }
 
-/// Lists the files below `dir`, recursively.
+/// Lists the regular files below `dir`, recursively, each once. Links are followed only to files and
+/// folders inside `dir` (by canonical path) and each folder is visited once, so a link out of the
+/// folder or into a cycle is skipped; so are FIFOs, sockets and devices (reading one can block
+/// forever). What was skipped is counted in one warning.
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let root = dir.canonicalize().with_context(|| format!("{}: cannot list folder", dir.display()))?;
+    let (mut seen, mut skipped) = (std::collections::HashSet::new(), 0usize);
+    walk_folder(&root, &root, &mut seen, out, &mut skipped)?;
+    out.sort();
+    out.dedup();
+    if skipped > 0 {
+        eprintln!("warning: {skipped} entries under {} skipped (not a regular file, or a link out of the folder or back into it)", dir.display());
+    }
+    Ok(())
+}
+
+/// [`collect_files`]' walk of folder `dir` (canonical) below `root`.
+fn walk_folder(dir: &Path, root: &Path, seen: &mut std::collections::HashSet<PathBuf>, out: &mut Vec<PathBuf>, skipped: &mut usize) -> Result<()> {
+    if !seen.insert(dir.to_path_buf()) {
+        *skipped += 1;
+        return Ok(());
+    }
     let entries = std::fs::read_dir(dir).with_context(|| format!("{}: cannot list folder", dir.display()))?;
     for e in entries {
         let p = e.with_context(|| format!("{}: cannot list folder", dir.display()))?.path();
-        if p.is_dir() {
-            collect_files(&p, out)?;
-        } else {
-            out.push(p);
+        // where the entry leads, links resolved; a broken link or one out of the folder is skipped
+        let Some(real) = p.canonicalize().ok().filter(|r| r.starts_with(root)) else {
+            *skipped += 1;
+            continue;
+        };
+        match std::fs::metadata(&real) {
+            Ok(m) if m.is_dir() => walk_folder(&real, root, seen, out, skipped)?,
+            Ok(m) if m.is_file() => out.push(real),
+            _ => *skipped += 1,
         }
     }
     Ok(())
@@ -269,6 +293,29 @@ mod tests {
         assert!((v[0] - (10.0 / 127.5 - 1.0)).abs() < 1e-7 && v[1] == 1.0 && v[2] == -1.0);
         let err = parse_idx_images(&b[..20], Path::new("x.idx")).unwrap_err().to_string();
         assert!(err.contains("x.idx") && err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn image_folders_read_regular_files_once_and_follow_no_link_out_or_around() {
+        // issue 22, item 7: a FIFO named x.png hung training forever; a link loop counted the images
+        // several times and a link to the parent read the parent folder
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("images");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let png = image::GrayImage::from_pixel(4, 4, image::Luma([200u8]));
+        png.save(dir.join("a.png")).unwrap();
+        png.save(dir.join("sub").join("b.png")).unwrap();
+        png.save(tmp.path().join("outside.png")).unwrap();
+        std::os::unix::fs::symlink(&dir, dir.join("sub").join("loop")).unwrap();
+        std::os::unix::fs::symlink(tmp.path(), dir.join("parent")).unwrap();
+        std::os::unix::fs::symlink(dir.join("a.png"), dir.join("again.png")).unwrap();
+        let fifo = std::process::Command::new("mkfifo").arg(dir.join("x.png")).status();
+        let set = load_image_folder(&dir, 4, 1).unwrap();
+        assert_eq!(set.len, 2, "a.png and sub/b.png, once each");
+        if fifo.is_ok_and(|s| s.success()) {
+            assert!(dir.join("x.png").exists());
+        }
     }
 
     #[test]
