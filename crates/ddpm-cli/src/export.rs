@@ -1,15 +1,16 @@
 //! `ddpm export`: a folder that diffusers loads as it is with `DDPMPipeline.from_pretrained(DIR)`
 //! (`DDIMPipeline` when the model's scheduler config is a DDIMScheduler's):
 //! `model_index.json`, `unet/` (config.json, diffusion_pytorch_model.safetensors) and
-//! `scheduler/scheduler_config.json`.
+//! `scheduler/scheduler_config.json`, written by ddpm-unet's [`ddpm_unet::DdpmPipeline::save_pretrained`].
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ddpm_core::SchedulerClass;
-use serde_json::json;
+use candle_core::{DType, Device};
+use ddpm_core::Sampler;
+use ddpm_unet::DdpmPipeline;
 
-use crate::checkpoint::{write_json, WEIGHTS_FILE};
+use crate::checkpoint::WEIGHTS_FILE;
 use crate::model::model_dir_of;
 
 /// Options of `ddpm export`.
@@ -30,14 +31,6 @@ pub fn run(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// The diffusers pipeline that samples with a scheduler of `class`.
-pub fn pipeline_class(class: SchedulerClass) -> &'static str {
-    match class {
-        SchedulerClass::Ddpm => "DDPMPipeline",
-        SchedulerClass::Ddim => "DDIMPipeline",
-    }
-}
-
 /// Copies a model (checkpoint or model folder) into a diffusers pipeline folder at `out`, through a
 /// temporary folder renamed at the end; returns the pipeline class written into `model_index.json`.
 pub fn export(src: &Path, out: &Path) -> Result<&'static str> {
@@ -53,36 +46,22 @@ pub fn export(src: &Path, out: &Path) -> Result<&'static str> {
         bail!("{}: already exists; choose a new --out folder", out.display());
     }
     // Check that the weights fit the config before writing anything.
-    ddpm_unet::load_dir(&model, &candle_core::Device::Cpu, candle_core::DType::F32)
-        .with_context(|| format!("{}: weights do not load", model.display()))?;
+    let unet = ddpm_unet::load_dir(&model, &Device::Cpu, DType::F32).with_context(|| format!("{}: weights do not load", model.display()))?;
     let sched = match model.join("scheduler_config.json") {
         p if p.is_file() => crate::model::read_scheduler_config(&p)?,
         _ => ddpm_core::SchedulerConfig::default(),
     };
     // DDPMPipeline or DDIMPipeline, by the scheduler class
-    let pipeline = pipeline_class(sched.class_name);
+    let pipeline = DdpmPipeline::from_parts(unet, Sampler::from_config(&sched, &Device::Cpu)?);
     let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "export".into());
     let tmp = out.with_file_name(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(tmp.join("unet")).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        std::fs::create_dir_all(tmp.join("scheduler"))?;
-        write_json(
-            &tmp.join("model_index.json"),
-            &json!({
-                "_class_name": pipeline,
-                "_diffusers_version": ddpm_core::config::DIFFUSERS_VERSION,
-                "scheduler": ["diffusers", sched.class_name.as_str()],
-                "unet": ["diffusers", "UNet2DModel"]
-            }),
-        )?;
-        std::fs::copy(&config, tmp.join("unet/config.json")).with_context(|| format!("{}: cannot copy", config.display()))?;
-        std::fs::copy(&weights, tmp.join("unet").join(WEIGHTS_FILE)).with_context(|| format!("{}: cannot copy", weights.display()))?;
-        sched.to_file(tmp.join("scheduler/scheduler_config.json"))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot move into place", out.display()))
-    })();
+    let result = pipeline
+        .save_pretrained(&tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot move into place", out.display())));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    result.map(|()| pipeline)
+    result.map(|()| pipeline.class_name())
 }

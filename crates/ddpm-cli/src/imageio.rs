@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::{imageops::FilterType, DynamicImage, GenericImageView, RgbImage};
 
 /// Converts an image to `channels` (1 grey or 3 RGB), resizes its short side to `size` and centre-crops
@@ -34,11 +34,10 @@ pub fn to_chw(img: &DynamicImage, size: usize, channels: usize) -> Vec<u8> {
     }
 }
 
-/// Pixel values of a tensor in [-1, 1], in its own element order: round((x + 1) * 127.5) clamped to
-/// [0, 255].
+/// Pixel values of a tensor in [-1, 1], in its own element order, as diffusers' pipelines make them
+/// (ddpm_unet::images): (x / 2 + 0.5) clamped to [0, 1], then round(255 v) with ties to even.
 fn to_u8(t: &Tensor) -> Result<Vec<u8>> {
-    let v = ((t.to_device(&Device::Cpu)?.to_dtype(DType::F32)? + 1.0)? * 127.5)?.clamp(0f32, 255f32)?.round()?;
-    Ok(v.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v as u8).collect())
+    Ok(ddpm_unet::images::to_u8(&ddpm_unet::images::to_unit_range(t)?)?)
 }
 
 /// Number of columns of a near-square grid of `n` images: ceil(sqrt(n)).
@@ -158,6 +157,7 @@ pub fn load_for_model(path: &Path, size: usize, channels: usize, device: &Device
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn grid_layout_and_pixel_values() {

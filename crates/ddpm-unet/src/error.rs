@@ -119,6 +119,40 @@ pub enum Error {
         /// The known names, comma separated.
         known: String,
     },
+    /// A pipeline folder or repo has no scheduler config where one was looked for.
+    #[error("`{what}` has no scheduler config: looked for {looked_for}; add one or build the pipeline with DdpmPipeline::from_parts")]
+    MissingScheduler {
+        /// The folder or repo id asked for.
+        what: String,
+        /// The paths looked at, comma separated.
+        looked_for: String,
+    },
+    /// A field of a pipeline's `model_index.json` this crate cannot follow.
+    #[error("{path}: field `{field}`: {reason}")]
+    ModelIndex {
+        /// The `model_index.json` file.
+        path: PathBuf,
+        /// The field (`_class_name`, `unet`, `scheduler`).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An argument of a pipeline or image call is out of range or of the wrong shape.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// An error of the diffusion process (scheduler config, sampling) from ddpm-core.
+    #[error(transparent)]
+    Scheduler(#[from] ddpm_core::Error),
+    /// An image could not be encoded or written (the `image` feature).
+    #[cfg(feature = "image")]
+    #[error("{path}: cannot write image: {source}")]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// The image crate's error.
+        #[source]
+        source: image::ImageError,
+    },
     /// An error from candle (tensor operations, devices).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

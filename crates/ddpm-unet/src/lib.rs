@@ -16,6 +16,18 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! To sample as diffusers' `DDPMPipeline` / `DDIMPipeline` do, load the UNet with its scheduler as a
+//! [`DdpmPipeline`] and write the images with [`images::save_pngs`]:
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use ddpm_unet::{images, DdpmPipeline, GenerateOptions};
+//! let pipe = DdpmPipeline::from_pretrained("google/ddpm-cifar10-32", &Device::Cpu, DType::F32)?;
+//! let imgs = pipe.generate(GenerateOptions::new(4).steps(50).seed(0))?; // (4, 3, 32, 32) in [0, 1]
+//! images::save_pngs(&imgs, "samples", "cifar")?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! To train, build it on a [`candle_nn::VarMap`] ([`UNet2DModel::new_trainable`]), optimise
 //! `varmap.all_vars()`, use [`UNet2DModel::forward_train`] for dropout, and
 //! [`UNet2DModel::save_pretrained`] to write a diffusers-loadable folder.
@@ -28,9 +40,11 @@ pub mod config;
 pub mod embedding;
 pub mod error;
 pub mod hub;
+pub mod images;
 pub mod load;
 pub mod nn;
 pub mod ops;
+pub mod pipeline;
 pub mod presets;
 pub mod resnet;
 pub mod unet;
@@ -41,5 +55,6 @@ pub use hub::{
     from_pretrained, from_pretrained_with, resolve_model, resolve_model_with, HubOptions,
 };
 pub use load::{load_dir, load_from_files, save_pretrained, save_varmap, ModelFiles};
+pub use pipeline::{DdpmPipeline, GenerateOptions};
 pub use presets::{preset, PRESET_NAMES};
 pub use unet::{count_parameters, expected_tensors, UNet2DModel};
