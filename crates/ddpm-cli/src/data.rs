@@ -86,26 +86,34 @@ pub fn permutation(n: usize, rng: &mut NoiseRng) -> Vec<usize> {
     p
 }
 
-/// Reads a whole file, un-gzipping it when its name ends in `.gz`.
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{}: not a valid gzip file", path.display()))?;
-        Ok(out)
+/// The largest IDX image file read, 4 GiB of pixels (MNIST's training set is 47 MB): a header that
+/// declares more is refused before anything is read.
+const MAX_IDX_BYTES: usize = 1 << 32;
+
+/// Reads an IDX image file, un-gzipping it when its name ends in `.gz`, without ever reading (or
+/// holding) more than its header declares: a small `.gz` that would expand to gigabytes stops at the
+/// declared size, and a header whose size overflows, or exceeds [`MAX_IDX_BYTES`], is an error.
+fn read_idx_file(path: &Path) -> Result<ImageSet> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
     } else {
-        Ok(raw)
-    }
+        Box::new(std::io::BufReader::new(file))
+    };
+    let unreadable = || format!("{}: cannot read (not a valid gzip file?)", path.display());
+    let mut bytes = Vec::with_capacity(16);
+    reader.by_ref().take(16).read_to_end(&mut bytes).with_context(unreadable)?;
+    let need = idx_len(&bytes, path)?;
+    // the body grows with what is actually read, never beyond the declared size
+    reader.take((need - 16) as u64).read_to_end(&mut bytes).with_context(unreadable)?;
+    parse_idx_images(&bytes, path)
 }
 
-/// Parses an IDX image file (magic 0x00000803: unsigned bytes, 3 dimensions N, H, W).
-pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<ImageSet> {
+/// The total size in bytes (the 16-byte header included) that an IDX image header declares,
+/// checked: magic 0x00000803, and 16 + N H W neither overflowing nor above [`MAX_IDX_BYTES`].
+fn idx_len(bytes: &[u8], path: &Path) -> Result<usize> {
     let be = |o: usize| -> Result<usize> {
-        let b = bytes
-            .get(o..o + 4)
-            .with_context(|| format!("{}: truncated IDX header", path.display()))?;
+        let b = bytes.get(o..o + 4).with_context(|| format!("{}: truncated IDX header", path.display()))?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
     };
     let magic = be(0)?;
@@ -113,7 +121,18 @@ pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<ImageSet> {
         bail!("{}: IDX magic is {magic:#010x}, expected 0x00000803 (u8 images, 3 dimensions)", path.display());
     }
     let (n, h, w) = (be(4)?, be(8)?, be(12)?);
-    let need = 16 + n * h * w;
+    match n.checked_mul(h).and_then(|p| p.checked_mul(w)).and_then(|p| p.checked_add(16)) {
+        Some(need) if need <= MAX_IDX_BYTES => Ok(need),
+        _ => bail!("{}: the header declares {n} images of {h}x{w}, more than the {MAX_IDX_BYTES} bytes this reader accepts", path.display()),
+    }
+}
+
+/// Parses an IDX image file (magic 0x00000803: unsigned bytes, 3 dimensions N, H, W).
+pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<ImageSet> {
+    let need = idx_len(bytes, path)?;
+    // idx_len read the 16 header bytes
+    let dim = |o: usize| u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize;
+    let (n, h, w) = (dim(4), dim(8), dim(12));
     if bytes.len() < need {
         bail!("{}: truncated: header says {n} images of {h}x{w} ({need} bytes), file has {}", path.display(), bytes.len());
     }
@@ -268,7 +287,7 @@ pub fn load(spec: &str, split: Split, size: usize, channels: usize) -> Result<Im
         bail!("--data {spec}: no such folder (expected a dataset name: mnist, fashion-mnist, cifar10, or a folder of IDX files, CIFAR-10 batches or images)");
     }
     if let Some(f) = find_idx(&dir, split) {
-        return parse_idx_images(&read_maybe_gz(&f)?, &f);
+        return read_idx_file(&f);
     }
     let cifar = find_cifar(&dir, split);
     if !cifar.is_empty() {
@@ -293,6 +312,27 @@ mod tests {
         assert!((v[0] - (10.0 / 127.5 - 1.0)).abs() < 1e-7 && v[1] == 1.0 && v[2] == -1.0);
         let err = parse_idx_images(&b[..20], Path::new("x.idx")).unwrap_err().to_string();
         assert!(err.contains("x.idx") && err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn idx_sizes_that_overflow_or_expand_past_the_header_are_bounded() {
+        // issue 22: a header whose N H W product overflows printed a wrapped byte count; an 8 MB .gz
+        // expanding to 8 GiB was read whole before failing
+        let header = |n: u32, h: u32, w: u32| [0x0803u32, n, h, w].iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<u8>>();
+        let err = parse_idx_images(&header(u32::MAX, u32::MAX, u32::MAX), Path::new("big.idx")).unwrap_err().to_string();
+        assert!(err.contains("big.idx") && err.contains("4294967295 images of 4294967295x4294967295") && err.contains("more than"), "{err}");
+        // a .gz declaring 2 images of 2x2 followed by 64 MiB of zeros: only the declared 8 bytes are read
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("bomb-idx3-ubyte.gz");
+        let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &header(2, 2, 2)).unwrap();
+        for _ in 0..64 {
+            std::io::Write::write_all(&mut gz, &vec![7u8; 1 << 20]).unwrap();
+        }
+        gz.finish().unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20, "the bomb is small on disk");
+        let set = read_idx_file(&path).unwrap();
+        assert_eq!((set.len, set.height, set.width, set.pixels.len()), (2, 2, 2, 8));
     }
 
     #[test]
