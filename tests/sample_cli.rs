@@ -106,6 +106,9 @@ fn bad_input_gives_one_line_errors() {
     image::GrayImage::new(10, 10).save(&small).unwrap();
     let e = ddpm_err(&["interpolate", "--model", &model, "--a", small.to_str().unwrap(), "--b", small.to_str().unwrap(), "--out", tmp.path().join("s.png").to_str().unwrap(), "--device", "cpu"]);
     assert!(e.contains("10x10") && e.contains("28x28"), "{e}");
+    // a mixing weight that is not a number (issue 22: it wrote a black strip and exited 0)
+    let e = ddpm_err(&["interpolate", "--model", &model, "--data", "mnist", "--lambdas", "0.5,nan", "--out", tmp.path().join("s.png").to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("--lambdas") && e.contains("NaN"), "{e}");
     assert!(!tmp.path().join("s.png").exists() && !tmp.path().join("x.png").exists());
 }
 

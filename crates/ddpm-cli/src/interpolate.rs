@@ -53,6 +53,9 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
     if a.lambdas.is_empty() {
         bail!("--lambdas: give at least one mixing weight");
     }
+    if let Some(l) = a.lambdas.iter().find(|l| !l.is_finite()) {
+        bail!("--lambdas: {l} is not a number; each mixing weight must be finite (0 = image a, 1 = image b)");
+    }
     let device = parse_device(&a.device)?;
     let m = model::load(&a.model, &device, DType::F32)?;
     let (size, ch) = (model::sample_size(m.unet.config())?, m.unet.config().in_channels);
