@@ -293,6 +293,19 @@ pub fn load(spec: &str, split: Split, size: usize, channels: usize) -> Result<Im
     if !cifar.is_empty() {
         return load_cifar_batches(&cifar);
     }
+    // a folder holding only the other split's IDX or CIFAR-10 files is that split's dataset, not a
+    // folder of images: name what is missing
+    let other = match split {
+        Split::Train => Split::Test,
+        Split::Test => Split::Train,
+    };
+    if find_idx(&dir, other).is_some() || !find_cifar(&dir, other).is_empty() {
+        let missing = match split {
+            Split::Train => "train-images-idx3-ubyte[.gz] or data_batch_1.bin ... data_batch_5.bin",
+            Split::Test => "t10k-images-idx3-ubyte[.gz] or test_batch.bin",
+        };
+        bail!("{}: holds the {other:?} split but not the {split:?} split this command needs (looked for {missing})", dir.display());
+    }
     load_image_folder(&dir, size, channels)
 }
 
@@ -356,6 +369,16 @@ mod tests {
         if fifo.is_ok_and(|s| s.success()) {
             assert!(dir.join("x.png").exists());
         }
+    }
+
+    #[test]
+    fn a_folder_with_only_the_other_split_names_the_missing_file() {
+        // issue 22: `eval` on a folder with only the training IDX said "no usable image found"
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("train-images-idx3-ubyte"), [0u8, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 9]).unwrap();
+        assert_eq!(load(tmp.path().to_str().unwrap(), Split::Train, 28, 1).unwrap().len, 1);
+        let err = load(tmp.path().to_str().unwrap(), Split::Test, 28, 1).unwrap_err().to_string();
+        assert!(err.contains("t10k-images-idx3-ubyte") && err.contains("Test"), "{err}");
     }
 
     #[test]
