@@ -228,6 +228,11 @@ impl DdpmPipeline {
             }
         };
         let index_path = root.join(MODEL_INDEX_NAME);
+        // a Hub pipeline repo (UNet in unet/) whose model_index.json is not cached yet
+        #[cfg(feature = "hub")]
+        if !as_dir.is_dir() && !index_path.is_file() && files.unet_dir().ends_with("unet") {
+            fetch_model_index(folder_or_repo_id, opts);
+        }
         if index_path.is_file() {
             return Self::from_pipeline_folder(&root, &index_path, device, dtype);
         }
@@ -506,6 +511,25 @@ impl DdpmPipeline {
             path: index_path,
             source: e,
         })
+    }
+}
+
+/// Downloads a Hub repo's `model_index.json` into the cache beside its other files, when the network
+/// may be used; a repo without one (or no network) is read in the model-repo layout.
+#[cfg(feature = "hub")]
+fn fetch_model_index(repo_id: &str, opts: &HubOptions) {
+    if opts.offline {
+        return;
+    }
+    if let (Ok((owner, name)), Ok(client)) = (
+        crate::hub::parse_repo_id(repo_id),
+        crate::hub::client(&opts.cache_dir),
+    ) {
+        let _ = client
+            .model(owner, name)
+            .download_file()
+            .filename(MODEL_INDEX_NAME)
+            .send();
     }
 }
 
