@@ -40,12 +40,15 @@ pub enum Cli {
 
 /// An error and its causes on one line, outermost first, joined by ": ", as the binary prints it. A
 /// cause whose text the line already holds is left out: several error types print their source in
-/// their own message (`{path}: {source}`), and the chain would otherwise repeat it.
+/// their own message (`{path}: {source}`), and the chain would otherwise repeat it. Only the first
+/// line of each cause is kept: candle appends its captured backtrace to an error's text when
+/// `RUST_BACKTRACE` is set.
 pub fn error_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
+        let full = cause.to_string();
+        let text = full.lines().next().unwrap_or_default();
+        if !line.contains(text) {
             if !line.is_empty() {
                 line.push_str(": ");
             }
@@ -64,5 +67,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cli::Export(a) => export::run(a),
         Cli::Eval(a) => eval::run(a),
         Cli::Bench(a) => bench::run(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_line_is_one_line_without_backtraces() {
+        // candle's errors carry a backtrace on further lines when RUST_BACKTRACE is set (issue 22)
+        let with_trace = candle_core::Error::Msg("tensor too large\n   0: backtrace frame\n   1: another".into());
+        let e = anyhow::Error::from(with_trace).context("sample: cannot run the model");
+        assert_eq!(error_line(&e), "sample: cannot run the model: tensor too large");
     }
 }
