@@ -128,9 +128,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let model = UNet2DModel::new_trainable(&cfg, &varmap, weights, &device)?.with_compute_dtype(dtype);
     let mut rng = NoiseRng::new(0);
     crate::init::seeded_init(&varmap, &mut rng)?;
-    let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(vars, AdamWParams { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+    // no clipping: the peer times a plain AdamW step
+    let mut opt = AdamW::from_varmap(&varmap, AdamWParams { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, max_grad_norm: None })?;
+    let params: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
     let schedule = NoiseSchedule::new(&SchedulerConfig::default(), &device)?;
     let s = crate::model::sample_size(&cfg)?;
     let x0 = rng.randn((a.batch_size, cfg.in_channels, s, s), DType::F32, &device)?;
@@ -141,7 +141,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let pred = model.forward_train(&xt, &t, rng)?.to_dtype(DType::F32)?;
         let loss = (pred - &eps)?.sqr()?.mean_all()?;
         let grads = loss.backward()?;
-        opt.step(&grads, 2e-4, 1.0)
+        Ok(opt.step_with(&grads, 2e-4, 1.0)?)
     };
     for _ in 0..2 {
         step(&mut rng)?;

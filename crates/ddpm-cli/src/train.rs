@@ -1,14 +1,13 @@
 //! `ddpm train`: trains a UNet on a dataset with L_simple, AdamW, warm-up, gradient clipping and EMA,
 //! writing sample grids, checkpoints and `metrics.jsonl`, and resuming exactly where it stopped.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::DType;
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use ddpm_core::{NoiseRng, NoiseSchedule, SchedulerConfig};
 use ddpm_unet::{UNet2DModel, UNetConfig};
 use serde::{Deserialize, Serialize};
@@ -16,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{self, ImageSet, Split};
 use crate::device::{device_name, parse_device};
-use crate::optim::{clip_scale, ema_decay, ema_update, warmup_lr, AdamW, AdamWParams};
+use crate::optim::{ema_decay, warmup_lr, AdamW, AdamWParams, Ema};
 use crate::{generate, imageio, init, progress};
 
 /// Options of `ddpm train`; saved in every checkpoint and compared on resume.
@@ -226,15 +225,8 @@ fn batch_indices(n: usize, batch: usize, seed: u64, step: u64, cache: &mut Optio
 struct Trainer {
     model: UNet2DModel,
     opt: AdamW,
-    ema: HashMap<String, Tensor>,
+    ema: Ema,
     rng: NoiseRng,
-}
-
-impl Trainer {
-    /// Named tensors of the current weights.
-    fn weights(&self) -> HashMap<String, Tensor> {
-        self.opt.vars().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
-    }
 }
 
 /// Compares a checkpoint's config with the current one, field by field.
@@ -388,10 +380,9 @@ impl Trainer {
         let model = UNet2DModel::new_trainable(&s.unet_config, &varmap, DType::F32, device)?.with_compute_dtype(compute);
         let mut rng = NoiseRng::new(args.seed);
         init::seeded_init(&varmap, &mut rng)?;
-        let vars: Vec<(String, candle_core::Var)> = varmap.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let params = AdamWParams { lr: s.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay };
-        let opt = AdamW::new(vars, params)?;
-        let ema = opt.vars().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect::<Result<HashMap<_, _>>>()?;
+        let params = AdamWParams { lr: s.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: args.weight_decay, max_grad_norm: Some(args.grad_clip) };
+        let opt = AdamW::from_varmap(&varmap, params)?;
+        let ema = Ema::new(opt.vars())?;
         Ok(Trainer { model, opt, ema, rng })
     }
 
@@ -411,18 +402,10 @@ impl Trainer {
             PathBuf::from(resume)
         };
         let ck = checkpoint::load(&dir, device)?;
-        check_same("UNet config", &ck.unet_config, &s.unet_config.to_json_value(), &dir)?;
+        check_same("UNet config", &ck.model_config, &s.unet_config.to_json_value(), &dir)?;
         check_same("scheduler config", &ck.scheduler_config, &serde_json::to_value(&s.sched_config)?, &dir)?;
-        for (name, var) in self.opt.vars() {
-            let t = ck.weights.get(name).with_context(|| format!("{}: checkpoint lacks weight `{name}`", dir.display()))?;
-            if t.dims() != var.dims() {
-                bail!("{}: weight `{name}` has shape {:?}, the model needs {:?}", dir.display(), t.dims(), var.dims());
-            }
-            var.set(t)?;
-        }
-        self.opt.load_state(&ck.optimizer, ck.step, &dir.display().to_string())?;
-        self.ema = ck.ema;
-        self.rng = NoiseRng::from_state(ck.rng);
+        // raw weights, AdamW moments and step, EMA, noise generator
+        self.rng = ck.restore(&mut self.opt, &mut self.ema, &dir.display().to_string())?;
         keep_schedule_of(&ck.options, args, s);
         eprintln!("resumed from {} at step {}", dir.display(), ck.step);
         Ok(ck.step)
@@ -446,10 +429,11 @@ impl Trainer {
             return Ok(StepStats { loss: loss_v, lr: 0.0, grad_norm: f64::NAN });
         }
         let grads = loss.backward()?;
-        let grad_norm = self.opt.grad_norm(&grads)?;
         let lr = warmup_lr(s.lr, step + 1, s.warmup);
-        self.opt.step(&grads, lr, clip_scale(grad_norm, args.grad_clip))?;
-        ema_update(&mut self.ema, self.opt.vars(), ema_decay(args.ema_decay, step + 1))?;
+        self.opt.set_learning_rate(lr);
+        // global-norm clipping to --grad-clip, then the AdamW step
+        let grad_norm = self.opt.step_and_norm(&grads)?;
+        self.ema.update(self.opt.vars(), ema_decay(args.ema_decay, step + 1))?;
         Ok(StepStats { loss: loss_v, lr, grad_norm })
     }
 }
@@ -466,17 +450,11 @@ fn log_step(metrics: &mut std::fs::File, bar: &indicatif::ProgressBar, step: u64
 /// Writes the checkpoint of step `step` under `ckpt_dir` (a temporary name, then renamed), prunes the
 /// older ones to `--keep-last`, and returns its folder.
 fn save_checkpoint(tr: &Trainer, ckpt_dir: &Path, args: &TrainArgs, s: &Setup, step: u64, before_write: &dyn Fn(&str) -> Result<()>) -> Result<PathBuf> {
-    let ck = Checkpoint {
-        step,
-        rng: tr.rng.state(),
-        options: options_json(args, s)?,
-        unet_config: s.unet_config.to_json_value(),
-        scheduler_config: serde_json::to_value(&s.sched_config)?,
-        ema: tr.ema.clone(),
-        weights: tr.weights(),
-        optimizer: tr.opt.state_tensors(),
-    };
-    let dir = checkpoint::save(ckpt_dir, &ck, before_write)?;
+    let ck = Checkpoint::of_run(&tr.opt, &tr.ema, &tr.rng, s.unet_config.to_json_value(), serde_json::to_value(&s.sched_config)?, options_json(args, s)?);
+    debug_assert_eq!(ck.step, step);
+    // the CLI's hook speaks anyhow; the library's takes its own error, an I/O error of that file
+    let hook = |name: &str| before_write(name).map_err(|e| ddpm_core::Error::Io { path: name.to_string(), source: std::io::Error::other(format!("{e:#}")) });
+    let dir = checkpoint::save_with_hook(ckpt_dir, &ck, &hook)?;
     checkpoint::prune(ckpt_dir, args.keep_last)?;
     Ok(dir)
 }
@@ -484,7 +462,7 @@ fn save_checkpoint(tr: &Trainer, ckpt_dir: &Path, args: &TrainArgs, s: &Setup, s
 /// Samples `--num-samples` images from the EMA weights with DDIM (`--sample-steps`, seeded by
 /// `--seed`) and writes their grid as `samples/step-NNNNNN.png`; returns its path.
 fn write_samples(tr: &Trainer, samples_dir: &Path, args: &TrainArgs, s: &Setup, step: u64, device: &candle_core::Device) -> Result<PathBuf> {
-    let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.clone(), DType::F32, device))?;
+    let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.state(), DType::F32, device))?;
     let size = crate::model::sample_size(&s.unet_config)?;
     let shape = (args.num_samples, s.unet_config.in_channels, size, size);
     let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, args.sample_steps, args.seed, device)?;

@@ -46,6 +46,15 @@ pub enum Error {
         /// serde's message (names the field and position).
         message: String,
     },
+    /// A file that cannot be used (a training checkpoint's missing metadata field, a tensor it
+    /// lacks); names the file and what is wrong.
+    #[error("{path}: {message}")]
+    File {
+        /// The file or folder.
+        path: String,
+        /// What is wrong with it, naming the field.
+        message: String,
+    },
 }
 
 /// Result with ddpm-core's [`Error`].

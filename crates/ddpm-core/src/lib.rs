@@ -10,6 +10,11 @@
 //! its `_class_name` names (DDPMScheduler or DDIMScheduler, every field honoured) through
 //! [`SchedulerConfig::from_file_checked`] and [`Sampler::from_config`].
 //!
+//! Training is a library too: [`training_loss`] runs the predictor's training forward
+//! ([`NoisePredictor::predict_train`], dropout from the caller's generator), [`optim::AdamW`] is a
+//! `candle_nn::Optimizer` with global-norm clipping and savable moments, [`optim::Ema`] averages the
+//! weights, and [`checkpoint`] saves and restores a run exactly (ddpm-unet's `train_mnist` example).
+//!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
 //! use ddpm_core::{sample_from_shape, DdimScheduler, NoiseRng, SchedulerConfig};
@@ -28,12 +33,14 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
 pub mod error;
 pub mod loss;
 pub mod ops;
+pub mod optim;
 pub mod predictor;
 pub mod rng;
 pub mod sampling;
@@ -46,7 +53,8 @@ pub use ddim::DdimScheduler;
 pub use ddpm::{DdpmScheduler, StepCoefficients, StepOutput, StepPrecision};
 pub use error::{Error, Result};
 pub use loss::{simple_loss, training_loss, LossWeighting, TrainingLoss};
-pub use predictor::NoisePredictor;
+pub use optim::{AdamW, AdamWParams, Ema};
+pub use predictor::{ModulePredictor, NoisePredictor, TimeModule};
 pub use rng::NoiseRng;
 pub use sampling::{sample, sample_from_shape, Sampler, Scheduler};
 pub use schedule::{Gaussian, NoiseSchedule};

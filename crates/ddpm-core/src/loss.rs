@@ -130,7 +130,8 @@ pub struct TrainingLoss {
 
 /// One training loss evaluation (Ho et al. 2020, algorithm 1): t ~ Uniform{0..T-1} and
 /// eps ~ N(0, I) from `rng`, x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, and the loss of
-/// the predictor's output at (x_t, t) against the target of the config's prediction type.
+/// the predictor's training-mode output ([`NoisePredictor::predict_train`], its dropout drawing from
+/// `rng` after t and eps) at (x_t, t) against the target of the config's prediction type.
 pub fn training_loss<P: NoisePredictor + ?Sized>(
     predictor: &P,
     schedule: &NoiseSchedule,
@@ -146,7 +147,7 @@ pub fn training_loss<P: NoisePredictor + ?Sized>(
     let t = Tensor::from_vec(t_host.iter().map(|&v| v as i64).collect::<Vec<i64>>(), n, x0.device())?;
     let noise = rng.randn(x0.shape(), x0.dtype(), x0.device())?;
     let x_t = schedule.q_sample_at(x0, &t_host, &noise)?;
-    let out = predictor.predict(&x_t, &t)?;
+    let out = predictor.predict_train(&x_t, &t, rng)?;
     let loss = simple_loss_at(schedule, weighting, &out, x0, &noise, &t_host)?;
     Ok(TrainingLoss { loss, t, noise })
 }

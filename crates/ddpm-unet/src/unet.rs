@@ -298,6 +298,16 @@ impl NoisePredictor for UNet2DModel {
     fn predict(&self, x_t: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.forward(x_t, t)
     }
+
+    /// Training-mode [`UNet2DModel::forward_train`]: dropout masks from `rng`.
+    fn predict_train(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        rng: &mut NoiseRng,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_train(x_t, t, rng)
+    }
 }
 
 /// The state-dict keys and shapes a config needs, in creation order (nothing is allocated).
