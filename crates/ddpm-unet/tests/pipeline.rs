@@ -152,6 +152,7 @@ fn images_match_diffusers_pipelines() {
 }
 
 #[test]
+#[cfg(feature = "image")]
 fn png_files_hold_the_u8_pixels() {
     let r = reference();
     let pipe = load(&pipelines().join("ddpm"));
