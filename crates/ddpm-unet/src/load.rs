@@ -238,7 +238,9 @@ pub fn check_tensors(
 /// count of non-finite values is the count of x - x != 0 (one pass on the tensor's device).
 fn check_finite(t: &Tensor, key: &str, file: &Path) -> Result<()> {
     let werr = |e: candle_core::Error| Error::Weights { path: file.into(), source: e };
-    let bad = (t - t)
+    // t.sub(t) rather than `t - t`, which reads as a mistake (clippy's eq_op)
+    let bad = t
+        .sub(t)
         .and_then(|d| d.ne(0f64))
         .and_then(|m| m.to_dtype(DType::F32))
         .and_then(|m| m.sum_all())
