@@ -78,7 +78,7 @@ fn failed_save_keeps_the_previous_checkpoint() {
         }
         Ok(())
     };
-    let err = ddpm_cli::train::run_with_hook(train_args, &hook).unwrap_err();
+    let err = ddpm_cli::train::run_with_hook(*train_args, &hook).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("disk full") && msg.contains("previous checkpoints are intact"), "{msg}");
     let ckpts = out.join("checkpoints");
@@ -153,7 +153,7 @@ fn resume_with_more_steps_keeps_the_warmup_it_started_with() {
     resume.extend(["--resume".into(), "auto".into()]);
     let ddpm_cli::Cli::Train(train_args) = parse(&resume.iter().map(|s| s.as_str()).collect::<Vec<_>>()) else { panic!("not a train command") };
     let stop = |_: &str| -> anyhow::Result<()> { anyhow::bail!("stop here") };
-    assert!(ddpm_cli::train::run_with_hook(train_args, &stop).is_err());
+    assert!(ddpm_cli::train::run_with_hook(*train_args, &stop).is_err());
     let metrics = std::fs::read_to_string(std::path::Path::new(out).join("metrics.jsonl")).unwrap();
     let lrs: Vec<f64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap()).collect();
     // Step 3 runs at the full rate of the 2-step run's schedule (warm-up 0), not at 3/4 of it.

@@ -25,7 +25,7 @@ pub mod train;
 #[command(name = "ddpm", version, about = "Denoising diffusion probabilistic models on candle")]
 pub enum Cli {
     /// Train a UNet on a dataset (MNIST from data/mnist by default).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Generate images from a model folder, a training checkpoint or a Hub repo id.
     Sample(sample::SampleArgs),
     /// Interpolate between two images in the noisy space, as in the DDPM paper's section 4.3.
@@ -52,7 +52,7 @@ pub fn error_line(e: &anyhow::Error) -> String {
             if !line.is_empty() {
                 line.push_str(": ");
             }
-            line.push_str(&text);
+            line.push_str(text);
         }
     }
     line
@@ -61,7 +61,7 @@ pub fn error_line(e: &anyhow::Error) -> String {
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli {
-        Cli::Train(a) => train::run(a),
+        Cli::Train(a) => train::run(*a),
         Cli::Sample(a) => sample::run(a),
         Cli::Interpolate(a) => interpolate::run(a),
         Cli::Export(a) => export::run(a),
