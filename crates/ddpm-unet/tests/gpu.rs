@@ -12,6 +12,8 @@
 
 mod common;
 
+use common::rel_diff;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -34,13 +36,6 @@ fn gpu() -> Device {
     dev
 }
 
-/// max |a - b| / max(1, max |b|), both brought to the CPU in f32.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let f = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    let (a, b) = (f(a), f(b));
-    let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    max((&a - &b).unwrap()) / max(b).max(1.0)
-}
 
 /// Asserts that each GPU result is within `bound` ([`rel_diff`]) of the CPU's, naming `what` and the
 /// result.

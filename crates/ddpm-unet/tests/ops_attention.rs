@@ -4,13 +4,9 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
+use common::max_abs_diff;
 use ddpm_unet::ops::attention::attention_products;
 use ddpm_unet::ops::{attention, attention_composed, softmax_last_dim};
-
-/// Largest |a - b| over all elements.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
 
 /// Output and qkv gradient of `f` for the loss sum(out * r).
 fn forward_and_grad(f: impl Fn(&Tensor) -> Result<Tensor>, qkv: &[f32], r: &[f32], shape: (usize, usize, usize), out_shape: (usize, usize, usize)) -> (Tensor, Tensor) {

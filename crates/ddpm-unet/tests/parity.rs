@@ -1,8 +1,11 @@
 //! Parity with diffusers' UNet2DModel on the reference fixtures, plus loading and saving.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff as max_abs;
 use ddpm_unet::{load_dir, UNet2DModel, UNetConfig};
 
 fn fixture(name: &str) -> PathBuf {
@@ -17,19 +20,6 @@ fn io(name: &str) -> (Tensor, Tensor, Tensor) {
     let m = candle_core::safetensors::load(fixture(name).join("io.safetensors"), &Device::Cpu)
         .expect("io fixture");
     (m["x"].clone(), m["t"].clone(), m["out"].clone())
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_case(name: &str) -> f32 {

@@ -3,11 +3,14 @@
 //! the same images from the same noise, the same 8-bit pixels as `numpy_to_pil`, PNG files that
 //! decode to those pixels, and save_pretrained -> from_pretrained giving the same images.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_core::{Sampler, Scheduler, SchedulerConfig, StepPrecision};
+use common::max_abs_diff as max_abs;
 use ddpm_unet::{images, DdpmPipeline, Error, GenerateOptions};
 
 fn pipelines() -> PathBuf {
@@ -47,19 +50,6 @@ fn generate_case(pipe: &DdpmPipeline, r: &HashMap<String, Tensor>, case: &str, e
         .noise(r[&format!("{case}.noise")].clone())
         .step_noise(r[&format!("{case}.step_noise")].clone());
     pipe.generate(opts).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Shared helpers for the ddpm-unet op tests: seeded test data and the half-precision checks.
 #![allow(dead_code)]
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// `len` values uniform in [-amp, amp) from a fixed linear congruential generator: repeatable test data
 /// that needs no RNG crate and is the same on every device.
@@ -15,10 +15,11 @@ pub fn lcg_values(len: usize, seed: u64, amp: f32) -> Vec<f32> {
         .collect()
 }
 
-/// max |a - b| / max(max |b|, 1), both compared in f32: the error relative to the reference's scale.
+/// max |a - b| / max(max |b|, 1), both brought to the CPU and compared in f32: the error relative to
+/// the reference's scale.
 pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
+    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
     let d = (&a - &b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     d.to_scalar::<f32>().unwrap() / scale.max(1.0)
@@ -45,4 +46,9 @@ pub fn check_half_precision(dtype: DType, ours: &Tensor, reference: &Tensor, r: 
         let d = rel_diff(a, g2.get(twin).unwrap());
         assert!(d < bound, "{dtype:?} gradient of {name} differs by {d}");
     }
+}
+
+/// max |a - b| over all elements (f32 tensors on one device).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
