@@ -110,6 +110,19 @@ fn bad_input_gives_one_line_errors() {
     let e = ddpm_err(&["interpolate", "--model", &model, "--data", "mnist", "--lambdas", "0.5,nan", "--out", tmp.path().join("s.png").to_str().unwrap(), "--device", "cpu"]);
     assert!(e.contains("--lambdas") && e.contains("NaN"), "{e}");
     assert!(!tmp.path().join("s.png").exists() && !tmp.path().join("x.png").exists());
+    // issue 22: an --out that is a folder, or in a place that cannot be written, failed only after
+    // sampling and left a .tmp file; now before sampling (a 1000-step DDPM run would take minutes).
+    let e = ddpm_err(&["sample", "--model", &model, "--out", tmp.path().to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("is a folder"), "{e}");
+    if cfg!(target_os = "linux") {
+        // /proc takes no new files, even for root
+        let e = ddpm_err(&["sample", "--model", &model, "--out", "/proc/ddpm-grid.png", "--device", "cpu"]);
+        assert!(e.starts_with("/proc/ddpm-grid.png: cannot write there"), "{e}");
+        let e = ddpm_err(&["export", "--checkpoint", &model, "--out", "/proc/ddpm-export"]);
+        assert!(e.starts_with("/proc/ddpm-export: cannot write there") && !e.contains(".tmp"), "{e}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().ends_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 /// A DDIMPipeline-style folder (diffusers' DDIMScheduler config with `set_alpha_to_one: false` and

@@ -1,5 +1,6 @@
 //! `ddpm train` end to end on a tiny UNet and the shipped MNIST: exact resume, crash-safe checkpoints,
-//! metrics that a fresh run starts over, errors on bad input.
+//! metrics cut back to the checkpoint on resume, a used run folder refused without --overwrite, options
+//! validated before anything is written, one-line errors on bad input.
 
 use ddpm_cli::checkpoint;
 use ddpm_tests::{ddpm, ddpm_err, parse, read_tensors, tiny_unet_config};
@@ -55,8 +56,130 @@ fn resume_is_bit_exact() {
         text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
     };
     assert_eq!(steps(b), (1..=10).collect::<Vec<_>>());
-    ddpm(&tiny_args(cfg, a, "4")).unwrap();
+    // A fresh run into a folder holding another run is refused (issue 22: it pruned the old run's
+    // checkpoints and truncated its metrics), and nothing of the old run is touched...
+    let e = ddpm_err(&tiny_args(cfg, a, "4"));
+    assert!(e.contains("holds another run") && e.contains("--overwrite") && !e.contains('\n'), "{e}");
+    assert_eq!(steps(a), (1..=10).collect::<Vec<_>>());
+    assert_eq!(checkpoint::list(&std::path::Path::new(a).join("checkpoints")).last().unwrap().0, 10);
+    // ... unless told: --overwrite starts the metrics over and leaves only the new run's checkpoints.
+    let mut over = tiny_args(cfg, a, "4");
+    over.push("--overwrite");
+    ddpm(&over).unwrap();
     assert_eq!(steps(a), (1..=4).collect::<Vec<_>>());
+    let kept: Vec<u64> = checkpoint::list(&std::path::Path::new(a).join("checkpoints")).iter().map(|c| c.0).collect();
+    assert_eq!(kept, vec![3, 4]);
+}
+
+#[test]
+fn resume_after_a_kill_logs_each_step_once() {
+    // issue 22: a run killed after its last checkpoint left the steps past it in metrics.jsonl, and
+    // the resumed run logged them again (a 20-step run killed at 9, resumed from 5, had 24 lines).
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let out = out.to_str().unwrap();
+    // "Killed" at step 5: the checkpoint of step 6 fails after steps 4 to 6 were logged; the last
+    // good checkpoint is step 3 (--save-every 3). A torn line as a kill can leave follows.
+    let ddpm_cli::Cli::Train(args) = parse(&tiny_args(cfg, out, "8")) else { panic!("not a train command") };
+    let calls = std::cell::Cell::new(0);
+    let kill = |name: &str| -> anyhow::Result<()> {
+        if name == checkpoint::WEIGHTS_FILE {
+            calls.set(calls.get() + 1);
+            if calls.get() == 2 {
+                anyhow::bail!("killed");
+            }
+        }
+        Ok(())
+    };
+    assert!(ddpm_cli::train::run_with_hook(*args, &kill).is_err());
+    let metrics = std::path::Path::new(out).join("metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&metrics).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"step\":7,\"lo").unwrap();
+    let mut resume = tiny_args(cfg, out, "8");
+    resume.extend(["--resume", "auto"]);
+    ddpm(&resume).unwrap();
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+#[test]
+fn options_are_validated_before_anything_is_written() {
+    // issue 22: these were accepted, failed only after training, or reported success with an empty
+    // model path; each must fail up front, naming the option, and leave an existing run as it was.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let out = out.to_str().unwrap();
+    ddpm(&tiny_args(cfg, out, "3")).unwrap();
+    let metrics = std::fs::read_to_string(std::path::Path::new(out).join("metrics.jsonl")).unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--steps", "0"], "--steps 0"),
+        (&["--ema-decay", "2"], "--ema-decay 2"),
+        (&["--ema-decay", "-1"], "--ema-decay -1"),
+        (&["--ema-decay", "nan"], "--ema-decay NaN"),
+        (&["--grad-clip", "nan"], "--grad-clip NaN"),
+        (&["--weight-decay", "-5"], "--weight-decay -5"),
+        (&["--weight-decay", "nan"], "--weight-decay NaN"),
+        (&["--lr", "0"], "--lr 0"),
+        (&["--sample-steps", "0"], "--sample-steps 0"),
+        (&["--sample-steps", "101"], "--sample-steps 101"),
+        (&["--num-samples", "100000000"], "--num-samples 100000000"),
+        (&["--max-images", "0"], "--max-images 0"),
+    ];
+    for (flag, expect) in cases {
+        let mut a = tiny_args(cfg, out, "3");
+        match a.iter().position(|x| *x == flag[0]) {
+            Some(i) => a[i + 1] = flag[1],
+            None => a.extend(*flag),
+        }
+        a.extend(["--resume", "auto"]);
+        let e = ddpm_err(&a);
+        assert!(e.contains(expect) && !e.contains('\n'), "{flag:?}: {e}");
+    }
+    for epochs in ["nan", "-1", "0"] {
+        let mut a: Vec<&str> = tiny_args(cfg, out, "3");
+        let i = a.iter().position(|x| *x == "--steps").unwrap();
+        a.drain(i..i + 2);
+        a.extend(["--epochs", epochs, "--resume", "auto"]);
+        let e = ddpm_err(&a);
+        assert!(e.contains("--epochs"), "--epochs {epochs}: {e}");
+    }
+    assert_eq!(std::fs::read_to_string(std::path::Path::new(out).join("metrics.jsonl")).unwrap(), metrics);
+    // --num-samples 0 with --sample-every 1 writes no grid (it wrote empty PNGs)
+    let fresh = tmp.path().join("fresh");
+    let mut a = tiny_args(cfg, fresh.to_str().unwrap(), "1");
+    let i = a.iter().position(|x| *x == "--sample-every").unwrap();
+    a[i + 1] = "1";
+    ddpm(&a).unwrap();
+    assert_eq!(std::fs::read_dir(fresh.join("samples")).unwrap().count(), 0);
+}
+
+#[test]
+fn resuming_with_other_data_order_options_is_refused() {
+    // issue 22: a resume with another --data, --batch-size, --seed or --max-images was accepted
+    // silently; it would not continue the same run.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let out = out.to_str().unwrap();
+    ddpm(&tiny_args(cfg, out, "3")).unwrap();
+    for (flag, value) in [("--batch-size", "4"), ("--seed", "12"), ("--max-images", "32")] {
+        let mut a = tiny_args(cfg, out, "4");
+        let i = a.iter().position(|x| *x == flag).unwrap();
+        a[i + 1] = value;
+        a.extend(["--resume", "auto"]);
+        let e = ddpm_err(&a);
+        assert!(e.contains(&format!("trained with {flag}")) && e.contains(&format!("but {value} now")), "{flag}: {e}");
+    }
+    // the same options resume
+    let mut a = tiny_args(cfg, out, "4");
+    a.extend(["--resume", "auto"]);
+    ddpm(&a).unwrap();
 }
 
 #[test]
@@ -121,6 +244,9 @@ fn bad_input_gives_one_line_errors() {
     std::fs::write(&bad, json.to_string()).unwrap();
     let e = ddpm_err(&["bench", "--unet-config", bad.to_str().unwrap(), "--steps", "1", "--batch-size", "1"]);
     assert!(e.contains("bad.json") && e.matches("`block_out_channels`").count() == 1, "{e}");
+    // issue 22: it failed inside a kernel with a backtrace
+    let e = ddpm_err(&["bench", "--unet-config", cfg, "--steps", "1", "--batch-size", "0"]);
+    assert_eq!(e, "--batch-size 0: must be at least 1");
     // The ddpm-cifar10 preset takes 32x32 RGB images, MNIST is 28x28 grey.
     let e = ddpm_err(&["train", "--preset", "ddpm-cifar10", "--max-images", "16", "--out", out, "--device", "cpu"]);
     assert!(e.contains("28x28") && e.contains("sample_size is 32"), "{e}");

@@ -107,6 +107,11 @@ fn set_tf32(device: &Device) -> Result<()> {
 
 /// Runs `ddpm bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
+    for (flag, v) in [("--batch-size", a.batch_size), ("--threads", a.threads), ("--steps", a.steps)] {
+        if v == 0 {
+            anyhow::bail!("{flag} 0: must be at least 1");
+        }
+    }
     // candle and gemm size their pools from RAYON_NUM_THREADS on first use.
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let device = parse_device(&a.device)?;

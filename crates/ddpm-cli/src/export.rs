@@ -56,6 +56,8 @@ pub fn export(src: &Path, out: &Path) -> Result<&'static str> {
     let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "export".into());
     let tmp = out.with_file_name(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
+    // a folder that cannot be written is named as asked, not by the hidden temporary name
+    std::fs::create_dir(&tmp).map_err(|e| anyhow::anyhow!("{}: cannot write there: {e}", out.display()))?;
     let result = pipeline
         .save_pretrained(&tmp)
         .map_err(anyhow::Error::from)

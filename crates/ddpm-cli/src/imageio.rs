@@ -98,6 +98,20 @@ pub fn check_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks, before a long run, that an output file can be written at `path`: it is not a folder, its
+/// folder exists, and a file can be created there (a temporary file beside it is created and removed).
+pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("{}: is a folder; give a file name (such as {}/grid.png)", path.display(), path.display());
+    }
+    check_parent(path)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let probe = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::File::create(&probe).map_err(|e| anyhow::anyhow!("{}: cannot write there: {e}", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Writes `bytes` through `write` to a temporary file beside `path`, then renames it into place, so that
 /// a failure never leaves a partial file under the final name.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {

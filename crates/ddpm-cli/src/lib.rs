@@ -17,6 +17,7 @@ pub mod interpolate;
 pub mod model;
 pub mod optim;
 pub mod progress;
+pub mod run_dir;
 pub mod sample;
 pub mod train;
 

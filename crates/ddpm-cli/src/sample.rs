@@ -63,10 +63,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
         bail!("--num and --batch-size must be at least 1");
     }
     for p in a.out.iter().chain(a.animate.iter()) {
-        imageio::check_parent(p)?;
+        imageio::check_writable(p)?;
     }
     if let Some(d) = &a.out_dir {
         std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("--out-dir {}: cannot create: {e}", d.display()))?;
+        imageio::check_writable(&d.join("00000.png")).map_err(|e| anyhow::anyhow!("--out-dir {}: {e}", d.display()))?;
     }
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;

@@ -16,6 +16,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::data::{self, ImageSet, Split};
 use crate::device::{device_name, parse_device};
 use crate::optim::{ema_decay, warmup_lr, AdamW, AdamWParams, Ema};
+use crate::run_dir::RunDir;
 use crate::{generate, imageio, init, progress};
 
 /// Options of `ddpm train`; saved in every checkpoint and compared on resume.
@@ -44,10 +45,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub num_train_timesteps: Option<usize>,
     /// beta_1 of the schedule.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub beta_start: Option<f64>,
     /// beta_T of the schedule.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub beta_end: Option<f64>,
     /// What the network predicts: epsilon, sample or v_prediction.
     #[arg(long)]
@@ -60,19 +61,19 @@ pub struct TrainArgs {
     pub batch_size: usize,
     /// Peak learning rate: the paper's 2e-4, except 1e-3 for the small mnist-small preset so that a short
     /// CPU run converges.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Linear learning-rate warm-up steps (the paper uses 5000); default min(5000, steps / 10).
     #[arg(long)]
     pub warmup_steps: Option<u64>,
     /// Clip the global gradient norm to this value (0 turns clipping off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub grad_clip: f64,
     /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Largest EMA decay; the decay warms up as min(decay, (1 + k) / (10 + k)).
-    #[arg(long, default_value_t = 0.9999)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.9999)]
     pub ema_decay: f64,
     /// Flip training images left-right at random (off for digits).
     #[arg(long, default_value_t = false)]
@@ -82,7 +83,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub steps: Option<u64>,
     /// Train for this many passes over the data instead of --steps.
-    #[arg(long, conflicts_with = "steps")]
+    #[arg(long, allow_negative_numbers = true, conflicts_with = "steps")]
     pub epochs: Option<f64>,
     /// Seed of the weights, the data order and the noise.
     #[arg(long, default_value_t = 0)]
@@ -117,6 +118,54 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<String>,
+    /// Start a fresh run in an --out folder that holds another run, deleting that run's checkpoints,
+    /// metrics.jsonl and sample grids (and nothing else).
+    #[arg(long, conflicts_with = "resume")]
+    #[serde(skip)]
+    pub overwrite: bool,
+}
+
+/// The most images a sample grid may hold: the grid is sampled as one batch.
+pub const MAX_GRID_SAMPLES: usize = 1024;
+
+/// Checks every option that needs neither the data nor the model, before anything is read or written.
+pub fn validate_options(args: &TrainArgs) -> Result<()> {
+    let positive = |v: f64| v > 0.0 && v.is_finite();
+    let non_negative = |v: f64| v >= 0.0 && v.is_finite();
+    if args.batch_size == 0 {
+        bail!("--batch-size 0: a batch needs at least one image");
+    }
+    if args.steps == Some(0) {
+        bail!("--steps 0: nothing to train; give at least 1 (or --epochs)");
+    }
+    if let Some(e) = args.epochs.filter(|e| !positive(*e)) {
+        bail!("--epochs {e}: must be a positive number of passes over the data");
+    }
+    if args.max_images == Some(0) {
+        bail!("--max-images 0: training needs at least one image");
+    }
+    if let Some(lr) = args.lr.filter(|v| !positive(*v)) {
+        bail!("--lr {lr}: the learning rate must be a positive number");
+    }
+    if !(0.0..=1.0).contains(&args.ema_decay) {
+        bail!("--ema-decay {}: must be between 0 and 1 (the paper's is 0.9999)", args.ema_decay);
+    }
+    if !non_negative(args.grad_clip) {
+        bail!("--grad-clip {}: must be a positive gradient norm, or 0 to turn clipping off", args.grad_clip);
+    }
+    if !non_negative(args.weight_decay) {
+        bail!("--weight-decay {}: must be 0 or a positive number", args.weight_decay);
+    }
+    if args.sample_steps == 0 {
+        bail!("--sample-steps 0: DDIM needs at least one step for the sample grids");
+    }
+    if args.num_samples > MAX_GRID_SAMPLES {
+        bail!("--num-samples {}: a sample grid holds at most {MAX_GRID_SAMPLES} images (sampled as one batch); use `ddpm sample --num N` on the checkpoint for more", args.num_samples);
+    }
+    if args.dtype == "f16" {
+        bail!("--dtype f16: f16 training would need loss scaling; train in bf16 (same speed, f32's range) or f32");
+    }
+    Ok(())
 }
 
 /// Everything fixed at the start of a run.
@@ -171,12 +220,7 @@ pub fn scheduler_config_from(args: &TrainArgs) -> Result<SchedulerConfig> {
 
 /// Validates the options against the data and the model.
 fn setup(args: &TrainArgs, set: &ImageSet) -> Result<Setup> {
-    if args.batch_size == 0 {
-        bail!("--batch-size 0: a batch needs at least one image");
-    }
-    if args.dtype == "f16" {
-        bail!("--dtype f16: f16 training would need loss scaling; train in bf16 (same speed, f32's range) or f32");
-    }
+    validate_options(args)?;
     let unet_config = unet_config_from(args)?;
     let sched_config = scheduler_config_from(args)?;
     let size = crate::model::sample_size(&unet_config)?;
@@ -202,8 +246,8 @@ fn setup(args: &TrainArgs, set: &ImageSet) -> Result<Setup> {
     let warmup = args.warmup_steps.unwrap_or((total_steps / 10).min(5000));
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&args.preset));
     let lr = args.lr.unwrap_or(if args.unet_config.is_none() && args.preset == "mnist-small" { 1e-3 } else { 2e-4 });
-    if !(lr > 0.0 && lr.is_finite()) {
-        bail!("--lr {lr}: the learning rate must be a positive number");
+    if args.sample_steps > sched_config.num_train_timesteps {
+        bail!("--sample-steps {}: more than the schedule's {} diffusion steps", args.sample_steps, sched_config.num_train_timesteps);
     }
     Ok(Setup { unet_config, sched_config, total_steps, warmup, out, lr })
 }
@@ -248,6 +292,47 @@ fn check_same(what: &str, ckpt: &serde_json::Value, now: &serde_json::Value, dir
     Ok(())
 }
 
+/// Options that fix which images each step sees and the random draws of a run: resuming with another
+/// value would not continue the same run, so it is refused.
+const SAME_RUN_OPTIONS: &[&str] = &["data", "max_images", "batch_size", "seed", "random_flip"];
+
+/// Options that a resume may change, with a note: the run goes on with the new value, but it no longer
+/// matches an uninterrupted run. `--lr` and `--warmup-steps` given on the command line count here too
+/// (left out, the checkpoint's are kept).
+const CHANGEABLE_OPTIONS: &[&str] = &["grad_clip", "weight_decay", "ema_decay", "dtype", "lr", "warmup_steps"];
+
+/// Compares the command line with the options a checkpoint was trained with: refuses a change of
+/// [`SAME_RUN_OPTIONS`] naming the option, and notes each change of [`CHANGEABLE_OPTIONS`]. Options
+/// that a checkpoint does not hold (older formats) are not compared.
+fn check_run_options(saved: &serde_json::Value, args: &TrainArgs, dir: &Path) -> Result<()> {
+    let now = serde_json::to_value(args)?;
+    let flag = |k: &str| format!("--{}", k.replace('_', "-"));
+    let shown = |v: Option<&serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => "unset".to_string(),
+        Some(v) => v.to_string(),
+    };
+    for k in SAME_RUN_OPTIONS {
+        let Some(before) = saved.get(*k) else { continue };
+        if now.get(*k) != Some(before) {
+            bail!(
+                "{}: trained with {} {} but {} now: another value changes which images and noise each step draws, so it would not continue the same run; resume with the same value or start a new --out",
+                dir.display(),
+                flag(k),
+                shown(Some(before)),
+                shown(now.get(*k))
+            );
+        }
+    }
+    for k in CHANGEABLE_OPTIONS {
+        let (Some(before), Some(after)) = (saved.get(*k), now.get(*k)) else { continue };
+        if after.is_null() || before == after {
+            continue;
+        }
+        eprintln!("note: {} is {} now, {} in {}: the run continues with the new value (no longer the same as an uninterrupted run)", flag(k), shown(Some(after)), shown(Some(before)), dir.display());
+    }
+    Ok(())
+}
+
 /// The options saved in a checkpoint: the command line plus the values derived from it (the warm-up
 /// length and learning rate actually used), so that a resume with other `--steps` keeps them.
 fn options_json(args: &TrainArgs, s: &Setup) -> Result<serde_json::Value> {
@@ -284,6 +369,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 /// faults there). The steps: set-up (`setup`, `Trainer::new`), resume (`Trainer::resume`), then per
 /// optimizer step `Trainer::step`, `log_step`, `save_checkpoint` and `write_samples`.
 pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>) -> Result<()> {
+    validate_options(&args)?;
     let device = parse_device(&args.device)?;
     let cfg = unet_config_from(&args)?;
     let mut set = data::load(&args.data, Split::Train, crate::model::sample_size(&cfg)?, cfg.in_channels)?;
@@ -292,8 +378,12 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
     }
     let mut s = setup(&args, &set)?;
     let schedule = NoiseSchedule::new(&s.sched_config, &device)?;
-    let ckpt_dir = s.out.join("checkpoints");
-    let samples_dir = s.out.join("samples");
+    let run_dir = RunDir::new(&s.out);
+    let ckpt_dir = run_dir.checkpoints();
+    let samples_dir = run_dir.samples();
+    if args.resume.is_none() {
+        run_dir.prepare_fresh(args.overwrite)?;
+    }
     std::fs::create_dir_all(&samples_dir).with_context(|| format!("{}: cannot create folder", samples_dir.display()))?;
 
     let mut tr = Trainer::new(&args, &s, &device)?;
@@ -311,15 +401,12 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
         args.batch_size,
         device_name(&device)
     );
-    // a resumed run continues the directory's metrics; a fresh one starts them over
-    let metrics_path = s.out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(step > 0)
-        .write(true)
-        .truncate(step == 0)
-        .open(&metrics_path)
-        .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
+    // a resumed run continues the folder's metrics from its checkpoint's step (the steps logged after
+    // that checkpoint by a killed run are cut, to be logged again); a fresh one starts them over
+    if step > 0 {
+        run_dir.truncate_metrics(step)?;
+    }
+    let mut metrics = run_dir.open_metrics(step > 0)?;
     let bar = progress::bar(s.total_steps, "train");
     bar.set_position(step);
     let mut order_cache = None;
@@ -345,7 +432,7 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
         if last || (args.save_every > 0 && step.is_multiple_of(args.save_every)) {
             last_saved = Some(save_checkpoint(&tr, &ckpt_dir, &args, &s, step, before_write)?);
         }
-        if (last && args.num_samples > 0) || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)) {
+        if args.num_samples > 0 && (last || (args.sample_every > 0 && step.is_multiple_of(args.sample_every))) {
             let path = write_samples(&tr, &samples_dir, &args, &s, step, &device)?;
             bar.println(format!("step {step}: wrote {}", path.display()));
         }
@@ -404,6 +491,7 @@ impl Trainer {
         let ck = checkpoint::load(&dir, device)?;
         check_same("UNet config", &ck.model_config, &s.unet_config.to_json_value(), &dir)?;
         check_same("scheduler config", &ck.scheduler_config, &serde_json::to_value(&s.sched_config)?, &dir)?;
+        check_run_options(&ck.options, args, &dir)?;
         // raw weights, AdamW moments and step, EMA, noise generator
         self.rng = ck.restore(&mut self.opt, &mut self.ema, &dir.display().to_string())?;
         keep_schedule_of(&ck.options, args, s);
