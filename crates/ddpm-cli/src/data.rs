@@ -23,6 +23,9 @@ pub struct ImageSet {
     pub width: usize,
     /// Where the images came from, for messages.
     pub source: String,
+    /// The class of each image, where the dataset has them (MNIST's `*-labels-idx1-ubyte` file, the
+    /// label byte of CIFAR-10 records, a parquet file's `label` column); empty otherwise.
+    pub labels: Vec<u8>,
 }
 
 /// Which split of a named dataset to read.
@@ -72,6 +75,7 @@ impl ImageSet {
         if n < self.len {
             self.len = n;
             self.pixels.truncate(n * self.image_len());
+            self.labels.truncate(n);
         }
     }
 }
@@ -90,16 +94,18 @@ pub fn permutation(n: usize, rng: &mut NoiseRng) -> Vec<usize> {
 /// declares more is refused before anything is read.
 const MAX_IDX_BYTES: usize = 1 << 32;
 
+/// Opens a file for reading, through a gzip decoder when its name ends in `.gz`.
+fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let buffered = std::io::BufReader::new(file);
+    Ok(if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(buffered)) } else { Box::new(buffered) })
+}
+
 /// Reads an IDX image file, un-gzipping it when its name ends in `.gz`, without ever reading (or
 /// holding) more than its header declares: a small `.gz` that would expand to gigabytes stops at the
 /// declared size, and a header whose size overflows, or exceeds [`MAX_IDX_BYTES`], is an error.
 fn read_idx_file(path: &Path) -> Result<ImageSet> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let mut reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
-    } else {
-        Box::new(std::io::BufReader::new(file))
-    };
+    let mut reader = open_maybe_gz(path)?;
     let unreadable = || format!("{}: cannot read (not a valid gzip file?)", path.display());
     let mut bytes = Vec::with_capacity(16);
     reader.by_ref().take(16).read_to_end(&mut bytes).with_context(unreadable)?;
@@ -143,7 +149,31 @@ pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<ImageSet> {
         height: h,
         width: w,
         source: path.display().to_string(),
+        labels: Vec::new(),
     })
+}
+
+/// The labels beside an IDX image file (`train-images-idx3-ubyte[.gz]` -> `train-labels-idx1-ubyte[.gz]`,
+/// magic 0x00000801, N, then N bytes), empty when there is no such file. A label file that does not
+/// hold exactly `n` labels is an error naming it.
+fn read_idx_labels(images: &Path, n: usize) -> Result<Vec<u8>> {
+    let name = images.file_name().and_then(|s| s.to_str()).unwrap_or_default().replace("-images-idx3", "-labels-idx1").replace("-images.idx3", "-labels.idx1");
+    let path = images.with_file_name(name);
+    if !path.is_file() || path == images {
+        return Ok(Vec::new());
+    }
+    let reader = open_maybe_gz(&path)?;
+    // never more than the header and the n labels the images need, plus one byte to see an excess
+    let mut bytes = Vec::new();
+    reader.take(8 + n as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("{}: cannot read (not a valid gzip file?)", path.display()))?;
+    let be = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    if be(0) != Some(0x0801) {
+        bail!("{}: not an IDX label file (magic is not 0x00000801)", path.display());
+    }
+    if be(4) != Some(n) || bytes.len() != 8 + n {
+        bail!("{}: holds {} labels for {n} images", path.display(), be(4).unwrap_or(0));
+    }
+    Ok(bytes.split_off(8))
 }
 
 /// Finds the IDX image file of `split` in `dir` (`train-images-idx3-ubyte[.gz]` or `t10k-...`).
@@ -177,18 +207,19 @@ fn find_cifar(dir: &Path, split: Split) -> Vec<PathBuf> {
 /// Reads CIFAR-10 binary batches: records of 1 label byte then 3x32x32 pixels in C, H, W order.
 pub fn load_cifar_batches(files: &[PathBuf]) -> Result<ImageSet> {
     const REC: usize = 1 + 3 * 32 * 32;
-    let mut pixels = Vec::new();
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
     for f in files {
         let b = std::fs::read(f).with_context(|| format!("{}: cannot read", f.display()))?;
         if b.len() % REC != 0 {
             bail!("{}: size {} is not a whole number of {REC}-byte CIFAR-10 records", f.display(), b.len());
         }
         for rec in b.chunks_exact(REC) {
+            labels.push(rec[0]);
             pixels.extend_from_slice(&rec[1..]);
         }
     }
     let len = pixels.len() / (REC - 1);
-    Ok(ImageSet { pixels, len, channels: 3, height: 32, width: 32, source: format!("{} CIFAR-10 batch file(s)", files.len()) })
+    Ok(ImageSet { pixels, len, channels: 3, height: 32, width: 32, source: format!("{} CIFAR-10 batch file(s)", files.len()), labels })
 }
 
 /// Image file extensions that the `image` crate reads here.
@@ -222,7 +253,7 @@ pub fn load_image_folder(dir: &Path, size: usize, channels: usize) -> Result<Ima
     if ok == 0 {
         bail!("{}: no usable image found (looked recursively for {})", dir.display(), IMAGE_EXTS.join(", "));
     }
-    Ok(ImageSet { pixels, len: ok, channels, height: size, width: size, source: dir.display().to_string() })
+    Ok(ImageSet { pixels, len: ok, channels, height: size, width: size, source: dir.display().to_string(), labels: Vec::new() })
 }
 
 /// Lists the regular files below `dir`, recursively, each once. Links are followed only to files and
@@ -287,7 +318,9 @@ pub fn load(spec: &str, split: Split, size: usize, channels: usize) -> Result<Im
         bail!("--data {spec}: no such folder (expected a dataset name: mnist, fashion-mnist, cifar10, or a folder of IDX files, CIFAR-10 batches or images)");
     }
     if let Some(f) = find_idx(&dir, split) {
-        return read_idx_file(&f);
+        let mut set = read_idx_file(&f)?;
+        set.labels = read_idx_labels(&f, set.len)?;
+        return Ok(set);
     }
     let cifar = find_cifar(&dir, split);
     if !cifar.is_empty() {

@@ -1,32 +1,76 @@
 //! `ddpm eval`: the negative log-likelihood bound of the DDPM paper (L_vlb in bits/dim, with the
-//! discretized Gaussian decoder) of a model on a dataset's test split.
+//! discretized Gaussian decoder) of a model on a dataset's test split (`--metric nll`), or the
+//! Frechet distance of its samples, or of a folder of images, to that split (`--metric fid`, see
+//! [`crate::fid`]).
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
+use ddpm_core::sampling::Scheduler;
 use ddpm_core::{NoiseRng, NoiseSchedule};
 
-use crate::data::{self, Split};
+use crate::data::{self, ImageSet, Split};
 use crate::device::parse_device;
+use crate::fid::{self, classifier::Classifier, FeatureNet};
+use crate::generate::{self, SamplerKind};
 use crate::{model, progress};
+
+/// What `ddpm eval` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Metric {
+    /// The variational bound in bits/dim on the test split.
+    Nll,
+    /// The Frechet distance of generated images (or of --images) to the test split.
+    Fid,
+}
+
+/// The network whose features the FID compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Features {
+    /// A classifier trained once on the data set's labelled training split (grey digits and the like).
+    Classifier,
+}
 
 /// Options of `ddpm eval`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
-    /// A model folder, a training checkpoint folder, or a Hub repo id.
-    #[arg(long)]
-    pub model: String,
+    /// nll (the bound on test images) or fid (the Frechet distance of samples to the test split).
+    #[arg(long, value_enum, default_value = "nll")]
+    pub metric: Metric,
+    /// A model folder, a training checkpoint folder, or a Hub repo id (fid: whose samples are scored).
+    #[arg(long, required_unless_present = "images")]
+    pub model: Option<String>,
+    /// fid: score the images of this folder instead of samples of --model.
+    #[arg(long, conflicts_with = "model")]
+    pub images: Option<PathBuf>,
     /// The dataset whose test split is scored (see `train --data`).
     #[arg(long, default_value = "mnist")]
     pub data: String,
-    /// Number of test images (the first N).
-    #[arg(long, default_value_t = 64)]
-    pub num: usize,
+    /// nll: test images scored (the first N) [default 64]; fid: images generated [default 500].
+    #[arg(long)]
+    pub num: Option<usize>,
+    /// fid: the feature network [default: classifier].
+    #[arg(long, value_enum, default_value = "classifier")]
+    pub features: Features,
+    /// fid: sampler, ddpm or ddim [default: the model's scheduler class].
+    #[arg(long, value_enum)]
+    pub scheduler: Option<SamplerKind>,
+    /// fid: denoising steps (default: all training steps for DDPM, 50 for DDIM).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// fid: DDIM eta.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// fid: where the classifier and the reference statistics are cached [default: $DDPM_CACHE,
+    /// else ~/.cache/ddpm-rs].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// Images scored at once.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Seed of the noise of the Monte-Carlo terms.
+    /// Seed of the noise (the Monte-Carlo terms of nll, the samples of fid).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// auto, cpu, cuda, cuda:N or metal.
@@ -36,17 +80,29 @@ pub struct EvalArgs {
 
 /// Runs `ddpm eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
-    if a.num == 0 || a.batch_size == 0 {
+    if a.num == Some(0) || a.batch_size == 0 {
         bail!("--num and --batch-size must be at least 1");
     }
+    match a.metric {
+        Metric::Nll => run_nll(a),
+        Metric::Fid => {
+            println!("{}", fid_report(&a)?);
+            Ok(())
+        }
+    }
+}
+
+/// `--metric nll`: the bound on the first `--num` test images.
+fn run_nll(a: EvalArgs) -> Result<()> {
+    let Some(model) = &a.model else { bail!("--metric nll needs --model") };
     let device = parse_device(&a.device)?;
-    let m = model::load(&a.model, &device, DType::F32)?;
+    let m = model::load(model, &device, DType::F32)?;
     let (size, ch) = (model::sample_size(m.unet.config())?, m.unet.config().in_channels);
     let mut set = data::load(&a.data, Split::Test, size, ch)?;
     if set.height != size || set.channels != ch {
         bail!("--data {}: images are {}x{} with {} channel(s); the model takes {size}x{size} with {ch}", a.data, set.height, set.width, set.channels);
     }
-    set.truncate(a.num);
+    set.truncate(a.num.unwrap_or(64));
     let schedule = NoiseSchedule::new(&m.scheduler, &device)?;
     let big_t = m.scheduler.num_train_timesteps;
     let batches = set.len.div_ceil(a.batch_size);
@@ -74,4 +130,74 @@ pub fn run(a: EvalArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// The images `--metric fid` scores: `--images`, or `--num` samples of `--model`, at the reference
+/// set's size and channels, rounded to 8 bits as written to PNG.
+fn images_to_score(a: &EvalArgs, reference: &ImageSet, device: &Device) -> Result<(ImageSet, String)> {
+    let (size, ch) = (reference.height, reference.channels);
+    if let Some(dir) = &a.images {
+        let set = data::load_image_folder(dir, size, ch)?;
+        return Ok((set, dir.display().to_string()));
+    }
+    let Some(model) = &a.model else { bail!("--metric fid needs --model or --images") };
+    let m = model::load(model, device, DType::F32)?;
+    let (msize, mch) = (model::sample_size(m.unet.config())?, m.unet.config().in_channels);
+    if (msize, mch) != (size, ch) {
+        bail!("--data {}: test images are {size}x{size} with {ch} channel(s); the model makes {msize}x{msize} with {mch}", a.data);
+    }
+    let sampler = generate::make_sampler(a.scheduler, &m.scheduler, a.steps, a.eta, device)?;
+    let num = a.num.unwrap_or(500);
+    let bar = progress::bar((num.div_ceil(a.batch_size) * sampler.timesteps().len()) as u64, "sample");
+    let mut rng = NoiseRng::new(a.seed);
+    let mut pixels = Vec::with_capacity(num * ch * size * size);
+    for start in (0..num).step_by(a.batch_size) {
+        let b = a.batch_size.min(num - start);
+        let x = generate::generate(&m.unet, &sampler, (b, ch, size, size), DType::F32, device, &mut rng, |_, _| {
+            bar.inc(1);
+            Ok(())
+        })?;
+        pixels.extend(fid::to_pixels(&x)?);
+    }
+    bar.finish_and_clear();
+    let set = ImageSet { pixels, len: num, channels: ch, height: size, width: size, source: m.origin.clone(), labels: Vec::new() };
+    Ok((set, m.origin))
+}
+
+/// `--metric fid`: the report (one JSON object) of the Frechet distance between the features of the generated images (or
+/// `--images`) and those of the whole test split, with the classifier's test accuracy and the mean
+/// confidence of its predictions on the scored images.
+pub fn fid_report(a: &EvalArgs) -> Result<serde_json::Value> {
+    let device = parse_device(&a.device)?;
+    let cache = fid::cache_dir(a.cache_dir.as_deref())?;
+    let start = Instant::now();
+    let net = match a.features {
+        Features::Classifier => FeatureNet::Classifier(Classifier::for_dataset(&a.data, &cache, &device)?),
+    };
+    let reference = data::load(&a.data, Split::Test, 28, 1)?;
+    let ref_stats = fid::reference_stats(&net, &reference, &cache, &device)?;
+    let (images, origin) = images_to_score(a, &reference, &device)?;
+    if images.len < 2 {
+        bail!("{origin}: {} image(s); the FID needs at least 2 (and hundreds for a stable value)", images.len);
+    }
+    let scored = fid::score(&net, fid::set_batches(&images, &device))?;
+    let distance = fid::frechet::frechet_distance(&scored.stats, &ref_stats)?;
+    let round = |v: f64, d: f64| (v * d).round() / d;
+    let mut report = serde_json::json!({
+        "metric": "fid",
+        "images": origin,
+        "num": images.len,
+        "data": a.data,
+        "reference": format!("test split ({} images)", reference.len),
+        "features": net.name(),
+        "fid": round(distance, 1e3),
+    });
+    match &net {
+        FeatureNet::Classifier(c) => report["classifier_test_accuracy"] = round(c.test_accuracy, 1e4).into(),
+    }
+    if let Some(conf) = scored.mean_confidence {
+        report["mean_confidence"] = round(conf, 1e4).into();
+    }
+    report["seconds"] = round(start.elapsed().as_secs_f64(), 10.0).into();
+    Ok(report)
 }

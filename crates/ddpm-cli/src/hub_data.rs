@@ -111,6 +111,15 @@ fn image_bytes(row: &parquet::record::Row) -> Option<&[u8]> {
     })
 }
 
+/// The integer `label` column of a row, if it has one that fits a byte.
+fn label(row: &parquet::record::Row) -> Option<u8> {
+    row.get_column_iter().find_map(|(k, f)| match f {
+        Field::Long(v) if k == "label" => u8::try_from(*v).ok(),
+        Field::Int(v) if k == "label" => u8::try_from(*v).ok(),
+        _ => None,
+    })
+}
+
 /// Reads every image of a Hub parquet file, converted to `channels` (1 or 3) and `size` x `size`
 /// (resized and centre-cropped when they differ). Rows without a decodable image are skipped with a
 /// warning and counted; a file with no usable image is an error.
@@ -118,7 +127,7 @@ pub fn read_parquet_images(path: &Path, size: usize, channels: usize) -> Result<
     let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
     let rows = reader.get_row_iter(None).with_context(|| format!("{}: cannot read the rows", path.display()))?;
-    let mut pixels = Vec::new();
+    let (mut pixels, mut labels) = (Vec::new(), Vec::new());
     let (mut ok, mut skipped) = (0usize, 0usize);
     for (i, row) in rows.enumerate() {
         let row = row.with_context(|| format!("{}: row {i} cannot be read", path.display()))?;
@@ -126,6 +135,7 @@ pub fn read_parquet_images(path: &Path, size: usize, channels: usize) -> Result<
         match decoded {
             Ok(img) => {
                 pixels.extend(crate::imageio::to_chw(&img, size, channels));
+                labels.push(label(&row));
                 ok += 1;
             }
             Err(e) => {
@@ -142,7 +152,9 @@ pub fn read_parquet_images(path: &Path, size: usize, channels: usize) -> Result<
     if ok == 0 {
         bail!("{}: no usable image found in the parquet rows", path.display());
     }
-    Ok(ImageSet { pixels, len: ok, channels, height: size, width: size, source: path.display().to_string() })
+    // the labels only where every kept row has one in 0..=255
+    let labels = labels.into_iter().collect::<Option<Vec<u8>>>().unwrap_or_default();
+    Ok(ImageSet { pixels, len: ok, channels, height: size, width: size, source: path.display().to_string(), labels })
 }
 
 /// Loads `split` of the Hub dataset `d` at its own size and channels (cache first, then the network

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod fid;
 pub mod export;
 pub mod generate;
 pub mod hub_data;

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{self, ImageSet, Split};
 use crate::device::{device_name, parse_device};
-use crate::optim::{ema_decay, warmup_lr, AdamW, AdamWParams, Ema};
+use crate::optim::{ema_decay, warmup_cosine_lr, warmup_lr, AdamW, AdamWParams, Ema};
+use ddpm_core::LossWeighting;
 use crate::run_dir::RunDir;
 use crate::{generate, imageio, init, progress};
 
@@ -66,6 +67,16 @@ pub struct TrainArgs {
     /// Linear learning-rate warm-up steps (the paper uses 5000); default min(5000, steps / 10).
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// Learning-rate schedule after the warm-up: constant (the paper's) or cosine (down to 0 at the
+    /// last step).
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_schedule: LrSchedule,
+    /// Loss weighting over timesteps: none (the paper's L_simple) or min-snr (Hang et al. 2023).
+    #[arg(long, value_enum, default_value = "none")]
+    pub loss_weighting: Weighting,
+    /// The SNR cap gamma of --loss-weighting min-snr.
+    #[arg(long, default_value_t = 5.0)]
+    pub snr_gamma: f64,
     /// Clip the global gradient norm to this value (0 turns clipping off).
     #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub grad_clip: f64,
@@ -85,6 +96,11 @@ pub struct TrainArgs {
     /// Train for this many passes over the data instead of --steps.
     #[arg(long, allow_negative_numbers = true, conflicts_with = "steps")]
     pub epochs: Option<f64>,
+    /// Stop after this many minutes of training (at the end of a step), saving a checkpoint and the
+    /// sample grid as at the last step; --steps still sets the schedule.
+    #[arg(long)]
+    #[serde(skip)]
+    pub minutes: Option<f64>,
     /// Seed of the weights, the data order and the noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -125,6 +141,26 @@ pub struct TrainArgs {
     pub overwrite: bool,
 }
 
+/// The learning rate after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// The peak rate until the end (the DDPM paper's).
+    Constant,
+    /// A half cosine from the peak rate to 0 at the last step.
+    Cosine,
+}
+
+/// The loss weighting over timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Weighting {
+    /// L_simple: every timestep weighs 1.
+    None,
+    /// Min-SNR-gamma: w_t = min(snr_t, gamma) / snr_t for epsilon prediction.
+    MinSnr,
+}
+
 /// The most images a sample grid may hold: the grid is sampled as one batch.
 pub const MAX_GRID_SAMPLES: usize = 1024;
 
@@ -155,6 +191,12 @@ pub fn validate_options(args: &TrainArgs) -> Result<()> {
     }
     if !non_negative(args.weight_decay) {
         bail!("--weight-decay {}: must be 0 or a positive number", args.weight_decay);
+    }
+    if !positive(args.snr_gamma) {
+        bail!("--snr-gamma {}: must be a positive number (5 is the paper's)", args.snr_gamma);
+    }
+    if let Some(m) = args.minutes.filter(|m| !positive(*m)) {
+        bail!("--minutes {m}: must be a positive number");
     }
     if args.sample_steps == 0 {
         bail!("--sample-steps 0: DDIM needs at least one step for the sample grids");
@@ -299,7 +341,7 @@ const SAME_RUN_OPTIONS: &[&str] = &["data", "max_images", "batch_size", "seed", 
 /// Options that a resume may change, with a note: the run goes on with the new value, but it no longer
 /// matches an uninterrupted run. `--lr` and `--warmup-steps` given on the command line count here too
 /// (left out, the checkpoint's are kept).
-const CHANGEABLE_OPTIONS: &[&str] = &["grad_clip", "weight_decay", "ema_decay", "dtype", "lr", "warmup_steps"];
+const CHANGEABLE_OPTIONS: &[&str] = &["grad_clip", "weight_decay", "ema_decay", "dtype", "lr", "warmup_steps", "lr_schedule", "loss_weighting", "snr_gamma"];
 
 /// Compares the command line with the options a checkpoint was trained with: refuses a change of
 /// [`SAME_RUN_OPTIONS`] naming the option, and notes each change of [`CHANGEABLE_OPTIONS`]. Options
@@ -428,13 +470,18 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
         step += 1;
         let ips = ((step - start_step) as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64();
         log_step(&mut metrics, &bar, step, &stats, ips)?;
-        let last = step == s.total_steps;
+        let out_of_time = args.minutes.is_some_and(|m| t_start.elapsed().as_secs_f64() >= m * 60.0);
+        let last = step == s.total_steps || out_of_time;
         if last || (args.save_every > 0 && step.is_multiple_of(args.save_every)) {
             last_saved = Some(save_checkpoint(&tr, &ckpt_dir, &args, &s, step, before_write)?);
         }
         if args.num_samples > 0 && (last || (args.sample_every > 0 && step.is_multiple_of(args.sample_every))) {
             let path = write_samples(&tr, &samples_dir, &args, &s, step, &device)?;
             bar.println(format!("step {step}: wrote {}", path.display()));
+        }
+        if out_of_time && step < s.total_steps {
+            bar.println(format!("--minutes {}: time is up at step {step} of {}; continue with --resume auto", args.minutes.unwrap_or_default(), s.total_steps));
+            break;
         }
     }
     bar.finish();
@@ -510,14 +557,21 @@ impl Trainer {
         let noise = self.rng.randn(x0.shape(), DType::F32, device)?;
         let x_t = schedule.q_sample(&x0, &t, &noise)?;
         let pred = self.model.forward_train(&x_t, &t, &mut self.rng)?;
-        let loss = ddpm_core::loss::simple_loss(schedule, ddpm_core::loss::LossWeighting::None, &pred, &x0, &noise, &t)?;
+        let weighting = match args.loss_weighting {
+            Weighting::None => LossWeighting::None,
+            Weighting::MinSnr => LossWeighting::MinSnr { gamma: args.snr_gamma },
+        };
+        let loss = ddpm_core::loss::simple_loss(schedule, weighting, &pred, &x0, &noise, &t)?;
         let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
             // no update from a non-finite loss: the caller stops with the last good checkpoint
             return Ok(StepStats { loss: loss_v, lr: 0.0, grad_norm: f64::NAN });
         }
         let grads = loss.backward()?;
-        let lr = warmup_lr(s.lr, step + 1, s.warmup);
+        let lr = match args.lr_schedule {
+            LrSchedule::Constant => warmup_lr(s.lr, step + 1, s.warmup),
+            LrSchedule::Cosine => warmup_cosine_lr(s.lr, step + 1, s.warmup, s.total_steps),
+        };
         self.opt.set_learning_rate(lr);
         // global-norm clipping to --grad-clip, then the AdamW step
         let grad_norm = self.opt.step_and_norm(&grads)?;

@@ -278,6 +278,18 @@ pub fn warmup_lr(lr: f64, step: u64, warmup: u64) -> f64 {
     }
 }
 
+/// The learning rate at optimizer step `step` (1-based) of `total` with a linear warm-up over
+/// `warmup` steps, then a half cosine down to 0 at `total` (Loshchilov & Hutter 2017, as diffusers'
+/// `get_cosine_schedule_with_warmup`): lr_s = lr s / w for s < w, then
+/// lr_s = lr (1 + cos(pi (s - w) / (total - w))) / 2.
+pub fn warmup_cosine_lr(lr: f64, step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup || total <= warmup {
+        return warmup_lr(lr, step, warmup);
+    }
+    let progress = (step - warmup) as f64 / (total - warmup) as f64;
+    lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+}
+
 /// The EMA decay at optimizer step k with the usual warm-up: min(max_decay, (1 + k) / (10 + k)).
 pub fn ema_decay(max_decay: f64, step: u64) -> f64 {
     let k = step as f64;
@@ -407,6 +419,12 @@ mod tests {
         assert_eq!(clip_scale(0.5, 1.0), 1.0);
         assert!((clip_scale(4.0, 1.0) - 0.25).abs() < 1e-6);
         assert_eq!(warmup_lr(2e-4, 50, 100), 1e-4);
+        // warm-up as warmup_lr, then cos: full rate at the end of the warm-up, half way through the
+        // rest cos(pi / 2) = 0 gives half the rate, 0 at the last step
+        assert_eq!(warmup_cosine_lr(2e-4, 50, 100, 300), 1e-4);
+        assert!((warmup_cosine_lr(2e-4, 100, 100, 300) - 2e-4).abs() < 1e-18);
+        assert!((warmup_cosine_lr(2e-4, 200, 100, 300) - 1e-4).abs() < 1e-18);
+        assert!(warmup_cosine_lr(2e-4, 300, 100, 300).abs() < 1e-18);
         assert_eq!(ema_decay(0.9999, 0), 0.1);
         assert_eq!(ema_decay(0.5, 1000), 0.5);
     }
