@@ -285,3 +285,28 @@ fn resume_with_more_steps_keeps_the_warmup_it_started_with() {
     // Step 3 runs at the full rate of the 2-step run's schedule (warm-up 0), not at 3/4 of it.
     assert_eq!(lrs, vec![0.001, 0.001, 0.001]);
 }
+
+#[test]
+fn minutes_stops_at_a_step_with_a_checkpoint_that_resumes() {
+    // --minutes: a budget of ~0 stops after the first step, checkpointed; --resume continues the
+    // same run to --steps.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path());
+    let cfg = cfg.to_str().unwrap();
+    let out = tmp.path().join("run");
+    let out = out.to_str().unwrap();
+    let mut a = tiny_args(cfg, out, "4");
+    a.extend(["--minutes", "0.00001", "--loss-weighting", "min-snr", "--lr-schedule", "cosine"]);
+    ddpm(&a).unwrap();
+    let ckpts = |run: &str| checkpoint::list(&std::path::Path::new(run).join("checkpoints")).iter().map(|c| c.0).collect::<Vec<_>>();
+    assert_eq!(ckpts(out), vec![1]);
+    let mut resume = tiny_args(cfg, out, "4");
+    resume.extend(["--loss-weighting", "min-snr", "--lr-schedule", "cosine", "--resume", "auto"]);
+    ddpm(&resume).unwrap();
+    assert_eq!(ckpts(out), vec![1, 3, 4]);
+    let metrics = std::fs::read_to_string(std::path::Path::new(out).join("metrics.jsonl")).unwrap();
+    let lrs: Vec<f64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap()).collect();
+    // the default lr of a custom UNet is 2e-4; warm-up 2, then (1 + cos(pi (s - 2) / 2)) / 2: 1, 1/2, 0
+    let want = [1e-4, 2e-4, 1e-4, 0.0];
+    assert!(lrs.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12), "{lrs:?}");
+}
