@@ -30,6 +30,13 @@ fn same_seed_same_png_and_ddim_10_steps() {
     // 6 images in a near-square grid: 3 columns, 2 rows of 28x28 with 2-pixel borders.
     let img = image::open(&a).unwrap();
     assert_eq!((img.width(), img.height()), (3 * 30 + 2, 2 * 30 + 2));
+    // --scale 3: the same grid, each pixel a 3x3 block
+    let mut scaled = args(&p("s.png"), "3");
+    scaled.extend(["--scale".into(), "3".into()]);
+    run(scaled).unwrap();
+    let (small, big) = (img.to_rgb8(), image::open(p("s.png")).unwrap().to_rgb8());
+    assert_eq!(big.dimensions(), (3 * small.width(), 3 * small.height()));
+    assert!(big.enumerate_pixels().all(|(x, y, px)| px == small.get_pixel(x / 3, y / 3)));
 }
 
 #[test]

@@ -134,8 +134,16 @@ pub fn save_png(img: &DynamicImage, path: &Path) -> Result<()> {
 
 /// Saves a batch as a near-square grid PNG.
 pub fn save_grid(batch: &Tensor, path: &Path) -> Result<()> {
+    save_grid_scaled(batch, 1, path)
+}
+
+/// Saves a batch as one near-square grid PNG, each pixel drawn as a `scale` x `scale` block
+/// (nearest-neighbour enlargement, so that 28x28 digits are visible at a glance).
+pub fn save_grid_scaled(batch: &Tensor, scale: u32, path: &Path) -> Result<()> {
     let n = batch.dim(0)?;
-    save_png(&DynamicImage::ImageRgb8(grid_image(batch, grid_cols(n))?), path)
+    let grid = grid_image(batch, grid_cols(n))?;
+    let grid = if scale > 1 { image::imageops::resize(&grid, grid.width() * scale, grid.height() * scale, image::imageops::FilterType::Nearest) } else { grid };
+    save_png(&DynamicImage::ImageRgb8(grid), path)
 }
 
 /// Saves frames (each an RGB image of equal size) as a looping GIF animation, `delay_ms` per frame.

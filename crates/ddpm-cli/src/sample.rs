@@ -40,6 +40,9 @@ pub struct SampleArgs {
     /// Write all images as one near-square grid PNG.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Enlarge the --out grid this many times (nearest neighbour), e.g. 4 for 28x28 digits.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub scale: u32,
     /// Write each image as its own PNG in this folder.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -101,7 +104,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let all = Tensor::cat(&images, 0)?;
     eprintln!("{} images in {:.1} s ({:.2} img/s) from {}", a.num, start.elapsed().as_secs_f64(), a.num as f64 / start.elapsed().as_secs_f64(), m.origin);
     if let Some(p) = &a.out {
-        imageio::save_grid(&all, p)?;
+        imageio::save_grid_scaled(&all, a.scale, p)?;
         eprintln!("wrote {}", p.display());
     }
     if let Some(d) = &a.out_dir {
