@@ -1,9 +1,12 @@
-//! diffusers' `scheduler_config.json` for `DDPMScheduler` and `DDIMScheduler`, read and written as
-//! diffusers does.
+//! diffusers' `scheduler_config.json` for `DDPMScheduler`, `DDIMScheduler` and
+//! `DPMSolverMultistepScheduler`, read and written as diffusers does.
 //!
 //! `_class_name` says which scheduler the file is for ([`SchedulerClass`]; a file without it is a
 //! `DDPMScheduler` config). Every field that a file omits (or sets to `null`) takes the default of
-//! diffusers' `__init__` of that class, not serde's zero (the two classes share their defaults).
+//! diffusers' `__init__` of that class, not serde's zero (the classes share their defaults, except
+//! `timestep_spacing`: `linspace` for DPMSolverMultistepScheduler, `leading` for the others).
+//! Python's bare `-Infinity` (DPM-Solver's `lambda_min_clipped`) is read and written as diffusers
+//! writes it.
 //! Fields that no implemented class reads (`tensor_format`, `timestep_values`, ...) are ignored, as
 //! diffusers ignores them, and named by [`SchedulerConfig::from_file_checked`] so that the caller can
 //! warn. A value of the wrong type, an unknown enum variant or an unknown `_class_name` is an error
@@ -65,6 +68,11 @@ macro_rules! config_enum {
     };
 }
 
+mod dpm;
+mod json;
+
+pub use dpm::{DpmAlgorithmType, DpmSolverOptions, DpmSolverType, FinalSigmasType, TimeShiftType};
+
 config_enum!(
     /// How the betas beta_1..beta_T are laid out (`beta_schedule`).
     BetaSchedule, "beta_schedule" {
@@ -124,7 +132,7 @@ config_enum!(
 
 config_enum!(
     /// The diffusers scheduler class a config is for (`_class_name`), which
-    /// [`crate::Sampler::from_config`] builds. Another class (DPMSolverMultistepScheduler, ...) is
+    /// [`crate::Sampler::from_config`] builds. Another class (UniPCMultistepScheduler, ...) is
     /// added as a variant here, its fields in [`SchedulerClass::fields`] and its sampler in
     /// [`crate::Sampler`]. The default is `DDPMScheduler`, the class of a config without `_class_name`.
     #[derive(Default)]
@@ -134,6 +142,9 @@ config_enum!(
         Ddpm => "DDPMScheduler",
         /// `DDIMScheduler`: DDIM sampling ([`crate::DdimScheduler`]).
         Ddim => "DDIMScheduler",
+        /// `DPMSolverMultistepScheduler`: DPM-Solver(++) multistep sampling
+        /// ([`crate::DpmSolverMultistepScheduler`]).
+        DpmSolverMultistep => "DPMSolverMultistepScheduler",
     }
 );
 
@@ -182,7 +193,7 @@ const DDIM_FIELDS: &[&str] = &[
 
 impl SchedulerClass {
     /// Every implemented class.
-    pub const ALL: &'static [SchedulerClass] = &[SchedulerClass::Ddpm, SchedulerClass::Ddim];
+    pub const ALL: &'static [SchedulerClass] = &[SchedulerClass::Ddpm, SchedulerClass::Ddim, SchedulerClass::DpmSolverMultistep];
 
     /// The fields this class's `__init__` takes, sorted: the fields its saved config holds besides
     /// `_class_name` and `_diffusers_version`. Every one of them is honoured.
@@ -190,6 +201,7 @@ impl SchedulerClass {
         match self {
             SchedulerClass::Ddpm => DDPM_FIELDS,
             SchedulerClass::Ddim => DDIM_FIELDS,
+            SchedulerClass::DpmSolverMultistep => dpm::DPM_SOLVER_FIELDS,
         }
     }
 
@@ -250,10 +262,12 @@ impl fmt::Display for UnknownFields {
 /// diffusers' scheduler configuration (`scheduler_config.json`) for the class in `class_name`.
 ///
 /// One struct holds the fields of every implemented class; each class uses its own
-/// ([`SchedulerClass::fields`]): `variance_type` only `DDPMScheduler`, `set_alpha_to_one` only
-/// `DDIMScheduler`. [`Default`] gives diffusers' defaults for `DDPMScheduler`: the linear schedule of
-/// the DDPM paper with T = 1000, beta from 1e-4 to 0.02, `fixed_small` variance, epsilon prediction
-/// and x_0 clipped to [-1, 1].
+/// ([`SchedulerClass::fields`]): `variance_type` only `DDPMScheduler` (DPM-Solver saves it as
+/// `null` and refuses a learned one), `set_alpha_to_one` only `DDIMScheduler`, `clip_sample` not
+/// DPM-Solver, and the DPM-Solver fields live in [`SchedulerConfig::dpm_solver`]. [`Default`]
+/// gives diffusers' defaults for `DDPMScheduler`: the linear schedule of the DDPM paper with
+/// T = 1000, beta from 1e-4 to 0.02, `fixed_small` variance, epsilon prediction and x_0 clipped to
+/// [-1, 1].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     /// The diffusers class the config is for (`_class_name`, default DDPMScheduler).
@@ -270,7 +284,7 @@ pub struct SchedulerConfig {
     pub trained_betas: Option<Vec<f64>>,
     /// The variance of the reverse step (default fixed_small).
     pub variance_type: VarianceType,
-    /// Clip the predicted x_0 to [-clip_sample_range, clip_sample_range] (default true).
+    /// Clip the predicted x_0 to [-clip_sample_range, clip_sample_range] (default true; DDPM and DDIM).
     pub clip_sample: bool,
     /// The bound used by `clip_sample` (default 1.0).
     pub clip_sample_range: f64,
@@ -282,7 +296,7 @@ pub struct SchedulerConfig {
     pub dynamic_thresholding_ratio: f64,
     /// The largest threshold of dynamic thresholding (default 1.0).
     pub sample_max_value: f64,
-    /// How inference timesteps are spaced (default leading).
+    /// How inference timesteps are spaced (default leading; linspace for DPMSolverMultistepScheduler).
     pub timestep_spacing: TimestepSpacing,
     /// Added to the `leading` inference timesteps (default 0).
     pub steps_offset: usize,
@@ -291,6 +305,8 @@ pub struct SchedulerConfig {
     /// DDIM only: the step past the last inference timestep goes to alpha_bar = 1 when true
     /// (default), to alpha_bar_0 when false.
     pub set_alpha_to_one: bool,
+    /// DPMSolverMultistepScheduler only: its solver fields (order, algorithm, final steps, ...).
+    pub dpm_solver: DpmSolverOptions,
 }
 
 impl Default for SchedulerConfig {
@@ -313,6 +329,7 @@ impl Default for SchedulerConfig {
             steps_offset: 0,
             rescale_betas_zero_snr: false,
             set_alpha_to_one: true,
+            dpm_solver: DpmSolverOptions::default(),
         }
     }
 }
@@ -329,9 +346,14 @@ fn read_field<T: serde::de::DeserializeOwned>(map: &Map<String, Value>, name: &s
 }
 
 impl SchedulerConfig {
-    /// diffusers' defaults for `class` (the classes share their defaults; only `class_name` differs).
+    /// diffusers' defaults for `class`: the classes share their defaults except `class_name` and
+    /// `timestep_spacing` (`linspace` for DPMSolverMultistepScheduler, `leading` for the others).
     pub fn for_class(class: SchedulerClass) -> Self {
-        Self { class_name: class, ..Self::default() }
+        let timestep_spacing = match class {
+            SchedulerClass::DpmSolverMultistep => TimestepSpacing::Linspace,
+            SchedulerClass::Ddpm | SchedulerClass::Ddim => TimestepSpacing::Leading,
+        };
+        Self { class_name: class, timestep_spacing, ..Self::default() }
     }
 
     /// Builds a config from a parsed JSON object: `_class_name` picks the class (DDPMScheduler when
@@ -342,24 +364,22 @@ impl SchedulerConfig {
         let map = value
             .as_object()
             .ok_or_else(|| Error::config("<root>", "a scheduler config must be a JSON object"))?;
-        let mut c = Self::default();
-        match map.get("_class_name") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(name)) => {
-                c.class_name = name.parse().map_err(|_| {
-                    Error::config(
-                        "_class_name",
-                        format!(
-                            "`{name}` is not a scheduler this crate implements; expected one of {}",
-                            SchedulerClass::NAMES.join(", ")
-                        ),
-                    )
-                })?;
-            }
+        let class = match map.get("_class_name") {
+            None | Some(Value::Null) => SchedulerClass::default(),
+            Some(Value::String(name)) => name.parse().map_err(|_| {
+                Error::config(
+                    "_class_name",
+                    format!(
+                        "`{name}` is not a scheduler this crate implements; expected one of {}",
+                        SchedulerClass::NAMES.join(", ")
+                    ),
+                )
+            })?,
             Some(other) => {
                 return Err(Error::config("_class_name", format!("expected a class name string, got {other}")));
             }
-        }
+        };
+        let mut c = Self::for_class(class);
         read_field(map, "num_train_timesteps", &mut c.num_train_timesteps)?;
         read_field(map, "beta_start", &mut c.beta_start)?;
         read_field(map, "beta_end", &mut c.beta_end)?;
@@ -377,6 +397,7 @@ impl SchedulerConfig {
         read_field(map, "steps_offset", &mut c.steps_offset)?;
         read_field(map, "rescale_betas_zero_snr", &mut c.rescale_betas_zero_snr)?;
         read_field(map, "set_alpha_to_one", &mut c.set_alpha_to_one)?;
+        c.dpm_solver.read(map)?;
         c.validate()?;
         Ok(c)
     }
@@ -387,9 +408,10 @@ impl SchedulerConfig {
         Ok((Self::from_json_value(value)?, UnknownFields::of("<json>", value)))
     }
 
-    /// Parses and validates a config from JSON text (see [`SchedulerConfig::from_json_value`]).
+    /// Parses and validates a config from JSON text (see [`SchedulerConfig::from_json_value`]);
+    /// Python's bare `-Infinity`, `Infinity` and `NaN` are accepted.
     pub fn from_json_str(s: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(s).map_err(|e| Error::Json { path: "<string>".into(), message: e.to_string() })?;
+        let v: Value = json::parse(s).map_err(|e| Error::Json { path: "<string>".into(), message: e.to_string() })?;
         Self::from_json_value(&v)
     }
 
@@ -406,15 +428,18 @@ impl SchedulerConfig {
         let path = path.as_ref();
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: name.clone(), source })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json { path: name.clone(), message: e.to_string() })?;
+        let v: Value = json::parse(&text).map_err(|e| Error::Json { path: name.clone(), message: e.to_string() })?;
         let config = Self::from_json_value(&v).map_err(|e| e.in_file(name.clone()))?;
         Ok((config, UnknownFields::of(name, &v)))
     }
 
     /// The config as diffusers' `save_config` writes it for `class_name`: that class's fields
     /// ([`SchedulerClass::fields`]), keys sorted, plus `_class_name` and `_diffusers_version`.
+    /// A non-finite `lambda_min_clipped` is written bare (`-Infinity`), as Python's json writes it,
+    /// so that diffusers reads it back as a float.
     pub fn to_json_string(&self) -> Result<String> {
-        serde_json::to_string_pretty(self).map_err(|e| Error::Json { path: "<string>".into(), message: e.to_string() })
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json { path: "<string>".into(), message: e.to_string() })?;
+        Ok(json::unquote_non_finite(text, "lambda_min_clipped"))
     }
 
     /// Writes `scheduler_config.json` (see [`SchedulerConfig::to_json_string`]); errors name the file.
@@ -478,6 +503,9 @@ impl SchedulerConfig {
         if self.steps_offset >= t {
             return Err(Error::config("steps_offset", format!("{} must be below num_train_timesteps {t}", self.steps_offset)));
         }
+        if self.class_name == SchedulerClass::DpmSolverMultistep {
+            self.validate_dpm_solver()?;
+        }
         Ok(())
     }
 }
@@ -486,6 +514,7 @@ impl Serialize for SchedulerConfig {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         // Keys in sorted order, as diffusers' `save_config` writes them; only the class's own fields.
         let fields = self.class_name.fields();
+        let dpm = &self.dpm_solver;
         let mut m = serializer.serialize_map(Some(fields.len() + 2))?;
         m.serialize_entry("_class_name", self.class_name.as_str())?;
         m.serialize_entry("_diffusers_version", DIFFUSERS_VERSION)?;
@@ -506,7 +535,30 @@ impl Serialize for SchedulerConfig {
                 "thresholding" => m.serialize_entry(field, &self.thresholding)?,
                 "timestep_spacing" => m.serialize_entry(field, &self.timestep_spacing)?,
                 "trained_betas" => m.serialize_entry(field, &self.trained_betas)?,
+                // DPM-Solver's variance_type is None unless learned (which it refuses)
+                "variance_type" if self.class_name == SchedulerClass::DpmSolverMultistep => {
+                    m.serialize_entry(field, &None::<VarianceType>)?
+                }
                 "variance_type" => m.serialize_entry(field, &self.variance_type)?,
+                "solver_order" => m.serialize_entry(field, &dpm.solver_order)?,
+                "algorithm_type" => m.serialize_entry(field, &dpm.algorithm_type)?,
+                "solver_type" => m.serialize_entry(field, &dpm.solver_type)?,
+                "lower_order_final" => m.serialize_entry(field, &dpm.lower_order_final)?,
+                "euler_at_final" => m.serialize_entry(field, &dpm.euler_at_final)?,
+                "final_sigmas_type" => m.serialize_entry(field, &dpm.final_sigmas_type)?,
+                // a non-finite value as its Python spelling, a string here (to_json_string writes it bare)
+                "lambda_min_clipped" => match dpm::non_finite_to_str(dpm.lambda_min_clipped) {
+                    Some(s) => m.serialize_entry(field, s)?,
+                    None => m.serialize_entry(field, &dpm.lambda_min_clipped)?,
+                },
+                "use_karras_sigmas" => m.serialize_entry(field, &dpm.use_karras_sigmas)?,
+                "use_exponential_sigmas" => m.serialize_entry(field, &dpm.use_exponential_sigmas)?,
+                "use_beta_sigmas" => m.serialize_entry(field, &dpm.use_beta_sigmas)?,
+                "use_lu_lambdas" => m.serialize_entry(field, &dpm.use_lu_lambdas)?,
+                "use_flow_sigmas" => m.serialize_entry(field, &dpm.use_flow_sigmas)?,
+                "flow_shift" => m.serialize_entry(field, &dpm.flow_shift)?,
+                "use_dynamic_shifting" => m.serialize_entry(field, &dpm.use_dynamic_shifting)?,
+                "time_shift_type" => m.serialize_entry(field, &dpm.time_shift_type)?,
                 other => return Err(serde::ser::Error::custom(format!("scheduler config field `{other}` has no value"))),
             }
         }

@@ -2,12 +2,13 @@
 //!
 //! The diffusion process of Denoising Diffusion Probabilistic Models (Ho, Jain and Abbeel, 2020) on
 //! candle, independent of any network: noise schedules, the forward process q(x_t | x_0), training
-//! losses, the variational bound, and the reverse process (DDPM ancestral sampling and DDIM), numerically
-//! matched against diffusers.
+//! losses, the variational bound, and the reverse process (DDPM ancestral sampling, DDIM and
+//! DPM-Solver++ multistep), numerically matched against diffusers.
 //!
 //! A network plugs in through the [`NoisePredictor`] trait; randomness comes from a caller-owned
 //! [`NoiseRng`] so runs repeat bit for bit. A diffusers `scheduler_config.json` builds the scheduler
-//! its `_class_name` names (DDPMScheduler or DDIMScheduler, every field honoured) through
+//! its `_class_name` names (DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler, every field
+//! honoured or refused with an error naming it) through
 //! [`SchedulerConfig::from_file_checked`] and [`Sampler::from_config`].
 //!
 //! Training is a library too: [`training_loss`] runs the predictor's training forward
@@ -37,6 +38,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
+pub mod dpm_solver;
 pub mod error;
 pub mod loss;
 pub mod ops;
@@ -48,9 +50,13 @@ pub mod schedule;
 pub mod timesteps;
 pub mod vlb;
 
-pub use config::{BetaSchedule, PredictionType, SchedulerClass, SchedulerConfig, TimestepSpacing, UnknownFields, VarianceType};
+pub use config::{
+    BetaSchedule, DpmAlgorithmType, DpmSolverOptions, DpmSolverType, FinalSigmasType, PredictionType, SchedulerClass, SchedulerConfig,
+    TimestepSpacing, UnknownFields, VarianceType,
+};
 pub use ddim::DdimScheduler;
 pub use ddpm::{DdpmScheduler, StepCoefficients, StepOutput, StepPrecision};
+pub use dpm_solver::DpmSolverMultistepScheduler;
 pub use error::{Error, Result};
 pub use loss::{simple_loss, training_loss, LossWeighting, TrainingLoss};
 pub use optim::{AdamW, AdamWParams, Ema};
@@ -58,5 +64,5 @@ pub use predictor::{ModulePredictor, NoisePredictor, TimeModule};
 pub use rng::NoiseRng;
 pub use sampling::{sample, sample_from_shape, Sampler, Scheduler};
 pub use schedule::{Gaussian, NoiseSchedule};
-pub use timesteps::inference_timesteps;
+pub use timesteps::{dpm_solver_timesteps, inference_timesteps};
 pub use vlb::{nll_bits_per_dim, prior_bpd, vlb_terms, NllOutput};

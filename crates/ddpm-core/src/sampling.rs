@@ -5,25 +5,37 @@ use candle_core::{DType, Device, Shape, Tensor};
 use crate::config::{SchedulerClass, SchedulerConfig};
 use crate::ddim::DdimScheduler;
 use crate::ddpm::{DdpmScheduler, StepOutput, StepPrecision};
+use crate::dpm_solver::DpmSolverMultistepScheduler;
 use crate::error::{Error, Result};
 use crate::predictor::NoisePredictor;
 use crate::rng::NoiseRng;
 use crate::schedule::NoiseSchedule;
 
 /// A reverse-process scheduler that a sampling loop can drive.
+///
+/// `step` takes `&self`: DDPM and DDIM keep no state between steps, and a multistep scheduler
+/// ([`DpmSolverMultistepScheduler`]) keeps its history of model outputs behind a lock inside
+/// itself, so that one scheduler is shared by reference by the loop, the pipeline and the CLI.
+/// Such a scheduler's steps must follow [`Scheduler::timesteps`] in order; [`Scheduler::reset`]
+/// starts a new run.
 pub trait Scheduler {
     /// The timesteps to visit, in order (descending).
     fn timesteps(&self) -> &[usize];
-    /// One reverse step from timestep `t`, with injected standard-normal `noise` where the step needs it.
+    /// One reverse step from timestep `t`, with injected standard-normal `noise` where the step
+    /// needs it. A multistep scheduler also uses (and records) the outputs of the run's previous steps.
     fn step(&self, model_output: &Tensor, t: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput>;
     /// One reverse step from timestep `t`, drawing the noise it needs from `rng`.
     fn step_with_rng(&self, model_output: &Tensor, t: usize, sample: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput>;
     /// The noise schedule.
     fn schedule(&self) -> &NoiseSchedule;
-    /// The standard deviation of the initial noise x_T (1 for DDPM and DDIM).
+    /// The standard deviation of the initial noise x_T (1 for DDPM, DDIM and DPM-Solver).
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }
+    /// Starts a new sampling run: forgets the state a multistep scheduler keeps between steps
+    /// (DPM-Solver's last model outputs). [`sample`] calls it before the first step; a scheduler
+    /// without state keeps this default, which does nothing, and a wrapper forwards it.
+    fn reset(&self) {}
 }
 
 impl Scheduler for DdpmScheduler {
@@ -38,6 +50,24 @@ impl Scheduler for DdpmScheduler {
     }
     fn schedule(&self) -> &NoiseSchedule {
         DdpmScheduler::schedule(self)
+    }
+}
+
+impl Scheduler for DpmSolverMultistepScheduler {
+    fn timesteps(&self) -> &[usize] {
+        DpmSolverMultistepScheduler::timesteps(self)
+    }
+    fn step(&self, model_output: &Tensor, t: usize, sample: &Tensor, noise: Option<&Tensor>) -> Result<StepOutput> {
+        DpmSolverMultistepScheduler::step(self, model_output, t, sample, noise)
+    }
+    fn step_with_rng(&self, model_output: &Tensor, t: usize, sample: &Tensor, rng: &mut NoiseRng) -> Result<StepOutput> {
+        DpmSolverMultistepScheduler::step_with_rng(self, model_output, t, sample, rng)
+    }
+    fn schedule(&self) -> &NoiseSchedule {
+        DpmSolverMultistepScheduler::schedule(self)
+    }
+    fn reset(&self) {
+        DpmSolverMultistepScheduler::reset(self)
     }
 }
 
@@ -61,7 +91,7 @@ impl Scheduler for DdimScheduler {
 /// (`--scheduler ddpm|ddim`). It implements [`Scheduler`], so generic code swaps samplers without
 /// naming the concrete type.
 ///
-/// Non-exhaustive: further diffusers classes (DPMSolverMultistepScheduler, ...) become variants.
+/// Non-exhaustive: further diffusers classes (UniPCMultistepScheduler, ...) become variants.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Sampler {
@@ -69,13 +99,15 @@ pub enum Sampler {
     Ddpm(DdpmScheduler),
     /// DDIM sampling with eta.
     Ddim(DdimScheduler),
+    /// DPM-Solver(++) multistep sampling.
+    DpmSolver(DpmSolverMultistepScheduler),
 }
 
 impl Sampler {
     /// The scheduler of the class that `config.class_name` names, built from every field of the
-    /// config, as diffusers' `SchedulerMixin.from_pretrained` builds it: DDPM or DDIM (eta 0; set it
-    /// with [`DdimScheduler::set_eta`] through [`Sampler::Ddim`]), visiting all T training
-    /// timesteps until [`Sampler::set_timesteps`].
+    /// config, as diffusers' `SchedulerMixin.from_pretrained` builds it: DDPM, DDIM (eta 0; set it
+    /// with [`DdimScheduler::set_eta`] through [`Sampler::Ddim`]) or DPM-Solver, visiting all T
+    /// training timesteps until [`Sampler::set_timesteps`].
     ///
     /// ```
     /// # fn main() -> ddpm_core::Result<()> {
@@ -92,6 +124,7 @@ impl Sampler {
         Ok(match config.class_name {
             SchedulerClass::Ddpm => Sampler::Ddpm(DdpmScheduler::new(config, device)?),
             SchedulerClass::Ddim => Sampler::Ddim(DdimScheduler::new(config, device)?),
+            SchedulerClass::DpmSolverMultistep => Sampler::DpmSolver(DpmSolverMultistepScheduler::new(config, device)?),
         })
     }
 
@@ -101,6 +134,7 @@ impl Sampler {
         match self {
             Sampler::Ddpm(s) => s.set_timesteps(n),
             Sampler::Ddim(s) => s.set_timesteps(n),
+            Sampler::DpmSolver(s) => s.set_timesteps(n),
         }
     }
 
@@ -110,6 +144,7 @@ impl Sampler {
         match self {
             Sampler::Ddpm(s) => Sampler::Ddpm(s.with_precision(precision)),
             Sampler::Ddim(s) => Sampler::Ddim(s.with_precision(precision)),
+            Sampler::DpmSolver(s) => Sampler::DpmSolver(s.with_precision(precision)),
         }
     }
 
@@ -118,6 +153,7 @@ impl Sampler {
         match self {
             Sampler::Ddpm(_) => SchedulerClass::Ddpm,
             Sampler::Ddim(_) => SchedulerClass::Ddim,
+            Sampler::DpmSolver(_) => SchedulerClass::DpmSolverMultistep,
         }
     }
 
@@ -148,6 +184,7 @@ impl Sampler {
         match self {
             Sampler::Ddpm(s) => s,
             Sampler::Ddim(s) => s,
+            Sampler::DpmSolver(s) => s,
         }
     }
 }
@@ -161,6 +198,12 @@ impl From<DdpmScheduler> for Sampler {
 impl From<DdimScheduler> for Sampler {
     fn from(s: DdimScheduler) -> Self {
         Sampler::Ddim(s)
+    }
+}
+
+impl From<DpmSolverMultistepScheduler> for Sampler {
+    fn from(s: DpmSolverMultistepScheduler) -> Self {
+        Sampler::DpmSolver(s)
     }
 }
 
@@ -180,11 +223,15 @@ impl Scheduler for Sampler {
     fn init_noise_sigma(&self) -> f64 {
         self.inner().init_noise_sigma()
     }
+    fn reset(&self) {
+        self.inner().reset()
+    }
 }
 
 /// Runs the reverse process from `x_t` (the noise x_T, shape (N, C, H, W)) through every timestep
 /// of `scheduler`, and returns the final sample. For each timestep t the predictor gets x_t and a
-/// tensor of N copies of t (i64, on x_t's device); the step's noise comes from `rng`.
+/// tensor of N copies of t (i64, on x_t's device); the step's noise comes from `rng`. The
+/// scheduler is [`Scheduler::reset`] first, so that a multistep scheduler starts a new run.
 /// After each step `callback(step_index, t, &x_prev)` sees the new sample (e.g. to record an
 /// animation). No gradient graph is kept: each model output and sample is detached.
 pub fn sample<P, S>(
@@ -204,6 +251,7 @@ where
     let n = x_t.dim(0)?;
     let device = x_t.device().clone();
     let mut x = x_t.detach();
+    scheduler.reset();
     for (i, &t) in scheduler.timesteps().iter().enumerate() {
         let t_tensor = Tensor::full(t as i64, n, &device)?;
         let out = predictor.predict(&x, &t_tensor)?.detach();

@@ -191,7 +191,7 @@ fn wrong_typed_or_unknown_class_fields_are_errors_naming_the_field() {
         (r#"{"_class_name": "DDIMScheduler", "clip_sample_range": "1"}"#, "clip_sample_range"),
         (r#"{"_class_name": 3}"#, "_class_name"),
         (r#"{"_class_name": "PNDMScheduler"}"#, "_class_name"),
-        (r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_order": 2}"#, "_class_name"),
+        (r#"{"_class_name": "UniPCMultistepScheduler", "solver_order": 2}"#, "_class_name"),
     ] {
         let (f, msg) = field_of(json);
         assert_eq!(f, field, "{json}: {msg}");

@@ -39,11 +39,11 @@ pub const DDPM_PIPELINE: &str = "DDPMPipeline";
 /// The `_class_name` of a pipeline that samples with a DDIMScheduler.
 pub const DDIM_PIPELINE: &str = "DDIMPipeline";
 
-/// The diffusers pipeline class that samples with a scheduler of `class`: DDPMPipeline or
-/// DDIMPipeline.
+/// The diffusers pipeline class that samples with a scheduler of `class`: DDIMPipeline for
+/// DDIMScheduler, DDPMPipeline for the others (its loop steps any scheduler, DPM-Solver included).
 pub fn pipeline_class(class: SchedulerClass) -> &'static str {
     match class {
-        SchedulerClass::Ddpm => DDPM_PIPELINE,
+        SchedulerClass::Ddpm | SchedulerClass::DpmSolverMultistep => DDPM_PIPELINE,
         SchedulerClass::Ddim => DDIM_PIPELINE,
     }
 }
@@ -177,6 +177,9 @@ impl Scheduler for InjectedNoise<'_> {
     }
     fn init_noise_sigma(&self) -> f64 {
         self.inner.init_noise_sigma()
+    }
+    fn reset(&self) {
+        self.inner.reset()
     }
 }
 
