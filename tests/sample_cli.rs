@@ -154,6 +154,13 @@ fn a_ddim_scheduler_config_picks_ddim_with_its_fields() {
     // --scheduler still overrides the class
     let forced = ddpm_cli::generate::make_sampler(Some(ddpm_cli::generate::SamplerKind::Ddpm), &config, Some(10), 0.0, &Device::Cpu).unwrap();
     assert!(matches!(forced, ddpm_core::Sampler::Ddpm(_)));
+    // --scheduler dpm-solver: DPM-Solver++ (second order) from the same config's schedule fields, 20
+    // steps by default, spaced as the config says: DPM-Solver's "leading" takes the step ratio
+    // T // (n + 1) = 1000 // 21 = 47 and timesteps 47 k + steps_offset for k = 20, 19, ...
+    let dpm = ddpm_cli::generate::make_sampler(Some(ddpm_cli::generate::SamplerKind::DpmSolver), &config, None, 0.0, &Device::Cpu).unwrap();
+    let ddpm_core::Sampler::DpmSolver(d) = &dpm else { panic!("expected DPM-Solver, got {dpm:?}") };
+    assert_eq!(d.timesteps().len(), 20);
+    assert_eq!(d.timesteps()[..2], [941, 894]);
 
     let m = model.display().to_string();
     let p = |n: &str| tmp.path().join(n).display().to_string();

@@ -54,10 +54,10 @@ pub struct EvalArgs {
     /// fid: the feature network [default: classifier].
     #[arg(long, value_enum, default_value = "classifier")]
     pub features: Features,
-    /// fid: sampler, ddpm or ddim [default: the model's scheduler class].
+    /// fid: sampler, ddpm, ddim or dpm-solver [default: the model's scheduler class].
     #[arg(long, value_enum)]
     pub scheduler: Option<SamplerKind>,
-    /// fid: denoising steps (default: all training steps for DDPM, 50 for DDIM).
+    /// fid: denoising steps (default: all training steps for DDPM, 50 for DDIM, 20 for DPM-Solver).
     #[arg(long)]
     pub steps: Option<usize>,
     /// fid: DDIM eta.

@@ -14,6 +14,9 @@ pub enum SamplerKind {
     Ddpm,
     /// DDIM (50 steps by default), deterministic with eta 0.
     Ddim,
+    /// DPM-Solver++ multistep (20 steps by default, second order), diffusers'
+    /// DPMSolverMultistepScheduler.
+    DpmSolver,
 }
 
 impl From<SamplerKind> for SchedulerClass {
@@ -21,13 +24,14 @@ impl From<SamplerKind> for SchedulerClass {
         match kind {
             SamplerKind::Ddpm => SchedulerClass::Ddpm,
             SamplerKind::Ddim => SchedulerClass::Ddim,
+            SamplerKind::DpmSolver => SchedulerClass::DpmSolverMultistep,
         }
     }
 }
 
 /// Builds the sampler of `kind`, or when `None` the class the config names (its `_class_name`), from
-/// every field of the config: DDPM with `steps` (default all training steps) or DDIM with `steps`
-/// (default 50) and `eta`.
+/// every field of the config: DDPM with `steps` (default all training steps), DDIM with `steps`
+/// (default 50) and `eta`, or DPM-Solver++ with `steps` (default 20).
 pub fn make_sampler(kind: Option<SamplerKind>, config: &SchedulerConfig, steps: Option<usize>, eta: f64, device: &Device) -> Result<Sampler> {
     if steps == Some(0) {
         bail!("--steps 0: sampling needs at least one denoising step");
@@ -42,6 +46,7 @@ pub fn make_sampler(kind: Option<SamplerKind>, config: &SchedulerConfig, steps: 
             d.set_eta(eta)?;
             d.set_timesteps(steps.unwrap_or(50))?;
         }
+        Sampler::DpmSolver(d) => d.set_timesteps(steps.unwrap_or(20))?,
         other => {
             if let Some(n) = steps {
                 other.set_timesteps(n)?;

@@ -24,7 +24,7 @@ pub struct SampleArgs {
     /// Images denoised at once.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// ddpm (ancestral sampling) or ddim [default: the scheduler class named in the model's
+    /// ddpm (ancestral sampling), ddim or dpm-solver (DPM-Solver++) [default: the scheduler class named in the model's
     /// scheduler_config.json, DDPM without one].
     #[arg(long, value_enum)]
     pub scheduler: Option<SamplerKind>,
