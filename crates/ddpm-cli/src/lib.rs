@@ -13,6 +13,7 @@ pub mod export;
 pub mod generate;
 pub mod hub_data;
 pub mod imageio;
+pub mod inception;
 pub mod init;
 pub mod interpolate;
 pub mod model;
