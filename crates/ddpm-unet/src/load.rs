@@ -1,8 +1,8 @@
 //! Loading a UNet from a model folder (diffusers layout) and saving one, with strict key checking.
 //!
 //! A model folder holds `config.json` and `diffusion_pytorch_model.safetensors` (preferred,
-//! memory-mapped) or the pickled `diffusion_pytorch_model.bin` (read by candle's pickle reader,
-//! which executes no code). A pipeline folder keeps them in `unet/` beside `model_index.json`, and
+//! memory-mapped) or the pickled `diffusion_pytorch_model.bin` (read by [`crate::torch_pickle`],
+//! a bounded reader that executes no code). A pipeline folder keeps them in `unet/` beside `model_index.json`, and
 //! the scheduler in `scheduler/`.
 
 use std::collections::{HashMap, HashSet};
@@ -135,7 +135,8 @@ pub fn rename_legacy_key(key: &str) -> String {
 }
 
 /// Reads every tensor of a weights file onto `device` as `dtype`, renaming legacy attention keys.
-/// Safetensors are memory-mapped; `.bin` files go through candle's pickle reader (no code runs).
+/// Safetensors are memory-mapped; `.bin` files go through [`crate::torch_pickle`] (no code runs, and
+/// what it allocates is bounded by the file's size).
 pub fn read_weights(
     path: impl AsRef<Path>,
     device: &Device,
@@ -166,7 +167,7 @@ pub fn read_weights(
                 })
                 .collect::<Result<_>>()?
         }
-        WeightsFormat::PyTorch => candle_core::pickle::read_all(path).map_err(werr)?,
+        WeightsFormat::PyTorch => crate::torch_pickle::read_state_dict(path)?,
     };
     let mut out = HashMap::with_capacity(raw.len());
     for (name, t) in raw {
