@@ -145,7 +145,7 @@ pub fn read_weights(
     let path = path.as_ref();
     let werr = |e: candle_core::Error| Error::Weights {
         path: path.to_path_buf(),
-        source: e,
+        source: one_line(e),
     };
     if !path.is_file() {
         return Err(Error::Io {
@@ -184,6 +184,29 @@ pub fn read_weights(
         }
     }
     Ok(out)
+}
+
+/// `e` as a one-line message: without the backtrace candle attaches when `RUST_BACKTRACE` is set,
+/// and with the line breaks of its context chains replaced by "; ".
+fn one_line(e: candle_core::Error) -> candle_core::Error {
+    fn message(e: &candle_core::Error) -> String {
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => message(inner),
+            candle_core::Error::WithPath { inner, path } => {
+                format!("path: {path:?} {}", message(inner))
+            }
+            candle_core::Error::Context { inner, context } => {
+                format!("{context}: {}", message(inner))
+            }
+            other => other.to_string().replace('\n', "; "),
+        }
+    }
+    let msg = message(&e);
+    if msg == e.to_string() {
+        e
+    } else {
+        candle_core::Error::Msg(msg)
+    }
 }
 
 /// Checks `tensors` against what `config` needs: every expected key present with the expected
@@ -238,7 +261,7 @@ pub fn check_tensors(
 /// and sample black images without a word. x - x is 0 for every finite x and NaN otherwise, so the
 /// count of non-finite values is the count of x - x != 0 (one pass on the tensor's device).
 fn check_finite(t: &Tensor, key: &str, file: &Path) -> Result<()> {
-    let werr = |e: candle_core::Error| Error::Weights { path: file.into(), source: e };
+    let werr = |e: candle_core::Error| Error::Weights { path: file.into(), source: one_line(e) };
     // t.sub(t) rather than `t - t`, which reads as a mistake (clippy's eq_op)
     let bad = t
         .sub(t)
@@ -350,4 +373,23 @@ pub fn save_varmap(dir: impl AsRef<Path>, config: &UNetConfig, varmap: &VarMap) 
             .collect()
     };
     save_pretrained(dir, config, &tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn candle_errors_become_one_line() {
+        let bt = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("bad header".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(one_line(bt).to_string(), "bad header");
+        let ctx = candle_core::Error::Msg("inner".into()).context("while reading");
+        assert!(ctx.to_string().contains('\n'));
+        assert_eq!(one_line(ctx).to_string(), "while reading: inner");
+        let plain = candle_core::Error::Msg("plain".into());
+        assert!(matches!(one_line(plain), candle_core::Error::Msg(m) if m == "plain"));
+    }
 }

@@ -58,7 +58,10 @@ fn check_parity(file: &str) {
     }
     // the views really are views in the file: the transpose's values are the base's, transposed
     let get = |k: &str| ours.iter().find(|(n, _)| n == k).unwrap().1.clone();
-    assert_eq!(values(&get("transposed")), values(&get("base").t().unwrap()));
+    assert_eq!(
+        values(&get("transposed")),
+        values(&get("base").t().unwrap())
+    );
     assert_eq!(get("slice").dims(), &[2, 3]);
     assert_eq!(get("permuted_half").dims(), &[4, 2, 3]);
     assert_eq!(values(&get("long")), vec![-11.0, -4.0, 3.0, 10.0, 17.0]);
@@ -124,6 +127,8 @@ fn legacy_fixture_still_loads_through_the_new_reader() {
     .unwrap();
     // the same architecture: as many tensors, with the legacy attention names
     assert_eq!(sd.len(), safetensors.len());
-    assert!(sd.iter().any(|(k, _)| k.ends_with("attentions.0.query.weight")));
+    assert!(sd
+        .iter()
+        .any(|(k, _)| k.ends_with("attentions.0.query.weight")));
     assert!(sd.iter().all(|(_, t)| t.dtype() == DType::F32));
 }

@@ -6,12 +6,14 @@
 //! [`TensorMeta`] descriptions (storage key, dtype, offset, shape, strides); their bytes are read
 //! later, by the caller, from the zip entries, after every size has been checked.
 //!
-//! Bounds, all checked before anything is allocated:
-//! - every opcode pushes or stores at most one value, and [`Machine::push`] counts them: at most one
-//!   value per pickle byte, so the stack, the memo and the containers together hold at most
-//!   `pickle.len()` values (16 bytes each, twice that with `Vec` and hash-map growth, plus
-//!   containers' headers of about 64 bytes), and strings are copies of pickle bytes: the machine's
-//!   memory is below `128 * pickle.len()` bytes plus a constant;
+//! Bounds, all checked before anything is allocated (P is the pickle's size in bytes):
+//! - every opcode pushes or stores at most one value, and [`Machine::push`] and the memo count
+//!   them: at most P values in all, on the stack, in the memo and in containers. A value is 24
+//!   bytes; the stack holds at most P of them, with at most twice that capacity, so the largest
+//!   single allocation is at most 48 P. A new container adds a header of about 56 bytes, a string
+//!   a 16-byte header to its bytes (copied from the pickle), the memo is a B-tree of small nodes:
+//!   the machine's live memory stays below 128 P plus a constant (the worst pickles the tests
+//!   build, one new container per byte after a doubling of the stack, reach 104 P);
 //! - containers nest at most [`MAX_DEPTH`] deep and marks at most [`MAX_MARKS`] deep, so dropping a
 //!   value recurses at most [`MAX_DEPTH`] levels and the machine itself never recurses;
 //! - a container may be filled only while it is not inside another (as `torch.save` writes them), so
@@ -20,7 +22,7 @@
 //!   that refers to one tuple twice, level after level, costs two pointers per level.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use candle_core::DType;
@@ -192,7 +194,7 @@ struct Machine<'a> {
     stack: Vec<Value>,
     /// Stack lengths at each open `MARK`; nothing may be popped below the last one.
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
+    memo: BTreeMap<u32, Value>,
     /// Values pushed or stored so far; at most `data.len()`.
     created: usize,
 }
@@ -206,7 +208,7 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, Rc<TensorMeta>)>, Str
         pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: HashMap::new(),
+        memo: BTreeMap::new(),
         created: 0,
     };
     let top = loop {
@@ -513,13 +515,14 @@ impl Machine<'_> {
 
     /// Adds key-value pairs to the dict on top of the stack.
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), String> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of values".into());
         }
         let Value::Dict(d) = self.top()? else {
             return Err(format!("SETITEM on a {}", self.top()?.kind()));
         };
         let d = d.clone();
+        d.items.borrow_mut().reserve_exact(items.len() / 2);
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             d.fill(k.depth().max(v.depth()))?;
@@ -536,6 +539,7 @@ impl Machine<'_> {
             return Err(format!("APPEND on a {}", self.top()?.kind()));
         };
         let l = l.clone();
+        l.items.borrow_mut().reserve_exact(items.len());
         for v in items {
             l.fill(v.depth())?;
             v.freeze();
@@ -615,7 +619,9 @@ fn resolve(module: &str, name: &str) -> Result<Callable, String> {
 /// A storage's persistent id, `('storage', storage_type, key, location, numel)`.
 fn storage_ref(pid: &Value) -> Result<StorageRef, String> {
     let bad = || format!("persistent id {} is not a tensor storage", pid.kind());
-    let Value::Tuple(t) = pid else { return Err(bad()) };
+    let Value::Tuple(t) = pid else {
+        return Err(bad());
+    };
     let [Value::Str(tag), ty, Value::Str(key), Value::Str(_location), Value::Int(numel)] =
         t.items.as_slice()
     else {
@@ -625,15 +631,21 @@ fn storage_ref(pid: &Value) -> Result<StorageRef, String> {
         return Err(bad());
     }
     let Value::Global(Callable::StorageType(dtype)) = ty else {
-        return Err(format!("storage type is a {}, not a torch storage type", ty.kind()));
+        return Err(format!(
+            "storage type is a {}, not a torch storage type",
+            ty.kind()
+        ));
     };
     let key_ok = !key.is_empty()
         && key.len() <= MAX_KEY_LEN
         && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !key_ok {
-        return Err(format!("storage key {key:?} is not a short alphanumeric name"));
+        return Err(format!(
+            "storage key {key:?} is not a short alphanumeric name"
+        ));
     }
-    let numel = u64::try_from(*numel).map_err(|_| format!("storage `{key}` has {numel} elements"))?;
+    let numel =
+        u64::try_from(*numel).map_err(|_| format!("storage `{key}` has {numel} elements"))?;
     Ok(StorageRef {
         key: key.to_string(),
         dtype: *dtype,

@@ -9,9 +9,11 @@
 //!
 //! Bounds. Let `F` be the file's size in bytes. Nothing is allocated from a size the file declares
 //! before that size has been checked against the archive, with checked arithmetic:
+//! - the zip reader keeps one record (232 bytes) per central-directory entry and accepts at most one
+//!   entry per 46 bytes of the file: its index takes at most about 5 F;
 //! - the pickle entry must be stored (uncompressed, as torch writes it) and at most
-//!   `min(F, 64 MiB)` bytes; the machine then holds at most `128 * pickle size` bytes (see
-//!   [`machine`]) and never recurses;
+//!   `min(F, 64 MiB)` bytes; the machine then holds at most 128 times the pickle's size, its
+//!   largest single allocation at most 48 times (see [`machine`]), and never recurses;
 //! - a storage entry must be stored, hold exactly `numel * element size` bytes, and the storages
 //!   read must total at most `F` (entries of a well-formed archive do not overlap), so a crafted
 //!   central directory cannot make one byte of the file count twice;
@@ -19,10 +21,10 @@
 //! - the tensors built must total at most [`OUTPUT_FACTOR`]` * F` bytes (views sharing a storage,
 //!   or a stride-0 broadcast, are each materialised).
 //!
-//! So reading a file never allocates more than about `(128 + 1 + OUTPUT_FACTOR) * F` bytes plus a
-//! constant, the largest single allocation being below `32 * F` plus a constant (the machine's
-//! stack or memo table; a storage or a tensor is at most `F`, resp. `OUTPUT_FACTOR * F`). Every
-//! failure is a one-line [`Error::Weights`] naming the file and, when known, the tensor's key.
+//! So reading a file allocates at most about `(5 + 1 + 128 + 1 + OUTPUT_FACTOR) F = 139 F` bytes
+//! plus a constant, and its largest single allocation is at most `48 F` (the machine's stack; the
+//! zip index, a storage or a tensor take at most 5 F, F and 4 F). Every failure is a one-line
+//! [`Error::Weights`] naming the file and, when known, the tensor's key.
 
 pub mod machine;
 
@@ -227,7 +229,10 @@ impl Archive {
             ));
         }
         // the tensor's bytes, numel * element size, counted against the output bound
-        let bytes = view.numel.checked_mul(elem).ok_or("tensor size overflows")?;
+        let bytes = view
+            .numel
+            .checked_mul(elem)
+            .ok_or("tensor size overflows")?;
         *out_total = out_total.saturating_add(bytes);
         if *out_total > out_limit {
             return Err(format!(
