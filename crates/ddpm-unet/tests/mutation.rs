@@ -6,10 +6,14 @@
 //! 0x00 / 0xFF / random bytes, an "interesting" little-endian integer, truncate, duplicate a range;
 //! positions mostly in the file's structure, the safetensors header or the zip's pickle and central
 //! directory, where a mutation reaches the parsers rather than the tensor data) with a fixed-seed
-//! splitmix64, and calls `load_from_files` on it.
+//! splitmix64, and calls `load_from_files` on it. Two targeted kinds reach further: a JSON token of
+//! the config replaced (zero, negative, huge, another type, a block type, a repeated list entry),
+//! and `data.pkl` mutated in place with its CRC-32 fixed in both zip headers, so that the pickle
+//! machine, not the zip reader's checksum test, sees the change. The pickle machine is also run
+//! alone on mutated pickles and on pickles built to cost it the most memory per byte.
 //!
 //! The bounds. Let F be the size of the folder's files (config + weights). The `.bin` reader
-//! (`ddpm_unet::torch_pickle`, whose docs derive these) allocates at most 6 F for the zip index,
+//! (`ddpm_unet::torch_pickle`, whose docs derive these) allocates at most 5 F for the zip index,
 //! F for the pickle, 128 P (P <= F, the pickle's size) in the pickle machine, F for the storages
 //! and 4 F for the tensors; its largest single allocation is the machine's stack (48 P at most),
 //! the zip index (5 F) or one tensor (4 F, 8 F once widened to f32). The safetensors path maps the
@@ -36,8 +40,8 @@ struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
-/// The highest largest-allocation and peak seen in a run, in bytes above the files' size times
-/// 1000 (reported, to show how far below the bound the loader stays).
+/// The highest largest-allocation and peak seen in a run, as multiples of the files' size
+/// (reported, to show how far below the bounds the loader stays).
 static WORST: Mutex<(f64, f64)> = Mutex::new((0.0, 0.0));
 
 impl Counting {
