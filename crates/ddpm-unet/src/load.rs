@@ -162,6 +162,9 @@ pub fn read_weights(
             st.tensors()
                 .into_iter()
                 .map(|(name, view)| {
+                    check_sizes(view.shape()).map_err(|e| {
+                        werr(candle_core::Error::Msg(format!("tensor `{name}`: {e}")))
+                    })?;
                     let t = candle_core::safetensors::Load::load(&view, device).map_err(werr)?;
                     Ok((name, t))
                 })
@@ -184,6 +187,18 @@ pub fn read_weights(
         }
     }
     Ok(out)
+}
+
+/// An error unless the product of the non-zero `sizes` fits in `usize`. safetensors checks the
+/// product of all sizes, which an empty tensor (a size 0) keeps at 0 whatever the others; candle
+/// then multiplies the sizes in other orders (element count, contiguous strides) and would overflow.
+fn check_sizes(sizes: &[usize]) -> std::result::Result<(), String> {
+    sizes
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .map(drop)
+        .ok_or_else(|| format!("shape {sizes:?} overflows"))
 }
 
 /// `e` as a one-line message: without the backtrace candle attaches when `RUST_BACKTRACE` is set,

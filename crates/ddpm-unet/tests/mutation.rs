@@ -441,7 +441,11 @@ fn quiet_panics() {
 /// reach the config's validation: zero, negative, huge, fractional, of another type, a block type,
 /// or the token repeated (one more list entry).
 fn mutate_token(rng: &mut SplitMix, config: &mut Vec<u8>) -> String {
-    const VALUES: [&str; 22] = [
+    const VALUES: [&str; 25] = [
+        // in a shape: an empty tensor whose other dimensions multiply past u64
+        "0, 18446744073709551615",
+        "4294967296, 4294967296, 0",
+        "18446744073709551615",
         "0",
         "-1",
         "1",
@@ -504,6 +508,23 @@ fn mutate_token(rng: &mut SplitMix, config: &mut Vec<u8>) -> String {
     format!("token {old} -> {new}")
 }
 
+/// Replaces a JSON token of a safetensors header (dtype, shape entry, offset) as
+/// [`mutate_token`] does, keeping the 8-byte header length in step.
+fn mutate_header_token(rng: &mut SplitMix, weights: &mut Vec<u8>) -> String {
+    if weights.len() < 8 {
+        return mutate(rng, weights, &[], false);
+    }
+    let n = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    if n > weights.len() - 8 {
+        return mutate(rng, weights, &[], false);
+    }
+    let mut header = weights[8..8 + n].to_vec();
+    let what = mutate_token(rng, &mut header);
+    weights.splice(8..8 + n, header.iter().copied());
+    weights[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
+    format!("header {what}")
+}
+
 /// Mutates `data.pkl` in place and records its new CRC-32 in both headers of the zip.
 fn mutate_pickle(rng: &mut SplitMix, weights: &mut [u8], p: &PickleEntry) -> String {
     let mut pickle = weights[p.start..p.start + p.len].to_vec();
@@ -517,7 +538,8 @@ fn mutate_pickle(rng: &mut SplitMix, weights: &mut [u8], p: &PickleEntry) -> Str
 }
 
 /// Runs `cases` mutated copies of the corpus: each mutates the config (1 in 4: a byte or a JSON
-/// token), else the weights' bytes, or (for a `.bin`, half of those) the pickle with its CRC fixed.
+/// token), else the weights' bytes, or (half of those) the `.bin`'s pickle with its CRC fixed or a
+/// JSON token of the safetensors header.
 fn run(corpus: &Corpus, cases: usize, seed: u64) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     quiet_panics();
@@ -537,6 +559,7 @@ fn run(corpus: &Corpus, cases: usize, seed: u64) {
         let target = match (rng.below(8), &corpus.pickle) {
             (0 | 1, _) => 0,
             (2..=4, Some(_)) => 2,
+            (2..=4, None) => 3,
             _ => 1,
         };
         let mut what = format!("{} case {case}:", corpus.weights_name);
@@ -545,11 +568,12 @@ fn run(corpus: &Corpus, cases: usize, seed: u64) {
                 (0, _) if rng.below(3) == 0 => mutate(&mut rng, &mut config, &[], false),
                 (0, _) => mutate_token(&mut rng, &mut config),
                 (2, Some(p)) => mutate_pickle(&mut rng, &mut weights, p),
+                (3, _) => mutate_header_token(&mut rng, &mut weights),
                 _ => mutate(&mut rng, &mut weights, &corpus.hot, false),
             };
             what.push_str(&format!(
                 " [{}] {m};",
-                ["config.json", "weights", "weights"][target]
+                ["config.json", "weights", "weights", "weights"][target]
             ));
         }
         let tc = std::time::Instant::now();
@@ -747,5 +771,81 @@ fn worst_case_pickles_stay_within_the_machine_bound() {
             "{name}: an allocation of {largest} bytes"
         );
         assert!(peak <= 128 * n, "{name}: {peak} live bytes at the peak");
+    }
+}
+
+/// A safetensors file: the 8-byte little-endian header length (`declared`, or the header's own
+/// length), the JSON header, then `data`.
+fn safetensors(header: &str, declared: Option<u64>, data: &[u8]) -> Vec<u8> {
+    let mut b = declared
+        .unwrap_or(header.len() as u64)
+        .to_le_bytes()
+        .to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// Crafted safetensors files (built here): each a one-line error naming the file, no panic, within
+/// the bounds. The first two are empty tensors whose other sizes multiply past u64: safetensors
+/// accepts them (the product of all sizes is 0) and candle's stride computation overflowed.
+#[test]
+fn crafted_safetensors_files_stay_within_the_bound() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    quiet_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let mut disk = folder(dir.path(), "diffusion_pytorch_model.safetensors");
+    let config = std::fs::read(fixture("diffusers/unet-mnist-small/config.json")).unwrap();
+    let t = |dtype: &str, shape: &str, offsets: &str| {
+        format!(r#"{{"w":{{"dtype":"{dtype}","shape":{shape},"data_offsets":{offsets}}}}}"#)
+    };
+    // 10,000 nested lists in a field serde skips (its recursion limit is 128)
+    let deep = format!(
+        r#"{{"w":{{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":{}{}}}}}"#,
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "empty, sizes overflow",
+            safetensors(&t("F32", "[0,18446744073709551615,2]", "[0,0]"), None, b""),
+        ),
+        (
+            "empty, sizes overflow 2",
+            safetensors(&t("F32", "[0,4294967296,4294967296]", "[0,0]"), None, b""),
+        ),
+        (
+            "huge shape, 4 bytes",
+            safetensors(&t("F32", "[100000,100000]", "[0,4]"), None, &[0; 4]),
+        ),
+        (
+            "header length u64::MAX",
+            safetensors(&t("F32", "[1]", "[0,4]"), Some(u64::MAX), &[0; 4]),
+        ),
+        (
+            "header length 99 MB",
+            safetensors(&t("F32", "[1]", "[0,4]"), Some(99_000_000), &[0; 4]),
+        ),
+        (
+            "offsets past the end",
+            safetensors(&t("F32", "[1]", "[0,18446744073709551615]"), None, &[0; 4]),
+        ),
+        (
+            "reversed offsets",
+            safetensors(&t("F32", "[1]", "[4,0]"), None, &[0; 4]),
+        ),
+        ("deeply nested header", safetensors(&deep, None, &[0; 4])),
+        (
+            "unknown dtype",
+            safetensors(&t("Q4", "[1]", "[0,4]"), None, &[0; 4]),
+        ),
+        (
+            "bool tensor",
+            safetensors(&t("BOOL", "[4]", "[0,4]"), None, &[1; 4]),
+        ),
+    ];
+    for (what, weights) in cases {
+        let out = check_case(&mut disk, &config, &weights, what);
+        assert!(matches!(out, Outcome::Err), "{what} must be refused");
     }
 }

@@ -286,12 +286,16 @@ impl View {
                 meta.shape, meta.stride, meta.offset
             )
         };
-        // numel = prod(size_i)
-        let numel = meta
+        // the product of the non-zero sizes must fit, so that every partial product of the sizes
+        // (candle's element count and contiguous strides) does, even for an empty tensor
+        let nonzero = meta
             .shape
             .iter()
+            .filter(|&&d| d != 0)
             .try_fold(1u64, |n, &d| n.checked_mul(d))
             .ok_or_else(overflow)?;
+        // numel = prod(size_i)
+        let numel = if meta.shape.contains(&0) { 0 } else { nonzero };
         // last = offset + sum((size_i - 1) * stride_i), over non-empty views
         let mut last = meta.offset;
         if numel > 0 {
@@ -330,7 +334,7 @@ impl View {
             if d != 1 && s != expect {
                 return false;
             }
-            expect *= d;
+            expect = expect.saturating_mul(d);
         }
         true
     }
@@ -437,6 +441,27 @@ mod tests {
         let v = view(&[1, 3], &[999, 1], 2);
         assert!(v.is_contiguous());
         assert_eq!(v.last, 4);
+    }
+
+    #[test]
+    fn empty_tensors_with_overflowing_sizes_are_errors() {
+        // numel is 0, but candle multiplies the sizes (element count, strides) and would overflow
+        let storage = std::rc::Rc::new(machine::StorageRef {
+            key: "0".into(),
+            dtype: DType::F32,
+            numel: 0,
+        });
+        for shape in [vec![0, u64::MAX, 2], vec![1 << 32, 1 << 32, 0]] {
+            let meta = TensorMeta {
+                storage: storage.clone(),
+                offset: 0,
+                shape,
+                stride: vec![0, 0, 0],
+            };
+            assert!(View::check(&meta).is_err());
+        }
+        let ok = view(&[0, 3], &[3, 1], 0);
+        assert_eq!(ok.numel, 0);
     }
 
     #[test]
