@@ -741,6 +741,7 @@ fn worst_case_pickles_stay_within_the_machine_bound() {
         ("short strings", rep(b"", b"\x8c\x01a", b".")),
         ("dict items", rep(b"}", b"K\x00Ns", b".")),
         ("list APPENDS", rep(b"](", b"N", b"e.")),
+        ("single APPENDs", rep(b"]", b"Na", b".")),
         ("one big tuple", rep(b"(", b"N", b"t.")),
         ("LONG_BINPUT", long_puts),
         ("BINGET", rep(b"Nq\x00", b"h\x00", b".")),

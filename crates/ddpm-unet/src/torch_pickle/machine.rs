@@ -522,7 +522,7 @@ impl Machine<'_> {
             return Err(format!("SETITEM on a {}", self.top()?.kind()));
         };
         let d = d.clone();
-        d.items.borrow_mut().reserve_exact(items.len() / 2);
+        d.items.borrow_mut().reserve(items.len() / 2);
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             d.fill(k.depth().max(v.depth()))?;
@@ -539,7 +539,7 @@ impl Machine<'_> {
             return Err(format!("APPEND on a {}", self.top()?.kind()));
         };
         let l = l.clone();
-        l.items.borrow_mut().reserve_exact(items.len());
+        l.items.borrow_mut().reserve(items.len());
         for v in items {
             l.fill(v.depth())?;
             v.freeze();
