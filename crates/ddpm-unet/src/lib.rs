@@ -47,6 +47,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod presets;
 pub mod resnet;
+pub mod torch_pickle;
 pub mod unet;
 
 pub use config::{DownBlockType, UNetConfig, UpBlockType};

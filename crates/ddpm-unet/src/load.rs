@@ -1,8 +1,8 @@
 //! Loading a UNet from a model folder (diffusers layout) and saving one, with strict key checking.
 //!
 //! A model folder holds `config.json` and `diffusion_pytorch_model.safetensors` (preferred,
-//! memory-mapped) or the pickled `diffusion_pytorch_model.bin` (read by candle's pickle reader,
-//! which executes no code). A pipeline folder keeps them in `unet/` beside `model_index.json`, and
+//! memory-mapped) or the pickled `diffusion_pytorch_model.bin` (read by [`crate::torch_pickle`],
+//! a bounded reader that executes no code). A pipeline folder keeps them in `unet/` beside `model_index.json`, and
 //! the scheduler in `scheduler/`.
 
 use std::collections::{HashMap, HashSet};
@@ -135,7 +135,8 @@ pub fn rename_legacy_key(key: &str) -> String {
 }
 
 /// Reads every tensor of a weights file onto `device` as `dtype`, renaming legacy attention keys.
-/// Safetensors are memory-mapped; `.bin` files go through candle's pickle reader (no code runs).
+/// Safetensors are memory-mapped; `.bin` files go through [`crate::torch_pickle`] (no code runs, and
+/// what it allocates is bounded by the file's size).
 pub fn read_weights(
     path: impl AsRef<Path>,
     device: &Device,
@@ -144,7 +145,7 @@ pub fn read_weights(
     let path = path.as_ref();
     let werr = |e: candle_core::Error| Error::Weights {
         path: path.to_path_buf(),
-        source: e,
+        source: one_line(e),
     };
     if !path.is_file() {
         return Err(Error::Io {
@@ -161,12 +162,15 @@ pub fn read_weights(
             st.tensors()
                 .into_iter()
                 .map(|(name, view)| {
+                    check_sizes(view.shape()).map_err(|e| {
+                        werr(candle_core::Error::Msg(format!("tensor `{name}`: {e}")))
+                    })?;
                     let t = candle_core::safetensors::Load::load(&view, device).map_err(werr)?;
                     Ok((name, t))
                 })
                 .collect::<Result<_>>()?
         }
-        WeightsFormat::PyTorch => candle_core::pickle::read_all(path).map_err(werr)?,
+        WeightsFormat::PyTorch => crate::torch_pickle::read_state_dict(path)?,
     };
     let mut out = HashMap::with_capacity(raw.len());
     for (name, t) in raw {
@@ -183,6 +187,41 @@ pub fn read_weights(
         }
     }
     Ok(out)
+}
+
+/// An error unless the product of the non-zero `sizes` fits in `usize`. safetensors checks the
+/// product of all sizes, which an empty tensor (a size 0) keeps at 0 whatever the others; candle
+/// then multiplies the sizes in other orders (element count, contiguous strides) and would overflow.
+fn check_sizes(sizes: &[usize]) -> std::result::Result<(), String> {
+    sizes
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .map(drop)
+        .ok_or_else(|| format!("shape {sizes:?} overflows"))
+}
+
+/// `e` as a one-line message: without the backtrace candle attaches when `RUST_BACKTRACE` is set,
+/// and with the line breaks of its context chains replaced by "; ".
+fn one_line(e: candle_core::Error) -> candle_core::Error {
+    fn message(e: &candle_core::Error) -> String {
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => message(inner),
+            candle_core::Error::WithPath { inner, path } => {
+                format!("path: {path:?} {}", message(inner))
+            }
+            candle_core::Error::Context { inner, context } => {
+                format!("{context}: {}", message(inner))
+            }
+            other => other.to_string().replace('\n', "; "),
+        }
+    }
+    let msg = message(&e);
+    if msg == e.to_string() {
+        e
+    } else {
+        candle_core::Error::Msg(msg)
+    }
 }
 
 /// Checks `tensors` against what `config` needs: every expected key present with the expected
@@ -237,7 +276,7 @@ pub fn check_tensors(
 /// and sample black images without a word. x - x is 0 for every finite x and NaN otherwise, so the
 /// count of non-finite values is the count of x - x != 0 (one pass on the tensor's device).
 fn check_finite(t: &Tensor, key: &str, file: &Path) -> Result<()> {
-    let werr = |e: candle_core::Error| Error::Weights { path: file.into(), source: e };
+    let werr = |e: candle_core::Error| Error::Weights { path: file.into(), source: one_line(e) };
     // t.sub(t) rather than `t - t`, which reads as a mistake (clippy's eq_op)
     let bad = t
         .sub(t)
@@ -349,4 +388,23 @@ pub fn save_varmap(dir: impl AsRef<Path>, config: &UNetConfig, varmap: &VarMap) 
             .collect()
     };
     save_pretrained(dir, config, &tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn candle_errors_become_one_line() {
+        let bt = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("bad header".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert_eq!(one_line(bt).to_string(), "bad header");
+        let ctx = candle_core::Error::Msg("inner".into()).context("while reading");
+        assert!(ctx.to_string().contains('\n'));
+        assert_eq!(one_line(ctx).to_string(), "while reading: inner");
+        let plain = candle_core::Error::Msg("plain".into());
+        assert!(matches!(one_line(plain), candle_core::Error::Msg(m) if m == "plain"));
+    }
 }
