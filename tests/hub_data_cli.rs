@@ -37,4 +37,18 @@ fn train_on_hub_datasets_from_the_cache_offline() {
     let v = train("cifar10", &gray, &out("bad"));
     let e = ddpm_err(&v.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     assert!(e.contains("holds 32x32 images") && e.contains("sample_size is 28"), "{e}");
+    // FID on fashion-mnist: its parquet `label` column trains the classifier (6 rows); the 3 test
+    // images written as PNG files are the test split itself, at distance 0.
+    let pngs = tmp.path().join("fashion-test");
+    std::fs::create_dir(&pngs).unwrap();
+    let test = ddpm_cli::data::load("fashion-mnist", ddpm_cli::data::Split::Test, 28, 1).unwrap();
+    assert_eq!(test.labels, vec![0, 1, 2]);
+    for i in 0..test.len {
+        image::GrayImage::from_raw(28, 28, test.image(i).to_vec()).unwrap().save(pngs.join(format!("{i}.png"))).unwrap();
+    }
+    let args = ["eval", "--metric", "fid", "--data", "fashion-mnist", "--images", pngs.to_str().unwrap(), "--cache-dir", &out("cache"), "--device", "cpu"];
+    let ddpm_cli::Cli::Eval(a) = ddpm_tests::parse(&args) else { panic!("not an eval command") };
+    let report = ddpm_cli::eval::fid_report(&a).unwrap();
+    assert_eq!(report["features"], "classifier");
+    assert!(report["fid"].as_f64().unwrap() < 1e-3, "{report}");
 }

@@ -29,8 +29,12 @@ pub enum Metric {
 /// The network whose features the FID compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Features {
+    /// The classifier for labelled one-channel data (MNIST, Fashion-MNIST), Inception otherwise.
+    Auto,
     /// A classifier trained once on the data set's labelled training split (grey digits and the like).
     Classifier,
+    /// Inception-v3's pool3 features, as the FID literature computes them (RGB data).
+    Inception,
 }
 
 /// Options of `ddpm eval`.
@@ -51,9 +55,18 @@ pub struct EvalArgs {
     /// nll: test images scored (the first N) [default 64]; fid: images generated [default 500].
     #[arg(long)]
     pub num: Option<usize>,
-    /// fid: the feature network [default: classifier].
-    #[arg(long, value_enum, default_value = "classifier")]
+    /// fid: the feature network.
+    #[arg(long, value_enum, default_value = "auto")]
     pub features: Features,
+    /// fid: Inception weights as safetensors (pytorch-fid's, converted by
+    /// scripts/inception_weights_to_safetensors.py) [default: pt_inception-2015-12-05.safetensors in
+    /// the cache folder].
+    #[arg(long)]
+    pub inception_weights: Option<PathBuf>,
+    /// fid: the size image folders are read at (--data or --images folders) [default: the model's
+    /// sample size, else 64].
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// fid: sampler, ddpm, ddim or dpm-solver [default: the model's scheduler class].
     #[arg(long, value_enum)]
     pub scheduler: Option<SamplerKind>,
@@ -134,14 +147,13 @@ fn run_nll(a: EvalArgs) -> Result<()> {
 
 /// The images `--metric fid` scores: `--images`, or `--num` samples of `--model`, at the reference
 /// set's size and channels, rounded to 8 bits as written to PNG.
-fn images_to_score(a: &EvalArgs, reference: &ImageSet, device: &Device) -> Result<(ImageSet, String)> {
+fn images_to_score(a: &EvalArgs, m: Option<&model::LoadedModel>, reference: &ImageSet, device: &Device) -> Result<(ImageSet, String)> {
     let (size, ch) = (reference.height, reference.channels);
     if let Some(dir) = &a.images {
         let set = data::load_image_folder(dir, size, ch)?;
         return Ok((set, dir.display().to_string()));
     }
-    let Some(model) = &a.model else { bail!("--metric fid needs --model or --images") };
-    let m = model::load(model, device, DType::F32)?;
+    let Some(m) = m else { bail!("--metric fid needs --model or --images") };
     let (msize, mch) = (model::sample_size(m.unet.config())?, m.unet.config().in_channels);
     if (msize, mch) != (size, ch) {
         bail!("--data {}: test images are {size}x{size} with {ch} channel(s); the model makes {msize}x{msize} with {mch}", a.data);
@@ -161,7 +173,7 @@ fn images_to_score(a: &EvalArgs, reference: &ImageSet, device: &Device) -> Resul
     }
     bar.finish_and_clear();
     let set = ImageSet { pixels, len: num, channels: ch, height: size, width: size, source: m.origin.clone(), labels: Vec::new() };
-    Ok((set, m.origin))
+    Ok((set, m.origin.clone()))
 }
 
 /// `--metric fid`: the report (one JSON object) of the Frechet distance between the features of the generated images (or
@@ -171,12 +183,22 @@ pub fn fid_report(a: &EvalArgs) -> Result<serde_json::Value> {
     let device = parse_device(&a.device)?;
     let cache = fid::cache_dir(a.cache_dir.as_deref())?;
     let start = Instant::now();
+    // image folders are read at --image-size, else the model's size; 3 channels for Inception
+    let m = a.model.as_ref().map(|spec| model::load(spec, &device, DType::F32)).transpose()?;
+    let model_size = m.as_ref().map(|m| model::sample_size(m.unet.config())).transpose()?;
+    let size = a.image_size.or(model_size).unwrap_or(64);
+    let reference = data::load(&a.data, Split::Test, size, 3)?;
+    let grey_and_labelled = reference.channels == 1 && reference.labels.len() == reference.len;
     let net = match a.features {
         Features::Classifier => FeatureNet::Classifier(Classifier::for_dataset(&a.data, &cache, &device)?),
+        Features::Auto if grey_and_labelled => FeatureNet::Classifier(Classifier::for_dataset(&a.data, &cache, &device)?),
+        Features::Auto | Features::Inception => {
+            let weights = a.inception_weights.clone().unwrap_or_else(|| cache.join(fid::INCEPTION_FILE));
+            FeatureNet::inception(&weights, &device)?
+        }
     };
-    let reference = data::load(&a.data, Split::Test, 28, 1)?;
     let ref_stats = fid::reference_stats(&net, &reference, &cache, &device)?;
-    let (images, origin) = images_to_score(a, &reference, &device)?;
+    let (images, origin) = images_to_score(a, m.as_ref(), &reference, &device)?;
     if images.len < 2 {
         bail!("{origin}: {} image(s); the FID needs at least 2 (and hundreds for a stable value)", images.len);
     }
@@ -192,8 +214,8 @@ pub fn fid_report(a: &EvalArgs) -> Result<serde_json::Value> {
         "features": net.name(),
         "fid": round(distance, 1e3),
     });
-    match &net {
-        FeatureNet::Classifier(c) => report["classifier_test_accuracy"] = round(c.test_accuracy, 1e4).into(),
+    if let FeatureNet::Classifier(c) = &net {
+        report["classifier_test_accuracy"] = round(c.test_accuracy, 1e4).into();
     }
     if let Some(conf) = scored.mean_confidence {
         report["mean_confidence"] = round(conf, 1e4).into();

@@ -177,3 +177,43 @@ fn load_errors_name_the_file_and_the_tensor() {
     let e = net.features(&two_channels).unwrap_err();
     assert_eq!(ddpm_cli::error_line(&e), "inception: expected 1 or 3 channels, got 2 (shape [1, 2, 8, 8])");
 }
+
+#[test]
+fn fid_of_an_rgb_folder_runs_through_inception() {
+    // `ddpm eval --metric fid` with an RGB image folder as the data set: --features auto takes
+    // Inception (the closed-form weights above, as a safetensors file); the same images score 0,
+    // other images a positive distance.
+    let dir = tempfile::tempdir().unwrap();
+    let weights_path = dir.path().join("inception.safetensors");
+    candle_core::safetensors::save(weights(), &weights_path).unwrap();
+    let folder = |name: &str, shift: u32| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for k in 0..4u32 {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(8 * x + shift) as u8, (8 * y) as u8, (40 * k + 3 * shift) as u8]));
+            img.save(d.join(format!("{k}.png"))).unwrap();
+        }
+        d.display().to_string()
+    };
+    let (reference, same, other) = (folder("reference", 0), folder("same", 0), folder("other", 17));
+    let (cache, empty) = (dir.path().join("cache").display().to_string(), dir.path().join("empty").display().to_string());
+    let report = |images: &str| {
+        let args = [
+            "ddpm", "eval", "--metric", "fid", "--data", &reference, "--images", images, "--image-size", "32", "--inception-weights",
+            weights_path.to_str().unwrap(), "--cache-dir", &cache, "--device", "cpu",
+        ];
+        let ddpm_cli::Cli::Eval(a) = <ddpm_cli::Cli as clap::Parser>::try_parse_from(args).unwrap() else { panic!("not eval") };
+        ddpm_cli::eval::fid_report(&a).unwrap()
+    };
+    let start = Instant::now();
+    let (s, o) = (report(&same), report(&other));
+    println!("two FIDs through Inception: {:.1} s", start.elapsed().as_secs_f64());
+    assert_eq!(s["features"], "inception-v3");
+    let (fs, fo) = (s["fid"].as_f64().unwrap(), o["fid"].as_f64().unwrap());
+    assert!(fs < 1e-3 && fo > 1e-3 && fo > 100.0 * fs.max(1e-9), "same {fs}, other {fo}");
+    // without weights: one line naming the file and the script that makes it
+    let args = ["ddpm", "eval", "--metric", "fid", "--data", &reference, "--images", &same, "--features", "inception", "--cache-dir", &empty];
+    let ddpm_cli::Cli::Eval(a) = <ddpm_cli::Cli as clap::Parser>::try_parse_from(args).unwrap() else { panic!("not eval") };
+    let e = ddpm_cli::error_line(&ddpm_cli::eval::fid_report(&a).unwrap_err());
+    assert!(e.contains("pt_inception-2015-12-05.safetensors") && e.contains("inception_weights_to_safetensors.py") && !e.contains('\n'), "{e}");
+}

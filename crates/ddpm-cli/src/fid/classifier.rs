@@ -32,7 +32,7 @@ use crate::data::{self, ImageSet};
 pub const FEATURE_DIM: usize = 128;
 /// Changes with the layout or the training recipe, so that an older cached classifier is not reused.
 pub const CLASSIFIER_VERSION: u32 = 1;
-/// Images per training step.
+/// Images per training step (the whole set when it is smaller).
 const BATCH: usize = 128;
 /// Passes over the training split.
 const EPOCHS: usize = 2;
@@ -208,13 +208,13 @@ pub fn train_weights(train: &ImageSet, device: &Device) -> Result<HashMap<String
     let mut opt = AdamW::from_varmap(&varmap, params)?;
     let vars: HashMap<String, Tensor> = opt.vars().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let w = |n: &str| vars.get(n).cloned().with_context(|| format!("no parameter {n}"));
-    let per_epoch = train.len / BATCH;
-    if per_epoch == 0 {
-        bail!("{}: {} images, fewer than one batch of {BATCH} for the classifier", train.source, train.len);
+    if train.len == 0 {
+        bail!("{}: no images to train the classifier on", train.source);
     }
+    let batch = BATCH.min(train.len);
     for _ in 0..EPOCHS {
         let order = data::permutation(train.len, &mut rng);
-        for idx in order.chunks_exact(BATCH) {
+        for idx in order.chunks_exact(batch) {
             let x = train.batch(idx, &[], device)?;
             let y = Tensor::from_iter(idx.iter().map(|&i| train.labels[i] as u32), device)?;
             let (_, logits) = forward(&w, &x)?;

@@ -2,12 +2,22 @@
 //!
 //!   d^2 = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2})
 //!
-//! S_1 S_2 is not symmetric, but it is similar to the symmetric positive semi-definite
-//! M = S_1^{1/2} S_2 S_1^{1/2} (same eigenvalues), so tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(M)).
-//! Both square roots come from symmetric eigen-decompositions in f64: no general matrix square root
-//! (which goes complex on round-off, as scipy's `sqrtm` does on singular covariances) is needed, and a
-//! covariance of fewer samples than dimensions (singular) is handled exactly. Eigenvalues that
-//! round-off pushes below zero are taken as zero.
+//! S_1 S_2 is not symmetric, but its eigenvalues are real and non-negative: they are those of a
+//! symmetric positive semi-definite matrix, so tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i), with the
+//! eigenvalues from a symmetric eigen-decomposition in f64. No general matrix square root (which goes
+//! complex on round-off, as scipy's `sqrtm` does on singular covariances) is needed:
+//!
+//! - When one set has fewer images n than features d (500 samples of 2048 Inception features), its
+//!   covariance is S_2 = C^T C / (n - 1) with C its n x d centred features, and the non-zero
+//!   eigenvalues of S_1 S_2 = (S_1 C^T)(C / (n - 1)) are those of the n x n matrix
+//!   C S_1 C^T / (n - 1) (XY and YX share them): one small eigen-decomposition, exact for a
+//!   singular S_2.
+//! - Otherwise S_1 S_2 is similar to M = S_1^{1/2} S_2 S_1^{1/2}, with S_1^{1/2} from the
+//!   eigen-decomposition of S_1.
+//!
+//! Eigenvalues within round-off of zero (below d eps lambda_max, the rank cut-off of
+//! `numpy.linalg.matrix_rank`) are taken as zero: their square roots would turn round-off into
+//! distance.
 
 use anyhow::{bail, Result};
 use nalgebra::{DMatrix, DVector};
@@ -21,6 +31,9 @@ pub struct FeatureStats {
     pub cov: DMatrix<f64>,
     /// How many vectors the statistics were taken over.
     pub count: usize,
+    /// The centred features C (count x dim, rows x_i - mu), kept when there are fewer vectors than
+    /// dimensions, for the low-rank form of the trace (see the module docs).
+    pub centred: Option<DMatrix<f64>>,
 }
 
 impl FeatureStats {
@@ -45,7 +58,8 @@ impl FeatureStats {
             row -= mean.transpose();
         }
         let cov = centred.tr_mul(&centred) / (n - 1) as f64;
-        Ok(FeatureStats { mean, cov, count: n })
+        let centred = (n < dim).then_some(centred);
+        Ok(FeatureStats { mean, cov, count: n, centred })
     }
 
     /// The feature dimension.
@@ -54,11 +68,24 @@ impl FeatureStats {
     }
 }
 
-/// The symmetric square root A^{1/2} = V diag(sqrt(max(lambda, 0))) V^T of a symmetric positive
-/// semi-definite matrix A = V diag(lambda) V^T.
+/// The eigenvalues of a symmetric positive semi-definite matrix, those within round-off of zero
+/// (below d eps lambda_max) set to zero.
+fn psd_eigenvalues(a: &DMatrix<f64>) -> DVector<f64> {
+    let l = symmetric(a).symmetric_eigenvalues();
+    cut_round_off(l, a.nrows())
+}
+
+/// Sets eigenvalues below d eps lambda_max (negative ones included) to zero.
+fn cut_round_off(l: DVector<f64>, d: usize) -> DVector<f64> {
+    let tol = d as f64 * f64::EPSILON * l.max().max(0.0);
+    l.map(|v| if v > tol { v } else { 0.0 })
+}
+
+/// The symmetric square root A^{1/2} = V diag(sqrt(lambda)) V^T of a symmetric positive
+/// semi-definite matrix A = V diag(lambda) V^T (eigenvalues within round-off of zero taken as zero).
 pub fn sqrt_psd(a: &DMatrix<f64>) -> DMatrix<f64> {
     let eig = symmetric(a).symmetric_eigen();
-    let roots = eig.eigenvalues.map(|l| l.max(0.0).sqrt());
+    let roots = cut_round_off(eig.eigenvalues, a.nrows()).map(f64::sqrt);
     let v = &eig.eigenvectors;
     // V diag(r) V^T: scale the columns of V, then multiply by V^T
     let mut scaled = v.clone();
@@ -73,12 +100,18 @@ fn symmetric(a: &DMatrix<f64>) -> DMatrix<f64> {
     (a + a.transpose()) * 0.5
 }
 
-/// tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(S_1^{1/2} S_2 S_1^{1/2})), eigenvalues below zero taken
-/// as zero.
+/// tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(S_1^{1/2} S_2 S_1^{1/2})), from the covariances alone.
 pub fn trace_sqrt_product(s1: &DMatrix<f64>, s2: &DMatrix<f64>) -> f64 {
     let r = sqrt_psd(s1);
-    let m = symmetric(&(&r * s2 * &r));
-    m.symmetric_eigenvalues().iter().map(|l| l.max(0.0).sqrt()).sum()
+    psd_eigenvalues(&(&r * s2 * &r)).iter().map(|l| l.sqrt()).sum()
+}
+
+/// tr((S_1 S_2)^{1/2}) with S_2 = C^T C / (n - 1) given by its n x d centred features C:
+/// sum_i sqrt(lambda_i(C S_1 C^T / (n - 1))), an n x n eigenvalue problem.
+pub fn trace_sqrt_product_low_rank(s1: &DMatrix<f64>, c: &DMatrix<f64>) -> f64 {
+    let n = c.nrows();
+    let m = c * s1 * c.transpose() / (n.max(2) - 1) as f64;
+    psd_eigenvalues(&m).iter().map(|l| l.sqrt()).sum()
 }
 
 /// The Frechet distance d^2 between N(mu_1, S_1) and N(mu_2, S_2) (the FID when the statistics are
@@ -89,7 +122,14 @@ pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> Result<f64> {
     }
     let diff = &a.mean - &b.mean;
     // |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2})
-    let d2 = diff.dot(&diff) + a.cov.trace() + b.cov.trace() - 2.0 * trace_sqrt_product(&a.cov, &b.cov);
+    // tr((S_1 S_2)^{1/2}) = tr((S_2 S_1)^{1/2}): through the smaller set's features where it has
+    // fewer images than dimensions
+    let smaller = [(a, b), (b, a)].into_iter().filter_map(|(x, y)| Some((x.centred.as_ref()?, y))).min_by_key(|(c, _)| c.nrows());
+    let tr_sqrt = match smaller {
+        Some((c, other)) => trace_sqrt_product_low_rank(&other.cov, c),
+        None => trace_sqrt_product(&a.cov, &b.cov),
+    };
+    let d2 = diff.dot(&diff) + a.cov.trace() + b.cov.trace() - 2.0 * tr_sqrt;
     // round-off can leave a tiny negative value for two equal distributions
     Ok(d2.max(0.0))
 }
@@ -99,7 +139,7 @@ mod tests {
     use super::*;
 
     fn stats(mean: &[f64], cov: DMatrix<f64>) -> FeatureStats {
-        FeatureStats { mean: DVector::from_column_slice(mean), cov, count: 100 }
+        FeatureStats { mean: DVector::from_column_slice(mean), cov, count: 100, centred: None }
     }
 
     /// A rotation of the plane by `a` radians, embedded in the first two of `n` dimensions.
@@ -151,11 +191,26 @@ mod tests {
         let u = DVector::from_column_slice(&[1.0, 2.0, 0.0, -1.0]);
         let v = DVector::from_column_slice(&[0.5, -1.0, 3.0, 2.0]);
         let (s1, s2) = (&u * u.transpose(), &v * v.transpose());
-        // the zero eigenvalues of S_1 come out as round-off of ~1e-16, whose square roots (~1e-8) enter M
         let got = trace_sqrt_product(&s1, &s2);
-        assert!((got - u.dot(&v).abs()).abs() < 1e-6, "{got} vs {}", u.dot(&v).abs());
+        assert!((got - u.dot(&v).abs()).abs() < 1e-12, "{got} vs {}", u.dot(&v).abs());
         let a = stats(&[0.0; 4], s1);
         assert!(frechet_distance(&a, &a).unwrap() < 1e-9);
+    }
+
+    #[test]
+    fn the_low_rank_form_equals_the_full_one() {
+        // 3 and 5 vectors of 6 features (both covariances singular): the distance through the
+        // centred features (3 x 3 or 5 x 5 problems) equals the one through S_1^{1/2} (6 x 6), and
+        // that of a set to itself is 0
+        let mut rng = ddpm_core::NoiseRng::new(3);
+        let (x, y) = (rng.normal_vec(3 * 6), rng.normal_vec(5 * 6));
+        let (a, b) = (FeatureStats::from_features(&x, 6).unwrap(), FeatureStats::from_features(&y, 6).unwrap());
+        assert!(a.centred.is_some() && b.centred.is_some());
+        let full = |s: &FeatureStats| FeatureStats { centred: None, ..s.clone() };
+        let (fast, slow) = (frechet_distance(&a, &b).unwrap(), frechet_distance(&full(&a), &full(&b)).unwrap());
+        assert!((fast - slow).abs() < 1e-10 * slow, "{fast} vs {slow}");
+        assert!(frechet_distance(&a, &a).unwrap() < 1e-10);
+        assert!(frechet_distance(&full(&a), &full(&a)).unwrap() < 1e-10);
     }
 
     #[test]

@@ -32,10 +32,33 @@ pub fn cache_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The file name of the FID Inception weights in the cache folder, where `--inception-weights` looks
+/// by default (`scripts/inception_weights_to_safetensors.py` writes it from pytorch-fid's weights).
+pub const INCEPTION_FILE: &str = "pt_inception-2015-12-05.safetensors";
+
 /// A network whose features the distance is taken on.
 pub enum FeatureNet {
     /// The classifier trained on the data set (features of 128 values, and class probabilities).
     Classifier(Classifier),
+    /// Inception-v3's 2048 pool3 features, with the key of its weights file.
+    Inception(Box<crate::inception::Inception>, u64),
+}
+
+impl FeatureNet {
+    /// Inception with the weights of `path` (safetensors, pytorch-fid's state-dict names); the
+    /// statistics' cache key hashes the file's bytes.
+    pub fn inception(path: &Path, device: &Device) -> Result<Self> {
+        if !path.is_file() {
+            bail!(
+                "{}: no Inception weights; convert pytorch-fid's with scripts/inception_weights_to_safetensors.py and give the file with --inception-weights (or put it there)",
+                path.display()
+            );
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let key = fnv1a(FNV_OFFSET, &bytes);
+        drop(bytes);
+        Ok(FeatureNet::Inception(Box::new(crate::inception::Inception::load(path, device)?), key))
+    }
 }
 
 impl FeatureNet {
@@ -43,6 +66,7 @@ impl FeatureNet {
     pub fn name(&self) -> &'static str {
         match self {
             FeatureNet::Classifier(_) => "classifier",
+            FeatureNet::Inception(..) => "inception-v3",
         }
     }
 
@@ -50,6 +74,7 @@ impl FeatureNet {
     fn key(&self) -> u64 {
         match self {
             FeatureNet::Classifier(c) => c.key,
+            FeatureNet::Inception(_, key) => *key,
         }
     }
 
@@ -61,6 +86,8 @@ impl FeatureNet {
                 let (f, p) = c.features_and_probs(x)?;
                 Ok((f, Some(p)))
             }
+            // Inception takes [0, 1]: (x + 1) / 2
+            FeatureNet::Inception(net, _) => Ok((net.features(&((x + 1.0)? * 0.5)?)?, None)),
         }
     }
 }
@@ -147,5 +174,5 @@ pub fn load_stats(path: &Path) -> Result<FeatureStats> {
     if cov.len() != d * d {
         bail!("{}: `cov` is not {d}x{d} (delete it to recompute)", path.display());
     }
-    Ok(FeatureStats { mean: nalgebra::DVector::from_vec(mean), cov: nalgebra::DMatrix::from_vec(d, d, cov), count })
+    Ok(FeatureStats { mean: nalgebra::DVector::from_vec(mean), cov: nalgebra::DMatrix::from_vec(d, d, cov), count, centred: None })
 }
