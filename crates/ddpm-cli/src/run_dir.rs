@@ -162,15 +162,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let run = RunDir::new(tmp.path());
         run.prepare_fresh(false).unwrap();
+        // a checkpoint is a step folder holding the training state
         std::fs::create_dir_all(run.checkpoints().join("step-000004")).unwrap();
+        std::fs::write(run.checkpoints().join("step-000004").join(checkpoint::STATE_FILE), b"state").unwrap();
         std::fs::create_dir_all(run.samples()).unwrap();
         std::fs::write(run.samples().join("step-000004.png"), b"png").unwrap();
         std::fs::write(run.samples().join("mine.png"), b"png").unwrap();
         std::fs::write(run.root.join("notes.txt"), b"keep").unwrap();
         let e = run.prepare_fresh(false).unwrap_err().to_string();
-        assert!(e.contains("1 checkpoint(s) up to step 4") && e.contains("--overwrite") && !e.contains('\n'), "{e}");
+        assert!(e.contains("1 checkpoint(s) up to step 4, 1 sample grid(s)") && e.contains("--overwrite") && !e.contains('\n'), "{e}");
         run.prepare_fresh(true).unwrap();
-        assert!(run.earlier_run().is_none());
+        assert!(run.earlier_run().is_none() && !run.checkpoints().join("step-000004").exists());
         assert!(run.samples().join("mine.png").exists() && run.root.join("notes.txt").exists());
     }
 }
