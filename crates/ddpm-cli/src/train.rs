@@ -71,9 +71,11 @@ pub struct TrainArgs {
     /// last step).
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrSchedule,
-    /// Loss weighting over timesteps: none (the paper's L_simple) or min-snr (Hang et al. 2023).
-    #[arg(long, value_enum, default_value = "none")]
-    pub loss_weighting: Weighting,
+    /// Loss weighting over timesteps: none (the paper's L_simple) or min-snr (Hang et al. 2023)
+    /// [default: min-snr for the mnist-small preset, whose short CPU run it makes better (see
+    /// docs/quality.md), none otherwise].
+    #[arg(long, value_enum)]
+    pub loss_weighting: Option<Weighting>,
     /// The SNR cap gamma of --loss-weighting min-snr.
     #[arg(long, default_value_t = 5.0)]
     pub snr_gamma: f64,
@@ -89,8 +91,8 @@ pub struct TrainArgs {
     /// Flip training images left-right at random (off for digits).
     #[arg(long, default_value_t = false)]
     pub random_flip: bool,
-    /// Total optimizer steps (default 750, under 30 minutes of mnist-small on 2 CPU cores, or what
-    /// --epochs gives).
+    /// Total optimizer steps (default 1500, about 14 minutes of mnist-small on 2 AVX-512 CPU cores,
+    /// or what --epochs gives).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Train for this many passes over the data instead of --steps.
@@ -161,6 +163,21 @@ pub enum Weighting {
     MinSnr,
 }
 
+/// Optimizer steps when neither --steps nor --epochs is given.
+pub const DEFAULT_STEPS: u64 = 1500;
+
+/// The loss weighting of a run: --loss-weighting, else min-SNR-gamma for the mnist-small preset (the
+/// short CPU run that the README's main command makes: at 1500 steps its samples score FID 84 on the
+/// classifier features against L_simple's 103, docs/quality.md) and L_simple, the paper's, for the rest.
+pub fn loss_weighting_of(args: &TrainArgs) -> LossWeighting {
+    let quick_cpu_preset = args.unet_config.is_none() && args.preset == "mnist-small";
+    match args.loss_weighting {
+        Some(Weighting::MinSnr) => LossWeighting::MinSnr { gamma: args.snr_gamma },
+        None if quick_cpu_preset => LossWeighting::MinSnr { gamma: args.snr_gamma },
+        _ => LossWeighting::None,
+    }
+}
+
 /// The most images a sample grid may hold: the grid is sampled as one batch.
 pub const MAX_GRID_SAMPLES: usize = 1024;
 
@@ -218,6 +235,8 @@ struct Setup {
     warmup: u64,
     out: PathBuf,
     lr: f64,
+    /// The loss weighting ([`loss_weighting_of`], or the checkpoint's on resume).
+    weighting: LossWeighting,
 }
 
 /// Reads the UNet config from --unet-config or the preset.
@@ -283,7 +302,7 @@ fn setup(args: &TrainArgs, set: &ImageSet) -> Result<Setup> {
     let total_steps = match (args.steps, args.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => (e * batches_per_epoch as f64).ceil() as u64,
-        (None, None) => 750,
+        (None, None) => DEFAULT_STEPS,
     };
     let warmup = args.warmup_steps.unwrap_or((total_steps / 10).min(5000));
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&args.preset));
@@ -291,7 +310,7 @@ fn setup(args: &TrainArgs, set: &ImageSet) -> Result<Setup> {
     if args.sample_steps > sched_config.num_train_timesteps {
         bail!("--sample-steps {}: more than the schedule's {} diffusion steps", args.sample_steps, sched_config.num_train_timesteps);
     }
-    Ok(Setup { unet_config, sched_config, total_steps, warmup, out, lr })
+    Ok(Setup { unet_config, sched_config, total_steps, warmup, out, lr, weighting: loss_weighting_of(args) })
 }
 
 /// The indices of the batch at optimizer step `step` (0-based): epoch e = step / batches_per_epoch is a
@@ -382,12 +401,17 @@ fn options_json(args: &TrainArgs, s: &Setup) -> Result<serde_json::Value> {
     if let Some(o) = v.as_object_mut() {
         o.insert("resolved_warmup_steps".into(), s.warmup.into());
         o.insert("resolved_lr".into(), s.lr.into());
+        let w = match s.weighting {
+            LossWeighting::MinSnr { .. } => Weighting::MinSnr,
+            _ => Weighting::None,
+        };
+        o.insert("resolved_loss_weighting".into(), serde_json::to_value(w)?);
     }
     Ok(v)
 }
 
-/// On resume, keeps the warm-up length and learning rate the checkpoint was trained with unless the
-/// command line sets them: both defaults depend on other options (the warm-up on `--steps`), and a
+/// On resume, keeps the warm-up length, learning rate and loss weighting the checkpoint was trained
+/// with unless the command line sets them: both defaults depend on other options (the warm-up on `--steps`), and a
 /// resume that changes `--steps` must not change the learning-rate schedule of the steps already run.
 fn keep_schedule_of(saved: &serde_json::Value, args: &TrainArgs, s: &mut Setup) {
     if args.warmup_steps.is_none() {
@@ -399,6 +423,13 @@ fn keep_schedule_of(saved: &serde_json::Value, args: &TrainArgs, s: &mut Setup) 
         if let Some(lr) = saved.get("resolved_lr").and_then(|v| v.as_f64()) {
             s.lr = lr;
         }
+    }
+    // the weighting the run started with; a checkpoint older than the option trained L_simple
+    if args.loss_weighting.is_none() {
+        s.weighting = match saved.get("resolved_loss_weighting").and_then(|v| serde_json::from_value::<Weighting>(v.clone()).ok()) {
+            Some(Weighting::MinSnr) => LossWeighting::MinSnr { gamma: args.snr_gamma },
+            _ => LossWeighting::None,
+        };
     }
 }
 
@@ -557,11 +588,7 @@ impl Trainer {
         let noise = self.rng.randn(x0.shape(), DType::F32, device)?;
         let x_t = schedule.q_sample(&x0, &t, &noise)?;
         let pred = self.model.forward_train(&x_t, &t, &mut self.rng)?;
-        let weighting = match args.loss_weighting {
-            Weighting::None => LossWeighting::None,
-            Weighting::MinSnr => LossWeighting::MinSnr { gamma: args.snr_gamma },
-        };
-        let loss = ddpm_core::loss::simple_loss(schedule, weighting, &pred, &x0, &noise, &t)?;
+        let loss = ddpm_core::loss::simple_loss(schedule, s.weighting, &pred, &x0, &noise, &t)?;
         let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
             // no update from a non-finite loss: the caller stops with the last good checkpoint
