@@ -639,3 +639,49 @@ fn write_samples(tr: &Trainer, samples_dir: &Path, args: &TrainArgs, s: &Setup, 
     imageio::save_grid(&grid, &path)?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> TrainArgs {
+        match crate::Cli::try_parse_from(["ddpm", "train"].iter().chain(extra)).unwrap() {
+            crate::Cli::Train(a) => *a,
+            _ => unreachable!("a train command"),
+        }
+    }
+
+    #[test]
+    fn mnist_small_defaults_to_min_snr_and_a_resume_keeps_the_runs_weighting() {
+        let min_snr = LossWeighting::MinSnr { gamma: 5.0 };
+        assert_eq!(loss_weighting_of(&args(&[])), min_snr);
+        assert_eq!(loss_weighting_of(&args(&["--preset", "ddpm-cifar10"])), LossWeighting::None);
+        assert_eq!(loss_weighting_of(&args(&["--loss-weighting", "none"])), LossWeighting::None);
+        let a = args(&[]);
+        let fresh = || Setup {
+            unet_config: ddpm_unet::presets::preset("mnist-small").unwrap(),
+            sched_config: SchedulerConfig::default(),
+            total_steps: 1500,
+            warmup: 150,
+            out: PathBuf::from("runs/x"),
+            lr: 1e-3,
+            weighting: loss_weighting_of(&a),
+        };
+        // the options a new checkpoint saves bring the weighting back
+        let mut s = fresh();
+        let saved = options_json(&a, &s).unwrap();
+        keep_schedule_of(&saved, &a, &mut s);
+        assert_eq!(s.weighting, min_snr);
+        // a checkpoint older than the option trained L_simple, and goes on with it
+        let mut old = saved.clone();
+        old.as_object_mut().unwrap().remove("resolved_loss_weighting");
+        keep_schedule_of(&old, &a, &mut s);
+        assert_eq!(s.weighting, LossWeighting::None);
+        // unless the command line names one
+        let named = args(&["--loss-weighting", "min-snr"]);
+        let mut s = fresh();
+        keep_schedule_of(&old, &named, &mut s);
+        assert_eq!(s.weighting, min_snr);
+    }
+}
