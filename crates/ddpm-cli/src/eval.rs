@@ -184,6 +184,10 @@ pub fn fid_report(a: &EvalArgs) -> Result<serde_json::Value> {
     let cache = fid::cache_dir(a.cache_dir.as_deref())?;
     let start = Instant::now();
     // image folders are read at --image-size, else the model's size; 3 channels for Inception
+    // what the user named is checked before the feature network (which may train for minutes)
+    if let Some(dir) = a.images.as_ref().filter(|d| !d.is_dir()) {
+        bail!("--images {}: no such folder", dir.display());
+    }
     let m = a.model.as_ref().map(|spec| model::load(spec, &device, DType::F32)).transpose()?;
     let model_size = m.as_ref().map(|m| model::sample_size(m.unet.config())).transpose()?;
     let size = a.image_size.or(model_size).unwrap_or(64);
