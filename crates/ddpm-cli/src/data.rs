@@ -94,6 +94,12 @@ pub fn permutation(n: usize, rng: &mut NoiseRng) -> Vec<usize> {
 /// declares more is refused before anything is read.
 const MAX_IDX_BYTES: usize = 1 << 32;
 
+/// The big-endian u32 at `offset` of an IDX header, if the bytes reach that far.
+fn be_u32(bytes: &[u8], offset: usize) -> Option<usize> {
+    let b = bytes.get(offset..offset.checked_add(4)?)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+}
+
 /// Opens a file for reading, through a gzip decoder when its name ends in `.gz`.
 fn open_maybe_gz(path: &Path) -> Result<Box<dyn Read>> {
     let file = std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -118,10 +124,7 @@ fn read_idx_file(path: &Path) -> Result<ImageSet> {
 /// The total size in bytes (the 16-byte header included) that an IDX image header declares,
 /// checked: magic 0x00000803, and 16 + N H W neither overflowing nor above [`MAX_IDX_BYTES`].
 fn idx_len(bytes: &[u8], path: &Path) -> Result<usize> {
-    let be = |o: usize| -> Result<usize> {
-        let b = bytes.get(o..o + 4).with_context(|| format!("{}: truncated IDX header", path.display()))?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
+    let be = |o: usize| be_u32(bytes, o).with_context(|| format!("{}: truncated IDX header", path.display()));
     let magic = be(0)?;
     if magic != 0x0803 {
         bail!("{}: IDX magic is {magic:#010x}, expected 0x00000803 (u8 images, 3 dimensions)", path.display());
@@ -137,7 +140,7 @@ fn idx_len(bytes: &[u8], path: &Path) -> Result<usize> {
 pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<ImageSet> {
     let need = idx_len(bytes, path)?;
     // idx_len read the 16 header bytes
-    let dim = |o: usize| u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize;
+    let dim = |o: usize| be_u32(bytes, o).unwrap_or_default();
     let (n, h, w) = (dim(4), dim(8), dim(12));
     if bytes.len() < need {
         bail!("{}: truncated: header says {n} images of {h}x{w} ({need} bytes), file has {}", path.display(), bytes.len());
@@ -166,7 +169,7 @@ fn read_idx_labels(images: &Path, n: usize) -> Result<Vec<u8>> {
     // never more than the header and the n labels the images need, plus one byte to see an excess
     let mut bytes = Vec::new();
     reader.take(8 + n as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("{}: cannot read (not a valid gzip file?)", path.display()))?;
-    let be = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let be = |o: usize| be_u32(&bytes, o);
     if be(0) != Some(0x0801) {
         bail!("{}: not an IDX label file (magic is not 0x00000801)", path.display());
     }

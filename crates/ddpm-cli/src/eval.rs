@@ -193,13 +193,15 @@ pub fn fid_report(a: &EvalArgs) -> Result<serde_json::Value> {
     let size = a.image_size.or(model_size).unwrap_or(64);
     let reference = data::load(&a.data, Split::Test, size, 3)?;
     let grey_and_labelled = reference.channels == 1 && reference.labels.len() == reference.len;
-    let net = match a.features {
-        Features::Classifier => FeatureNet::Classifier(Classifier::for_dataset(&a.data, &cache, &device)?),
-        Features::Auto if grey_and_labelled => FeatureNet::Classifier(Classifier::for_dataset(&a.data, &cache, &device)?),
-        Features::Auto | Features::Inception => {
-            let weights = a.inception_weights.clone().unwrap_or_else(|| cache.join(fid::INCEPTION_FILE));
-            FeatureNet::inception(&weights, &device)?
-        }
+    let classifier = match a.features {
+        Features::Classifier => true,
+        Features::Auto => grey_and_labelled,
+        Features::Inception => false,
+    };
+    let net = if classifier {
+        FeatureNet::Classifier(Classifier::for_dataset(&a.data, &cache, &device)?)
+    } else {
+        FeatureNet::inception(&a.inception_weights.clone().unwrap_or_else(|| cache.join(fid::INCEPTION_FILE)), &device)?
     };
     let ref_stats = fid::reference_stats(&net, &reference, &cache, &device)?;
     let (images, origin) = images_to_score(a, m.as_ref(), &reference, &device)?;

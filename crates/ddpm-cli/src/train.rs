@@ -170,11 +170,22 @@ pub const DEFAULT_STEPS: u64 = 1500;
 /// short CPU run that the README's main command makes: at 1500 steps its samples score FID 84 on the
 /// classifier features against L_simple's 103, docs/quality.md) and L_simple, the paper's, for the rest.
 pub fn loss_weighting_of(args: &TrainArgs) -> LossWeighting {
+    weighting_of(args).loss(args.snr_gamma)
+}
+
+/// The weighting a fresh run chooses: --loss-weighting, else by preset (see [`loss_weighting_of`]).
+fn weighting_of(args: &TrainArgs) -> Weighting {
     let quick_cpu_preset = args.unet_config.is_none() && args.preset == "mnist-small";
-    match args.loss_weighting {
-        Some(Weighting::MinSnr) => LossWeighting::MinSnr { gamma: args.snr_gamma },
-        None if quick_cpu_preset => LossWeighting::MinSnr { gamma: args.snr_gamma },
-        _ => LossWeighting::None,
+    args.loss_weighting.unwrap_or(if quick_cpu_preset { Weighting::MinSnr } else { Weighting::None })
+}
+
+impl Weighting {
+    /// The loss weighting this names, min-SNR with the cap `gamma`.
+    pub fn loss(self, gamma: f64) -> LossWeighting {
+        match self {
+            Weighting::None => LossWeighting::None,
+            Weighting::MinSnr => LossWeighting::MinSnr { gamma },
+        }
     }
 }
 
@@ -235,8 +246,8 @@ struct Setup {
     warmup: u64,
     out: PathBuf,
     lr: f64,
-    /// The loss weighting ([`loss_weighting_of`], or the checkpoint's on resume).
-    weighting: LossWeighting,
+    /// The loss weighting (`weighting_of`, or the checkpoint's on resume).
+    weighting: Weighting,
 }
 
 /// Reads the UNet config from --unet-config or the preset.
@@ -310,7 +321,7 @@ fn setup(args: &TrainArgs, set: &ImageSet) -> Result<Setup> {
     if args.sample_steps > sched_config.num_train_timesteps {
         bail!("--sample-steps {}: more than the schedule's {} diffusion steps", args.sample_steps, sched_config.num_train_timesteps);
     }
-    Ok(Setup { unet_config, sched_config, total_steps, warmup, out, lr, weighting: loss_weighting_of(args) })
+    Ok(Setup { unet_config, sched_config, total_steps, warmup, out, lr, weighting: weighting_of(args) })
 }
 
 /// The indices of the batch at optimizer step `step` (0-based): epoch e = step / batches_per_epoch is a
@@ -401,11 +412,7 @@ fn options_json(args: &TrainArgs, s: &Setup) -> Result<serde_json::Value> {
     if let Some(o) = v.as_object_mut() {
         o.insert("resolved_warmup_steps".into(), s.warmup.into());
         o.insert("resolved_lr".into(), s.lr.into());
-        let w = match s.weighting {
-            LossWeighting::MinSnr { .. } => Weighting::MinSnr,
-            _ => Weighting::None,
-        };
-        o.insert("resolved_loss_weighting".into(), serde_json::to_value(w)?);
+        o.insert("resolved_loss_weighting".into(), serde_json::to_value(s.weighting)?);
     }
     Ok(v)
 }
@@ -426,10 +433,7 @@ fn keep_schedule_of(saved: &serde_json::Value, args: &TrainArgs, s: &mut Setup) 
     }
     // the weighting the run started with; a checkpoint older than the option trained L_simple
     if args.loss_weighting.is_none() {
-        s.weighting = match saved.get("resolved_loss_weighting").and_then(|v| serde_json::from_value::<Weighting>(v.clone()).ok()) {
-            Some(Weighting::MinSnr) => LossWeighting::MinSnr { gamma: args.snr_gamma },
-            _ => LossWeighting::None,
-        };
+        s.weighting = saved.get("resolved_loss_weighting").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or(Weighting::None);
     }
 }
 
@@ -588,7 +592,7 @@ impl Trainer {
         let noise = self.rng.randn(x0.shape(), DType::F32, device)?;
         let x_t = schedule.q_sample(&x0, &t, &noise)?;
         let pred = self.model.forward_train(&x_t, &t, &mut self.rng)?;
-        let loss = ddpm_core::loss::simple_loss(schedule, s.weighting, &pred, &x0, &noise, &t)?;
+        let loss = ddpm_core::loss::simple_loss(schedule, s.weighting.loss(args.snr_gamma), &pred, &x0, &noise, &t)?;
         let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
             // no update from a non-finite loss: the caller stops with the last good checkpoint
@@ -666,22 +670,22 @@ mod tests {
             warmup: 150,
             out: PathBuf::from("runs/x"),
             lr: 1e-3,
-            weighting: loss_weighting_of(&a),
+            weighting: weighting_of(&a),
         };
         // the options a new checkpoint saves bring the weighting back
         let mut s = fresh();
         let saved = options_json(&a, &s).unwrap();
         keep_schedule_of(&saved, &a, &mut s);
-        assert_eq!(s.weighting, min_snr);
+        assert_eq!(s.weighting.loss(5.0), min_snr);
         // a checkpoint older than the option trained L_simple, and goes on with it
         let mut old = saved.clone();
         old.as_object_mut().unwrap().remove("resolved_loss_weighting");
         keep_schedule_of(&old, &a, &mut s);
-        assert_eq!(s.weighting, LossWeighting::None);
+        assert_eq!(s.weighting.loss(5.0), LossWeighting::None);
         // unless the command line names one
         let named = args(&["--loss-weighting", "min-snr"]);
         let mut s = fresh();
         keep_schedule_of(&old, &named, &mut s);
-        assert_eq!(s.weighting, min_snr);
+        assert_eq!(s.weighting.loss(5.0), min_snr);
     }
 }

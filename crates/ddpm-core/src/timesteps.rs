@@ -58,17 +58,7 @@ pub fn inference_timesteps(
             y.iter().rev().map(|v| v.round_ties_even() as i64).collect()
         }
     };
-    ts.iter()
-        .map(|&t| {
-            if t < 0 || t as usize >= t_train {
-                Err(Error::arg(format!(
-                    "{spacing} spacing with {n} steps and steps_offset {steps_offset} gives timestep {t}, outside [0, {t_train})"
-                )))
-            } else {
-                Ok(t as usize)
-            }
-        })
-        .collect()
+    in_range(&ts, spacing, n, steps_offset, t_train)
 }
 
 /// The `n` inference timesteps, in descending order, that diffusers' DPMSolverMultistepScheduler
@@ -135,6 +125,12 @@ pub fn dpm_solver_timesteps(
             (0..len).map(|i| (start + i as f64 * delta).round_ties_even() as i64 - 1).filter(|&t| t >= 0).collect()
         }
     };
+    in_range(&ts, spacing, n, steps_offset, t_train)
+}
+
+/// The timesteps `ts` as indices, each checked to lie in [0, T); one out of range is an error naming
+/// the spacing, the step count and `steps_offset` that produced it.
+fn in_range(ts: &[i64], spacing: impl std::fmt::Display, n: usize, steps_offset: usize, t_train: usize) -> Result<Vec<usize>> {
     ts.iter()
         .map(|&t| {
             if t < 0 || t as usize >= t_train {

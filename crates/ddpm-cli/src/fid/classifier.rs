@@ -98,13 +98,18 @@ pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 /// The FNV-1a offset basis, the start of every key.
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// The cache key of a classifier trained on `train` by this recipe.
-fn training_key(train: &ImageSet) -> u64 {
-    let mut h = fnv1a(FNV_OFFSET, &CLASSIFIER_VERSION.to_le_bytes());
-    for v in [train.channels, train.height, train.width, train.len] {
+/// FNV-1a of an image set's shape and pixels, continuing from `h`.
+pub fn fnv1a_set(mut h: u64, set: &ImageSet) -> u64 {
+    for v in [set.channels, set.height, set.width, set.len] {
         h = fnv1a(h, &(v as u64).to_le_bytes());
     }
-    fnv1a(fnv1a(h, &train.pixels), &train.labels)
+    fnv1a(h, &set.pixels)
+}
+
+/// The cache key of a classifier trained on `train` by this recipe.
+fn training_key(train: &ImageSet) -> u64 {
+    let h = fnv1a_set(fnv1a(FNV_OFFSET, &CLASSIFIER_VERSION.to_le_bytes()), train);
+    fnv1a(h, &train.labels)
 }
 
 /// The number of classes: the largest label plus one, at least 2.
@@ -181,13 +186,12 @@ impl Classifier {
 
     /// The fraction of `set`'s images whose most probable class is their label.
     pub fn accuracy(&self, set: &ImageSet, device: &Device) -> Result<f64> {
-        let mut correct = 0usize;
-        for start in (0..set.len).step_by(512) {
-            let idx: Vec<usize> = (start..(start + 512).min(set.len)).collect();
-            let (_, probs) = self.features_and_probs(&set.batch(&idx, &[], device)?)?;
-            let pred = probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            correct += pred.iter().zip(&idx).filter(|(p, &i)| **p == set.labels[i] as u32).count();
+        let mut pred = Vec::with_capacity(set.len);
+        for x in super::set_batches(set, device) {
+            let (_, probs) = self.features_and_probs(&x?)?;
+            pred.extend(probs.argmax(D::Minus1)?.to_vec1::<u32>()?);
         }
+        let correct = pred.iter().zip(&set.labels).filter(|(p, &l)| **p == l as u32).count();
         Ok(correct as f64 / set.len as f64)
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::data::ImageSet;
-use classifier::{fnv1a, Classifier, FNV_OFFSET};
+use classifier::{fnv1a, fnv1a_set, Classifier, FNV_OFFSET};
 use frechet::FeatureStats;
 
 /// Images put through the feature network at once.
@@ -138,11 +138,7 @@ pub fn to_pixels(x: &Tensor) -> Result<Vec<u8>> {
 /// The statistics of `set` (the reference split) on `net`'s features, read from `cache` when they
 /// were computed before for the same network and images, else computed and saved there.
 pub fn reference_stats(net: &FeatureNet, set: &ImageSet, cache: &Path, device: &Device) -> Result<FeatureStats> {
-    let mut key = fnv1a(FNV_OFFSET, &net.key().to_le_bytes());
-    for v in [set.channels, set.height, set.width, set.len] {
-        key = fnv1a(key, &(v as u64).to_le_bytes());
-    }
-    key = fnv1a(key, &set.pixels);
+    let key = fnv1a_set(fnv1a(FNV_OFFSET, &net.key().to_le_bytes()), set);
     let path = cache.join(format!("fid-stats-{}-{key:016x}.safetensors", net.name()));
     if path.is_file() {
         return load_stats(&path);
