@@ -14,7 +14,7 @@ use ddpm_core::{NoiseRng, NoiseSchedule};
 use crate::data::{self, ImageSet, Split};
 use crate::device::parse_device;
 use crate::fid::{self, classifier::Classifier, FeatureNet};
-use crate::generate::{self, SamplerKind};
+use crate::generate::{self, SamplerArgs};
 use crate::{model, progress};
 
 /// What `ddpm eval` measures.
@@ -67,15 +67,9 @@ pub struct EvalArgs {
     /// sample size, else 64].
     #[arg(long)]
     pub image_size: Option<usize>,
-    /// fid: sampler, ddpm, ddim or dpm-solver [default: the model's scheduler class].
-    #[arg(long, value_enum)]
-    pub scheduler: Option<SamplerKind>,
-    /// fid: denoising steps (default: all training steps for DDPM, 50 for DDIM, 20 for DPM-Solver).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// fid: DDIM eta.
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
+    /// fid: the sampler of the generated images.
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// fid: where the classifier and the reference statistics are cached [default: $DDPM_CACHE,
     /// else ~/.cache/ddpm-rs].
     #[arg(long)]
@@ -158,7 +152,7 @@ fn images_to_score(a: &EvalArgs, m: Option<&model::LoadedModel>, reference: &Ima
     if (msize, mch) != (size, ch) {
         bail!("--data {}: test images are {size}x{size} with {ch} channel(s); the model makes {msize}x{msize} with {mch}", a.data);
     }
-    let sampler = generate::make_sampler(a.scheduler, &m.scheduler, a.steps, a.eta, device)?;
+    let sampler = a.sampler.sampler(&m.scheduler, device)?;
     let num = a.num.unwrap_or(500);
     let bar = progress::bar((num.div_ceil(a.batch_size) * sampler.timesteps().len()) as u64, "sample");
     let mut rng = NoiseRng::new(a.seed);

@@ -19,6 +19,28 @@ pub enum SamplerKind {
     DpmSolver,
 }
 
+/// The sampler options that `sample` and `eval --metric fid` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplerArgs {
+    /// ddpm (ancestral sampling), ddim or dpm-solver (DPM-Solver++) [default: the scheduler class
+    /// named in the model's scheduler_config.json, DDPM without one].
+    #[arg(long, value_enum)]
+    pub scheduler: Option<SamplerKind>,
+    /// Denoising steps (default: all training steps for DDPM, 50 for DDIM, 20 for DPM-Solver).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// DDIM eta: 0 is deterministic, 1 is DDPM-like noise.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+}
+
+impl SamplerArgs {
+    /// The sampler these options choose for a model's scheduler config ([`make_sampler`]).
+    pub fn sampler(&self, config: &SchedulerConfig, device: &Device) -> Result<Sampler> {
+        make_sampler(self.scheduler, config, self.steps, self.eta, device)
+    }
+}
+
 impl From<SamplerKind> for SchedulerClass {
     fn from(kind: SamplerKind) -> Self {
         match kind {

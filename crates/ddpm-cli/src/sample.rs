@@ -9,7 +9,7 @@ use ddpm_core::sampling::Scheduler;
 use ddpm_core::NoiseRng;
 
 use crate::device::{parse_device, parse_dtype};
-use crate::generate::{self, SamplerKind};
+use crate::generate::{self, SamplerArgs};
 use crate::{imageio, model, progress};
 
 /// Options of `ddpm sample`.
@@ -24,16 +24,9 @@ pub struct SampleArgs {
     /// Images denoised at once.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// ddpm (ancestral sampling), ddim or dpm-solver (DPM-Solver++) [default: the scheduler class named in the model's
-    /// scheduler_config.json, DDPM without one].
-    #[arg(long, value_enum)]
-    pub scheduler: Option<SamplerKind>,
-    /// Denoising steps (default: all training steps for DDPM, 50 for DDIM).
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// DDIM eta: 0 is deterministic, 1 is DDPM-like noise.
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
+    /// The sampler.
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Seed of the noise: the same seed gives the same images.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -75,7 +68,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;
     let m = model::load(&a.model, &device, dtype)?;
-    let sampler = generate::make_sampler(a.scheduler, &m.scheduler, a.steps, a.eta, &device)?;
+    let sampler = a.sampler.sampler(&m.scheduler, &device)?;
     let (size, ch) = (model::sample_size(m.unet.config())?, m.unet.config().in_channels);
     let n_steps = sampler.timesteps().len();
     let bar = progress::bar((a.num.div_ceil(a.batch_size) * n_steps) as u64, "sample");
