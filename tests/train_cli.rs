@@ -15,6 +15,20 @@ fn tiny_args<'a>(cfg: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// A scratch folder with the tiny UNet config in it: (the folder, the config's path, `run/` in it).
+fn tiny_run() -> (tempfile::TempDir, String, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path()).display().to_string();
+    let out = tmp.path().join("run").display().to_string();
+    (tmp, cfg, out)
+}
+
+/// The `step` of each line of a run's metrics.jsonl, in order.
+fn logged_steps(run: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(std::path::Path::new(run).join("metrics.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+}
+
 #[test]
 fn resume_is_bit_exact() {
     let tmp = tempfile::tempdir().unwrap();
@@ -51,10 +65,7 @@ fn resume_is_bit_exact() {
     }
     // The resumed run continued b's metrics (steps 1 to 10, once each); a fresh run into a directory
     // that has metrics starts them over instead of appending a second run to the first.
-    let steps = |run: &str| -> Vec<u64> {
-        let text = std::fs::read_to_string(std::path::Path::new(run).join("metrics.jsonl")).unwrap();
-        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
-    };
+    let steps = logged_steps;
     assert_eq!(steps(b), (1..=10).collect::<Vec<_>>());
     // A fresh run into a folder holding another run is refused (issue 22: it pruned the old run's
     // checkpoints and truncated its metrics), and nothing of the old run is touched...
@@ -75,11 +86,8 @@ fn resume_is_bit_exact() {
 fn resume_after_a_kill_logs_each_step_once() {
     // issue 22: a run killed after its last checkpoint left the steps past it in metrics.jsonl, and
     // the resumed run logged them again (a 20-step run killed at 9, resumed from 5, had 24 lines).
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_unet_config(tmp.path());
-    let cfg = cfg.to_str().unwrap();
-    let out = tmp.path().join("run");
-    let out = out.to_str().unwrap();
+    let (_tmp, cfg, out) = tiny_run();
+    let (cfg, out) = (cfg.as_str(), out.as_str());
     // "Killed" at step 5: the checkpoint of step 6 fails after steps 4 to 6 were logged; the last
     // good checkpoint is step 3 (--save-every 3). A torn line as a kill can leave follows.
     let ddpm_cli::Cli::Train(args) = parse(&tiny_args(cfg, out, "8")) else { panic!("not a train command") };
@@ -100,20 +108,15 @@ fn resume_after_a_kill_logs_each_step_once() {
     let mut resume = tiny_args(cfg, out, "8");
     resume.extend(["--resume", "auto"]);
     ddpm(&resume).unwrap();
-    let text = std::fs::read_to_string(&metrics).unwrap();
-    let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    assert_eq!(logged_steps(out), (1..=8).collect::<Vec<_>>());
 }
 
 #[test]
 fn options_are_validated_before_anything_is_written() {
     // issue 22: these were accepted, failed only after training, or reported success with an empty
     // model path; each must fail up front, naming the option, and leave an existing run as it was.
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_unet_config(tmp.path());
-    let cfg = cfg.to_str().unwrap();
-    let out = tmp.path().join("run");
-    let out = out.to_str().unwrap();
+    let (tmp, cfg, out) = tiny_run();
+    let (cfg, out) = (cfg.as_str(), out.as_str());
     ddpm(&tiny_args(cfg, out, "3")).unwrap();
     let metrics = std::fs::read_to_string(std::path::Path::new(out).join("metrics.jsonl")).unwrap();
     let cases: &[(&[&str], &str)] = &[
@@ -162,11 +165,8 @@ fn options_are_validated_before_anything_is_written() {
 fn resuming_with_other_data_order_options_is_refused() {
     // issue 22: a resume with another --data, --batch-size, --seed or --max-images was accepted
     // silently; it would not continue the same run.
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_unet_config(tmp.path());
-    let cfg = cfg.to_str().unwrap();
-    let out = tmp.path().join("run");
-    let out = out.to_str().unwrap();
+    let (_tmp, cfg, out) = tiny_run();
+    let (cfg, out) = (cfg.as_str(), out.as_str());
     ddpm(&tiny_args(cfg, out, "3")).unwrap();
     for (flag, value) in [("--batch-size", "4"), ("--seed", "12"), ("--max-images", "32")] {
         let mut a = tiny_args(cfg, out, "4");
@@ -217,11 +217,8 @@ fn failed_save_keeps_the_previous_checkpoint() {
 
 #[test]
 fn bad_input_gives_one_line_errors() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_unet_config(tmp.path());
-    let cfg = cfg.to_str().unwrap();
-    let out = tmp.path().join("run");
-    let out = out.to_str().unwrap();
+    let (tmp, cfg, out) = tiny_run();
+    let (cfg, out) = (cfg.as_str(), out.as_str());
     // The tiny options with one flag's value replaced (or the flag added).
     let with = |extra: &[&str]| {
         let mut a = tiny_args(cfg, out, "2");
@@ -259,11 +256,8 @@ fn bad_input_gives_one_line_errors() {
 
 #[test]
 fn resume_with_more_steps_keeps_the_warmup_it_started_with() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_unet_config(tmp.path());
-    let cfg = cfg.to_str().unwrap();
-    let out = tmp.path().join("run");
-    let out = out.to_str().unwrap();
+    let (_tmp, cfg, out) = tiny_run();
+    let (cfg, out) = (cfg.as_str(), out.as_str());
     // No --warmup-steps: the default is steps / 10, so 0 for a 2-step run and 4 for a 40-step run.
     let args = |steps: &'static str| -> Vec<String> {
         let mut a: Vec<String> = tiny_args(cfg, out, steps).iter().map(|s| s.to_string()).collect();
@@ -290,11 +284,8 @@ fn resume_with_more_steps_keeps_the_warmup_it_started_with() {
 fn minutes_stops_at_a_step_with_a_checkpoint_that_resumes() {
     // --minutes: a budget of ~0 stops after the first step, checkpointed; --resume continues the
     // same run to --steps.
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_unet_config(tmp.path());
-    let cfg = cfg.to_str().unwrap();
-    let out = tmp.path().join("run");
-    let out = out.to_str().unwrap();
+    let (_tmp, cfg, out) = tiny_run();
+    let (cfg, out) = (cfg.as_str(), out.as_str());
     let mut a = tiny_args(cfg, out, "4");
     a.extend(["--minutes", "0.00001", "--loss-weighting", "min-snr", "--lr-schedule", "cosine"]);
     ddpm(&a).unwrap();
