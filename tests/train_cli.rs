@@ -255,6 +255,45 @@ fn bad_input_gives_one_line_errors() {
 }
 
 #[test]
+fn a_diverging_run_stops_at_its_first_non_finite_step_and_saves_nothing_after_it() {
+    // The losses and gradient norms are read from the device in batches of steps; a learning rate of
+    // 1e3 overflows within a few steps, and the run must stop there naming that step, with every
+    // checkpoint and metrics line from before it.
+    let (_tmp, cfg, out) = tiny_run();
+    let (cfg, out) = (cfg.as_str(), out.as_str());
+    let mut a = tiny_args(cfg, out, "40");
+    a.extend(["--lr", "1e3"]);
+    let e = ddpm_err(&a);
+    let bad: u64 = e.split(" at step ").nth(1).and_then(|r| r.split(';').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no step in: {e}"));
+    assert!((e.starts_with("loss is") || e.starts_with("the gradient norm is")) && e.contains("lower --lr (now 1000)"), "{e}");
+    assert!((2..40).contains(&bad), "{e}");
+    assert_eq!(logged_steps(out), (1..bad).collect::<Vec<_>>());
+    // every checkpoint left is of a step before the bad one and holds finite weights
+    let ckpts: Vec<_> = match std::fs::read_dir(std::path::Path::new(out).join("checkpoints")) {
+        Ok(dir) => dir.map(|d| d.unwrap().path()).collect(),
+        Err(_) => vec![],
+    };
+    // --save-every 3
+    let last_good = (bad - 1) / 3 * 3;
+    assert_eq!(ckpts.is_empty(), last_good == 0, "checkpoints {ckpts:?} with the bad step {bad}");
+    for c in ckpts {
+        let step: u64 = c.file_name().unwrap().to_str().unwrap().trim_start_matches("step-").parse().unwrap();
+        assert!(step < bad, "checkpoint {} saved at or after the bad step {bad}", c.display());
+        // the EMA weights and the raw weights with their moments
+        for file in [c.join(checkpoint::MODEL_DIR).join(checkpoint::WEIGHTS_FILE), c.join(checkpoint::STATE_FILE)] {
+            for (name, v) in read_tensors(&file) {
+                assert!(v.iter().all(|x| x.is_finite()), "{}: {name} is not finite", file.display());
+            }
+        }
+    }
+    if last_good > 0 {
+        assert!(e.contains(&format!("the last good checkpoint is {out}/checkpoints/step-{last_good:06}")), "{e}");
+    } else {
+        assert!(e.contains("none (nothing saved yet)"), "{e}");
+    }
+}
+
+#[test]
 fn resume_with_more_steps_keeps_the_warmup_it_started_with() {
     let (_tmp, cfg, out) = tiny_run();
     let (cfg, out) = (cfg.as_str(), out.as_str());

@@ -106,16 +106,24 @@ static double dot(const Ref& a, const Ref& b) {
 static void optimiser_kernels() {
     const uint n = 1000;
     Vec x = random(n, 1), a0 = random(n, 2);
-    for (uint square = 0; square < 2; square++) {
+    {
         Vec a = a0;
-        float keep = 0.9f, take = 0.1f, scale = 0.5f;
-        run_elementwise(n, [&](uint i) { ddpm_running_average(a.data(), x.data(), n, keep, take, scale, square, i); });
+        float keep = 0.9f, take = 0.1f;
+        run_elementwise(n, [&](uint i) { ddpm_ema(a.data(), x.data(), n, keep, take, i); });
+        Ref want(n);
+        for (uint i = 0; i < n; i++) want[i] = keep * (double)a0[i] + take * (double)x[i];
+        check("ema", a, want, 1e-6);
+    }
+    for (uint square = 0; square < 2; square++) {
+        Vec a = a0, scale{0.5f};
+        float keep = 0.9f, take = 0.1f;
+        run_elementwise(n, [&](uint i) { ddpm_adamw_moment(a.data(), x.data(), scale.data(), n, keep, take, square, i); });
         Ref want(n);
         for (uint i = 0; i < n; i++) {
-            double u = (double)x[i] * scale;
+            double u = (double)x[i] * scale[0];
             want[i] = keep * (double)a0[i] + take * (square ? u * u : u);
         }
-        check(square ? "running_average (squared)" : "running_average", a, want, 1e-6);
+        check(square ? "adamw_moment (squared)" : "adamw_moment", a, want, 1e-6);
     }
     Vec theta = random(n, 3), m = random(n, 4), v = random(n, 5, 0.0f, 1.0f), theta0 = theta;
     AdamwScalars k{0.999f, 1e-3f, 1.1f, 1.3f, 1e-8f};

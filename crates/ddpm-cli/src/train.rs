@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use ddpm_core::{NoiseRng, NoiseSchedule, SchedulerConfig};
 use ddpm_unet::{UNet2DModel, UNetConfig};
@@ -490,27 +490,33 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
     let mut last_saved: Option<PathBuf> = checkpoint::list(&ckpt_dir).pop().map(|x| x.1);
     let t_start = Instant::now();
     let start_step = step;
+    let mut log = StepLog::default();
     while step < s.total_steps {
         let idx = batch_indices(set.len, args.batch_size, args.seed, step, &mut order_cache);
-        let stats = tr.step(&set, &idx, &schedule, &args, &s, step, &device)?;
-        if !stats.loss.is_finite() {
-            bail!(
-                "loss is {} at step {}; lower --lr (now {}) or raise --warmup-steps; the last good checkpoint is {}",
-                stats.loss,
-                step + 1,
-                s.lr,
-                last_saved.as_ref().map(|p| p.display().to_string()).unwrap_or("none (nothing saved yet)".into())
-            );
-        }
+        let mut stats = tr.step(&set, &idx, &schedule, &args, &s, step, &device)?;
         step += 1;
-        let ips = ((step - start_step) as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64();
-        log_step(&mut metrics, &bar, step, &stats, ips)?;
+        stats.images_per_s = ((step - start_step) as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64();
+        log.push(stats);
+        bar.set_position(step);
         let out_of_time = args.minutes.is_some_and(|m| t_start.elapsed().as_secs_f64() >= m * 60.0);
         let last = step == s.total_steps || out_of_time;
-        if last || (args.save_every > 0 && step.is_multiple_of(args.save_every)) {
+        let save = last || (args.save_every > 0 && step.is_multiple_of(args.save_every));
+        let sample = args.num_samples > 0 && (last || (args.sample_every > 0 && step.is_multiple_of(args.sample_every)));
+        // the losses are read from the device every READ_EVERY steps, and before anything is written
+        // from the weights, so that a non-finite loss never reaches a checkpoint or a grid
+        if log.len() >= READ_EVERY || save || sample {
+            if let Some(Diverged { step: bad_step, what, value }) = log.flush(&mut metrics, &bar)? {
+                bail!(
+                    "{what} is {value} at step {bad_step}; lower --lr (now {}) or raise --warmup-steps; the last good checkpoint is {}",
+                    s.lr,
+                    last_saved.as_ref().map(|p| p.display().to_string()).unwrap_or("none (nothing saved yet)".into())
+                );
+            }
+        }
+        if save {
             last_saved = Some(save_checkpoint(&tr, &ckpt_dir, &args, &s, step, before_write)?);
         }
-        if args.num_samples > 0 && (last || (args.sample_every > 0 && step.is_multiple_of(args.sample_every))) {
+        if sample {
             let path = write_samples(&tr, &samples_dir, &args, &s, step, &device)?;
             bar.println(format!("step {step}: wrote {}", path.display()));
         }
@@ -529,14 +535,77 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
     Ok(())
 }
 
-/// What one optimizer step measured.
+/// Optimizer steps whose losses and gradient norms stay on the device before they are read together:
+/// one wait for the device per this many steps instead of one per step.
+const READ_EVERY: usize = 16;
+
+/// What one optimizer step measured; the loss and the norm stay on the device until [`StepLog::flush`].
 struct StepStats {
-    /// The batch's loss before the update.
-    loss: f32,
+    /// The step's number, counted from 1.
+    step: u64,
+    /// The batch's loss before the update (a detached device scalar).
+    loss: Tensor,
     /// The learning rate of the update (after warm-up).
     lr: f64,
-    /// The gradient's global L2 norm before clipping.
-    grad_norm: f64,
+    /// The gradient's global L2 norm before clipping (a detached device scalar).
+    grad_norm: Tensor,
+    /// Training images per second since the run (or the resume) started.
+    images_per_s: f64,
+}
+
+/// The first step whose figures are not finite.
+struct Diverged {
+    /// Its number, counted from 1.
+    step: u64,
+    /// "loss" or "the gradient norm".
+    what: &'static str,
+    /// The value (NaN or an infinity).
+    value: f64,
+}
+
+/// The steps not yet read from the device.
+#[derive(Default)]
+struct StepLog {
+    pending: Vec<StepStats>,
+}
+
+impl StepLog {
+    /// Queues one step's figures.
+    fn push(&mut self, stats: StepStats) {
+        self.pending.push(stats);
+    }
+
+    /// Steps queued.
+    fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Reads the queued losses and norms from the device (two waits), appends a `metrics.jsonl` line
+    /// per step and shows the newest on the progress bar. Stops at the first step whose loss or
+    /// gradient norm is not finite (its update has made or may make the weights non-finite) and says
+    /// which; that step's line and the later ones are not written.
+    fn flush(&mut self, metrics: &mut std::fs::File, bar: &indicatif::ProgressBar) -> Result<Option<Diverged>> {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        // one stacked read per figure; the norm is f32 on Metal and f64 elsewhere
+        let read = |ts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::stack(&ts, 0)?.to_device(&candle_core::Device::Cpu)?) };
+        let losses = read(pending.iter().map(|p| p.loss.clone()).collect())?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let norms = read(pending.iter().map(|p| p.grad_norm.clone()).collect())?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for ((p, loss), grad_norm) in pending.iter().zip(losses).zip(norms) {
+            if !loss.is_finite() {
+                return Ok(Some(Diverged { step: p.step, what: "loss", value: loss.into() }));
+            }
+            if !grad_norm.is_finite() {
+                return Ok(Some(Diverged { step: p.step, what: "the gradient norm", value: grad_norm }));
+            }
+            let line = serde_json::json!({"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm, "images_per_s": (p.images_per_s * 100.0).round() / 100.0});
+            writeln!(metrics, "{line}")?;
+            bar.set_message(format!("loss {loss:.4}  {:.1} img/s", p.images_per_s));
+        }
+        Ok(None)
+    }
 }
 
 impl Trainer {
@@ -593,31 +662,18 @@ impl Trainer {
         let x_t = schedule.q_sample(&x0, &t, &noise)?;
         let pred = self.model.forward_train(&x_t, &t, &mut self.rng)?;
         let loss = ddpm_core::loss::simple_loss(schedule, s.weighting.loss(args.snr_gamma), &pred, &x0, &noise, &t)?;
-        let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        if !loss_v.is_finite() {
-            // no update from a non-finite loss: the caller stops with the last good checkpoint
-            return Ok(StepStats { loss: loss_v, lr: 0.0, grad_norm: f64::NAN });
-        }
         let grads = loss.backward()?;
         let lr = match args.lr_schedule {
             LrSchedule::Constant => warmup_lr(s.lr, step + 1, s.warmup),
             LrSchedule::Cosine => warmup_cosine_lr(s.lr, step + 1, s.warmup, s.total_steps),
         };
         self.opt.set_learning_rate(lr);
-        // global-norm clipping to --grad-clip, then the AdamW step
-        let grad_norm = self.opt.step_and_norm(&grads)?;
+        // global-norm clipping to --grad-clip, then the AdamW step, all on the device (no wait)
+        let grad_norm = self.opt.step_clipped(&grads)?;
         self.ema.update(self.opt.vars(), ema_decay(args.ema_decay, step + 1))?;
-        Ok(StepStats { loss: loss_v, lr, grad_norm })
+        // detached: a kept loss must not keep the step's graph (its activations) alive
+        Ok(StepStats { step: step + 1, loss: loss.detach(), lr, grad_norm, images_per_s: 0.0 })
     }
-}
-
-/// Shows step `step`'s loss and speed on the progress bar and appends them to `metrics.jsonl`.
-fn log_step(metrics: &mut std::fs::File, bar: &indicatif::ProgressBar, step: u64, stats: &StepStats, ips: f64) -> Result<()> {
-    bar.set_position(step);
-    bar.set_message(format!("loss {:.4}  {ips:.1} img/s", stats.loss));
-    let line = serde_json::json!({"step": step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "images_per_s": (ips * 100.0).round() / 100.0});
-    writeln!(metrics, "{line}")?;
-    Ok(())
 }
 
 /// Writes the checkpoint of step `step` under `ckpt_dir` (a temporary name, then renamed), prunes the

@@ -7,7 +7,9 @@
 //! [`AdamW::state`] and [`AdamW::load_state`] save and restore the moments and the step count for an
 //! exact resume. On contiguous f32 tensors (CPU, and CUDA or Metal when their kernels are enabled) each
 //! update is one in-place pass ([`crate::ops::optim`]); elsewhere it is composed of candle's ops, with
-//! the same formulas.
+//! the same formulas. [`AdamW::step_clipped`] computes the gradient norm and the clipping scale on the
+//! device and returns the norm as a device scalar, so a training loop on a GPU need not wait for the
+//! device at every step (`ddpm train` reads its losses and norms every 16 steps).
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
@@ -139,25 +141,51 @@ impl AdamW {
         self.step
     }
 
-    /// Global L2 norm of the gradients: sqrt(sum_i sum(g_i^2)), summed in f64 over the variables.
-    /// Variables without a gradient count 0.
+    /// Global L2 norm of the gradients: sqrt(sum_i sum(g_i^2)), summed in f64 over the variables (f32
+    /// on Metal, which has no f64). Variables without a gradient count 0. Read on the host; see
+    /// [`Self::grad_norm_on_device`] for a norm that the host does not wait for.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
-        for (_, var) in &self.vars {
-            if let Some(g) = grads.get(var) {
-                // sum(g^2) of this variable
-                total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
+        Ok(self.grad_norm_on_device(grads)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
+
+    /// [`Self::grad_norm`] as a scalar tensor on the variables' device (f64, or f32 on Metal):
+    /// computing it queues work and never waits for the device.
+    pub fn grad_norm_on_device(&self, grads: &GradStore) -> Result<Tensor> {
+        let device = self.device();
+        let acc = scalar_dtype(&device);
+        // sum(g_i^2) of each variable, in the gradient's dtype (f32 for f32 variables)
+        let sums = self
+            .vars
+            .iter()
+            .filter_map(|(_, var)| grads.get(var))
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(acc))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if sums.is_empty() {
+            return Ok(Tensor::zeros((), acc, &device)?);
         }
-        Ok(total.sqrt())
+        Ok(Tensor::stack(&sums, 0)?.sum_all()?.sqrt()?)
     }
 
     /// Global-norm clipping and one step at the current learning rate: with n = [`Self::grad_norm`],
-    /// the gradients are scaled by [`clip_scale`]`(n, max_grad_norm)`. Returns n (before clipping).
+    /// the gradients are scaled by [`clip_scale`]`(n, max_grad_norm)`. Returns n (before clipping),
+    /// read on the host: use [`Self::step_clipped`] in a loop that should not wait for the device.
     pub fn step_and_norm(&mut self, grads: &GradStore) -> Result<f64> {
-        let norm = self.grad_norm(grads)?;
-        let scale = clip_scale(norm, self.params.max_grad_norm.unwrap_or(0.0));
-        self.step_with(grads, self.params.lr, scale)?;
+        Ok(self.step_clipped(grads)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
+
+    /// [`Self::step_and_norm`] without a host round trip: the norm n and the clipping scale
+    /// min(1, max_grad_norm / (n + 1e-6)) are computed on the device and the step reads the scale
+    /// there. Returns n as a device scalar (detached; read it whenever convenient).
+    pub fn step_clipped(&mut self, grads: &GradStore) -> Result<Tensor> {
+        let norm = self.grad_norm_on_device(grads)?.detach();
+        let max = self.params.max_grad_norm.unwrap_or(0.0);
+        let scale = if max > 0.0 {
+            // min(1, max / (n + 1e-6)), as clip_scale computes it on the host
+            (norm.affine(1.0, 1e-6)?.recip()? * max)?.minimum(1.0)?
+        } else {
+            Tensor::ones((), norm.dtype(), norm.device())?
+        };
+        self.step_scaled(grads, self.params.lr, &scale.reshape(1)?)?;
         Ok(norm)
     }
 
@@ -166,6 +194,20 @@ impl AdamW {
     ///   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     ///   theta = theta (1 - lr wd) - lr (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)
     pub fn step_with(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let device = self.device();
+        self.step_scaled(grads, lr, &Tensor::new(&[grad_scale], &candle_core::Device::Cpu)?.to_dtype(scalar_dtype(&device))?.to_device(&device)?)
+    }
+
+    /// The variables' device (the CPU when there are none).
+    fn device(&self) -> candle_core::Device {
+        self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu)
+    }
+
+    /// [`Self::step_with`] with the gradient scale c as a one-element tensor on the variables' device
+    /// (so that clipping can compute it there), in [`scalar_dtype`].
+    fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: &Tensor) -> Result<()> {
+        // the in-place kernels read c in f32
+        let scale32 = grad_scale.to_dtype(DType::F32)?;
         self.step += 1;
         let p = self.params;
         let k = self.step.min(i32::MAX as u64) as i32;
@@ -174,15 +216,16 @@ impl AdamW {
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
             let theta = var.as_tensor();
-            if ops::fused_available(&[theta, &self.m[i], &self.v[i], g]) {
+            if ops::fused_available(&[theta, &self.m[i], &self.v[i], g, &scale32]) {
                 // One in-place pass per tensor, the same formulas as below.
-                let s = ops::AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.step, grad_scale };
-                ops::adamw_step_(theta, &self.m[i], &self.v[i], g, &s)?;
+                let s = ops::AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.step };
+                ops::adamw_step_(theta, &self.m[i], &self.v[i], g, &scale32, &s)?;
                 continue;
             }
             // Gradients, moments and the new weights are detached: an op graph kept in a moment would
             // chain every past step's tensors together and grow without bound.
-            let g = if grad_scale != 1.0 { (g.detach() * grad_scale)? } else { g.detach() };
+            // g = c grad
+            let g = g.detach().broadcast_mul(&grad_scale.to_dtype(g.dtype())?)?;
             // m = b1 m + (1 - b1) g
             let m = ((&self.m[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             // v = b2 v + (1 - b2) g^2
@@ -256,6 +299,16 @@ impl candle_nn::Optimizer for AdamW {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.params.lr = lr;
+    }
+}
+
+/// The dtype of the optimizer's device scalars (the gradient norm and the clipping scale): f64, or f32
+/// on Metal, which has no f64.
+fn scalar_dtype(device: &candle_core::Device) -> DType {
+    if device.is_metal() {
+        DType::F32
+    } else {
+        DType::F64
     }
 }
 

@@ -91,12 +91,14 @@ fn ddpm_step_matches_the_cpu_kernel() {
 #[test]
 fn adamw_and_ema_match_the_cpu_kernels() {
     let gpu = gpu();
-    let step = |k| AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: k, grad_scale: 0.8 };
+    let step = |k| AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: k };
     let run = |dev: &Device| {
         let t = |seed, amp| Tensor::from_vec(values(1000, seed, amp), 1000, dev).unwrap();
         let (theta, m, v, ema) = (t(10, 1.0), Tensor::zeros(1000, DType::F32, dev).unwrap(), Tensor::zeros(1000, DType::F32, dev).unwrap(), t(10, 1.0));
+        // the gradient's scale is read from device memory (clipping computes it there)
+        let scale = Tensor::new(&[0.8f32], dev).unwrap();
         for k in 1..=3 {
-            adamw_step_(&theta, &m, &v, &t(10 + k, 0.1), &step(k)).unwrap();
+            adamw_step_(&theta, &m, &v, &t(10 + k, 0.1), &scale, &step(k)).unwrap();
             ema_update_(&ema, &theta, 0.99).unwrap();
         }
         [theta, m, v, ema]
@@ -105,3 +107,32 @@ fn adamw_and_ema_match_the_cpu_kernels() {
     assert_close("AdamW and EMA", ["theta", "m", "v", "ema"], &on_gpu, &on_cpu, 1e-6);
 }
 
+
+#[test]
+fn clipped_adamw_on_the_device_matches_the_cpu() {
+    // AdamW::step_clipped: the gradient norm and the clipping scale computed on the device and read
+    // there by the moment kernels (no host round trip). Two variables, a loss whose gradient norm is
+    // about 90 (clipped to 1) and then, after the weights shrink, a step without clipping.
+    use ddpm_core::optim::{AdamW, AdamWParams};
+    let gpu = gpu();
+    let run = |dev: &Device| {
+        let var = |seed, n| Var::from_tensor(&Tensor::from_vec(values(n, seed, 1.0), n, dev).unwrap()).unwrap();
+        let (a, b) = (var(31, 700), var(32, 300));
+        let p = AdamWParams { lr: 1e-2, weight_decay: 0.01, max_grad_norm: Some(1.0), ..Default::default() };
+        let mut opt = AdamW::new_named(vec![("a".into(), a.clone()), ("b".into(), b.clone())], p).unwrap();
+        let mut norms = vec![];
+        for scale in [1.0, 0.01] {
+            // L = scale (sum a^2 + 2 sum b^2)
+            let loss = ((a.sqr().unwrap().sum_all().unwrap() + (b.sqr().unwrap().sum_all().unwrap() * 2.0).unwrap()).unwrap() * scale).unwrap();
+            let n = opt.step_clipped(&loss.backward().unwrap()).unwrap();
+            norms.push(n.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap());
+        }
+        (norms, [a.as_tensor().clone(), b.as_tensor().clone()])
+    };
+    let ((n_gpu, on_gpu), (n_cpu, on_cpu)) = (run(&gpu), run(&Device::Cpu));
+    assert!(n_cpu[0] > 1.0 && n_cpu[1] < 1.0, "the first step must clip and the second not: {n_cpu:?}");
+    for (g, c) in n_gpu.iter().zip(&n_cpu) {
+        assert!((g - c).abs() <= 1e-5 * c, "gradient norms {n_gpu:?} vs {n_cpu:?}");
+    }
+    assert_close("clipped AdamW", ["a", "b"], &on_gpu, &on_cpu, 1e-6);
+}

@@ -22,7 +22,8 @@ pub fn fused_available(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| super::fused_device(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
-/// The scalars of one AdamW step.
+/// The scalars of one AdamW step (the gradient's scale, which clipping computes on the device, is a
+/// tensor argument of [`adamw_step_`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
     /// Learning rate of this step.
@@ -37,45 +38,43 @@ pub struct AdamWStep {
     pub weight_decay: f64,
     /// The step number k, counted from 1 (for the bias corrections 1 - beta^k).
     pub step: u64,
-    /// Factor applied to the gradient first (global-norm clipping).
-    pub grad_scale: f64,
 }
 
-/// A running average written in place: a <- keep a + take f(scale x), with f(u) = u, or u^2 when
-/// `square`. AdamW's moments (keep = beta, x the gradient) and the EMA of the weights (keep = d,
-/// x the weights, scale 1) are both this.
-struct RunningAverage {
+/// keep = `beta`, take = 1 - `beta` (computed in f64, then rounded).
+fn keep_take(beta: f64) -> (f32, f32) {
+    (beta as f32, (1.0 - beta) as f32)
+}
+
+/// a <- keep a + take f(scale x), with f(u) = u, or u^2 when `square`, over matching slices, in
+/// parallel chunks: the CPU loop of both running averages.
+fn average_into(avg: &mut [f32], x: &[f32], keep: f32, take: f32, scale: f32, square: bool) {
+    avg.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ac, xc)| {
+        for (a, &xv) in ac.iter_mut().zip(xc) {
+            let u = xv * scale;
+            let fu = if square { u * u } else { u };
+            *a = keep * *a + take * fu;
+        }
+    });
+}
+
+/// The EMA of the weights written in place: a <- keep a + take x.
+struct Ema {
     keep: f32,
     take: f32,
-    scale: f32,
-    square: bool,
 }
 
-impl RunningAverage {
-    /// keep = `beta`, take = 1 - `beta` (computed in f64, then rounded).
-    fn new(beta: f64, scale: f64, square: bool) -> Self {
-        RunningAverage { keep: beta as f32, take: (1.0 - beta) as f32, scale: scale as f32, square }
-    }
-}
-
-impl InplaceOp2 for RunningAverage {
+impl InplaceOp2 for Ema {
     fn name(&self) -> &'static str {
-        "ddpm-running-average"
+        "ddpm-ema"
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let x = super::f32_slice(s2, l2, self.name(), "new values")?;
+        let x = super::f32_slice(s2, l2, self.name(), "weights")?;
         let avg = super::f32_slice_mut(s1, l1, self.name(), "average")?;
         if avg.len() != x.len() {
-            candle_core::bail!("{}: average and new values differ in size", self.name());
+            candle_core::bail!("{}: average and weights differ in size", self.name());
         }
-        avg.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(ac, xc)| {
-            for (a, &xv) in ac.iter_mut().zip(xc) {
-                let u = xv * self.scale;
-                let fu = if self.square { u * u } else { u };
-                *a = self.keep * *a + self.take * fu;
-            }
-        });
+        average_into(avg, x, self.keep, self.take, 1.0, false);
         Ok(())
     }
 
@@ -84,14 +83,14 @@ impl InplaceOp2 for RunningAverage {
         use super::cuda;
         use candle_core::backend::BackendStorage;
         let dev = s1.device().clone();
-        let x = cuda::f32_view(s2, l2, self.name(), "new values")?;
+        let x = cuda::f32_view(s2, l2, self.name(), "weights")?;
         let mut avg = cuda::f32_view_mut(s1, l1, self.name(), "average")?;
         let n = avg.len();
         if x.len() != n {
-            candle_core::bail!("{}: average and new values differ in size", self.name());
+            candle_core::bail!("{}: average and weights differ in size", self.name());
         }
-        let (n64, square) = (n as u64, self.square as i32);
-        cuda::launch!(&dev, "ddpm_running_average", cuda::elementwise(n); &mut avg, &x, &n64, &self.keep, &self.take, &self.scale, &square);
+        let n64 = n as u64;
+        cuda::launch!(&dev, "ddpm_ema", cuda::elementwise(n); &mut avg, &x, &n64, &self.keep, &self.take);
         Ok(())
     }
 
@@ -99,13 +98,93 @@ impl InplaceOp2 for RunningAverage {
     fn metal_fwd(&self, s1: &mut candle_core::MetalStorage, l1: &Layout, s2: &candle_core::MetalStorage, l2: &Layout) -> Result<()> {
         use super::metal::{self, float, uint, Arg, Grid};
         use candle_core::backend::BackendStorage;
-        let (x, xo, n_x) = metal::f32_buffer(s2, l2, self.name(), "new values")?;
+        let (x, xo, n_x) = metal::f32_buffer(s2, l2, self.name(), "weights")?;
         let (avg, ao, n) = metal::f32_buffer(s1, l1, self.name(), "average")?;
         if n_x != n {
-            candle_core::bail!("{}: average and new values differ in size", self.name());
+            candle_core::bail!("{}: average and weights differ in size", self.name());
         }
-        let args = [Arg::Out(avg, ao), Arg::In(x, xo), uint(metal::count(n, self.name())?), float(self.keep), float(self.take), float(self.scale), uint(self.square as u32)];
-        metal::launch(s1.device(), "ddpm_running_average", Grid::Elementwise(n), &args)
+        let args = [Arg::Out(avg, ao), Arg::In(x, xo), uint(metal::count(n, self.name())?), float(self.keep), float(self.take)];
+        metal::launch(s1.device(), "ddpm_ema", Grid::Elementwise(n), &args)
+    }
+}
+
+/// One of AdamW's moments written in place: a <- keep a + take f(s g), with f(u) = u (first moment)
+/// or u^2 (second), where the gradient's scale s is the one value of a device tensor (global-norm
+/// clipping computes it on the device, so the step never waits for it on the host).
+struct Moment {
+    keep: f32,
+    take: f32,
+    square: bool,
+}
+
+impl InplaceOp3 for Moment {
+    fn name(&self) -> &'static str {
+        "ddpm-adamw-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
+        let g = super::f32_slice(s2, l2, self.name(), "gradient")?;
+        let &[scale] = super::f32_slice(s3, l3, self.name(), "gradient scale")? else {
+            candle_core::bail!("{}: the gradient scale must hold one value", self.name());
+        };
+        let avg = super::f32_slice_mut(s1, l1, self.name(), "moment")?;
+        if avg.len() != g.len() {
+            candle_core::bail!("{}: moment and gradient differ in size", self.name());
+        }
+        average_into(avg, g, self.keep, self.take, scale, self.square);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        use super::cuda;
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        let (g, scale) = (cuda::f32_view(s2, l2, self.name(), "gradient")?, cuda::f32_view(s3, l3, self.name(), "gradient scale")?);
+        if scale.len() != 1 {
+            candle_core::bail!("{}: the gradient scale must hold one value", self.name());
+        }
+        let mut avg = cuda::f32_view_mut(s1, l1, self.name(), "moment")?;
+        let n = avg.len();
+        if g.len() != n {
+            candle_core::bail!("{}: moment and gradient differ in size", self.name());
+        }
+        let (n64, square) = (n as u64, self.square as i32);
+        cuda::launch!(&dev, "ddpm_adamw_moment", cuda::elementwise(n); &mut avg, &g, &scale, &n64, &self.keep, &self.take, &square);
+        Ok(())
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &mut candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+        s3: &candle_core::MetalStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        use super::metal::{self, float, uint, Arg, Grid};
+        use candle_core::backend::BackendStorage;
+        let (g, go, n_g) = metal::f32_buffer(s2, l2, self.name(), "gradient")?;
+        let (scale, so, n_s) = metal::f32_buffer(s3, l3, self.name(), "gradient scale")?;
+        if n_s != 1 {
+            candle_core::bail!("{}: the gradient scale must hold one value", self.name());
+        }
+        let (avg, ao, n) = metal::f32_buffer(s1, l1, self.name(), "moment")?;
+        if n_g != n {
+            candle_core::bail!("{}: moment and gradient differ in size", self.name());
+        }
+        let args = [Arg::Out(avg, ao), Arg::In(g, go), Arg::In(scale, so), uint(metal::count(n, self.name())?), float(self.keep), float(self.take), uint(self.square as u32)];
+        metal::launch(s1.device(), "ddpm_adamw_moment", Grid::Elementwise(n), &args)
     }
 }
 
@@ -187,22 +266,25 @@ impl InplaceOp3 for Apply {
     }
 }
 
-/// One AdamW step (Loshchilov and Hutter) written into `theta`, `m` and `v`, with k = `s.step`:
+/// One AdamW step (Loshchilov and Hutter) written into `theta`, `m` and `v`, with k = `s.step` and
+/// c the one value of `grad_scale` (a one-element f32 tensor on the same device; global-norm
+/// clipping computes it there):
 ///
-///   g     = grad_scale grad
+///   g     = c grad
 ///   m     = beta1 m + (1 - beta1) g
 ///   v     = beta2 v + (1 - beta2) g^2
 ///   theta = theta (1 - lr wd) - lr (m / (1 - beta1^k)) / (sqrt(v / (1 - beta2^k)) + eps)
 ///
-/// All four tensors must pass [`fused_available`] and hold the same number of values; `m` and `v`
-/// must not share storage with each other or with `theta`.
-pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, s: &AdamWStep) -> Result<()> {
-    if !fused_available(&[theta, m, v, grad]) {
+/// All five tensors must pass [`fused_available`] and the first four hold the same number of values;
+/// `m` and `v` must not share storage with each other or with `theta`.
+pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, grad_scale: &Tensor, s: &AdamWStep) -> Result<()> {
+    if !fused_available(&[theta, m, v, grad, grad_scale]) {
         candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
     let k = s.step.min(i32::MAX as u64) as i32;
-    m.inplace_op2(grad, &RunningAverage::new(s.beta1, s.grad_scale, false))?;
-    v.inplace_op2(grad, &RunningAverage::new(s.beta2, s.grad_scale, true))?;
+    let ((keep1, take1), (keep2, take2)) = (keep_take(s.beta1), keep_take(s.beta2));
+    m.inplace_op3(grad, grad_scale, &Moment { keep: keep1, take: take1, square: false })?;
+    v.inplace_op3(grad, grad_scale, &Moment { keep: keep2, take: take2, square: true })?;
     let apply = Apply {
         decay: (1.0 - s.lr * s.weight_decay) as f32,
         lr: s.lr as f32,
@@ -219,5 +301,6 @@ pub fn ema_update_(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<()> {
     if !fused_available(&[ema, theta]) {
         candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
-    ema.inplace_op2(theta, &RunningAverage::new(decay, 1.0, false))
+    let (keep, take) = keep_take(decay);
+    ema.inplace_op2(theta, &Ema { keep, take })
 }

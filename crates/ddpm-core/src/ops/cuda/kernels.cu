@@ -6,11 +6,18 @@
 
 #include "common.cuh"
 
-// a <- keep a + take f(scale x), f(u) = u or u^2 (AdamW's moments, the EMA).
-extern "C" __global__ void ddpm_running_average(float* a, const float* x, uint64_t n, float keep, float take,
-                                                float scale, int square) {
+// a <- keep a + take x (the EMA of the weights).
+extern "C" __global__ void ddpm_ema(float* a, const float* x, uint64_t n, float keep, float take) {
+    GRID_STRIDE(i, n) { a[i] = keep * a[i] + take * x[i]; }
+}
+
+// a <- keep a + take f(scale[0] g), f(u) = u or u^2 (AdamW's moments); the gradient's scale (global-norm
+// clipping) is read from device memory, so the host never waits for it.
+extern "C" __global__ void ddpm_adamw_moment(float* a, const float* g, const float* scale, uint64_t n, float keep,
+                                             float take, int square) {
+    const float s = scale[0];
     GRID_STRIDE(i, n) {
-        float u = x[i] * scale;
+        float u = g[i] * s;
         float fu = square ? u * u : u;
         a[i] = keep * a[i] + take * fu;
     }

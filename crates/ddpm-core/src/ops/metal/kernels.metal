@@ -8,13 +8,22 @@
 // The driver compiles this source with its default options (fast math), so the kernels call
 // precise::exp and precise::sqrt where the CPU kernels round correctly.
 
-// a <- keep a + take f(scale x), f(u) = u or u^2 (AdamW's moments, the EMA).
-kernel void ddpm_running_average(device float* a [[buffer(0)]], device const float* x [[buffer(1)]],
-                                 constant uint& n [[buffer(2)]], constant float& keep [[buffer(3)]],
-                                 constant float& take [[buffer(4)]], constant float& scale [[buffer(5)]],
-                                 constant uint& square [[buffer(6)]], uint i [[thread_position_in_grid]]) {
+// a <- keep a + take x (the EMA of the weights).
+kernel void ddpm_ema(device float* a [[buffer(0)]], device const float* x [[buffer(1)]],
+                     constant uint& n [[buffer(2)]], constant float& keep [[buffer(3)]],
+                     constant float& take [[buffer(4)]], uint i [[thread_position_in_grid]]) {
     if (i >= n) return;
-    float u = x[i] * scale;
+    a[i] = keep * a[i] + take * x[i];
+}
+
+// a <- keep a + take f(scale[0] g), f(u) = u or u^2 (AdamW's moments); the gradient's scale (global-norm
+// clipping) is read from device memory, so the host never waits for it.
+kernel void ddpm_adamw_moment(device float* a [[buffer(0)]], device const float* g [[buffer(1)]],
+                              device const float* scale [[buffer(2)]], constant uint& n [[buffer(3)]],
+                              constant float& keep [[buffer(4)]], constant float& take [[buffer(5)]],
+                              constant uint& square [[buffer(6)]], uint i [[thread_position_in_grid]]) {
+    if (i >= n) return;
+    float u = g[i] * scale[0];
     float fu = square ? u * u : u;
     a[i] = keep * a[i] + take * fu;
 }
