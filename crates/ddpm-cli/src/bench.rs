@@ -22,7 +22,7 @@ use crate::optim::{AdamW, AdamWParams};
 /// Options of `ddpm bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// UNet preset: mnist-small, labml or ddpm-cifar10.
+    /// UNet preset: mnist-fast, mnist-small, labml or ddpm-cifar10.
     #[arg(long, default_value = "ddpm-cifar10")]
     pub preset: String,
     /// A diffusers config.json instead of a preset.

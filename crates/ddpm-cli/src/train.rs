@@ -30,8 +30,8 @@ pub struct TrainArgs {
     /// Use only the first N training images.
     #[arg(long)]
     pub max_images: Option<usize>,
-    /// UNet preset: mnist-small, labml or ddpm-cifar10.
-    #[arg(long, default_value = "mnist-small")]
+    /// UNet preset: mnist-fast, mnist-small, labml or ddpm-cifar10.
+    #[arg(long, default_value = "mnist-fast")]
     pub preset: String,
     /// A diffusers UNet2DModel config.json to use instead of a preset.
     #[arg(long)]
@@ -60,8 +60,8 @@ pub struct TrainArgs {
     /// Images per optimizer step.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Peak learning rate: the paper's 2e-4, except 1e-3 for the small mnist-small preset so that a short
-    /// CPU run converges.
+    /// Peak learning rate: the paper's 2e-4, except 1e-3 for the small MNIST presets (mnist-fast,
+    /// mnist-small) so that a short CPU run converges.
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Linear learning-rate warm-up steps (the paper uses 5000); default min(5000, steps / 10).
@@ -72,7 +72,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrSchedule,
     /// Loss weighting over timesteps: none (the paper's L_simple) or min-snr (Hang et al. 2023)
-    /// [default: min-snr for the mnist-small preset, whose short CPU run it makes better (see
+    /// [default: min-snr for the MNIST presets, whose short CPU runs it makes better (see
     /// docs/quality.md), none otherwise].
     #[arg(long, value_enum)]
     pub loss_weighting: Option<Weighting>,
@@ -91,7 +91,7 @@ pub struct TrainArgs {
     /// Flip training images left-right at random (off for digits).
     #[arg(long, default_value_t = false)]
     pub random_flip: bool,
-    /// Total optimizer steps (default 1500, about 14 minutes of mnist-small on 2 AVX-512 CPU cores,
+    /// Total optimizer steps (default 2100, about 13 minutes of mnist-fast on 2 AVX-512 CPU cores,
     /// or what --epochs gives).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -164,19 +164,25 @@ pub enum Weighting {
 }
 
 /// Optimizer steps when neither --steps nor --epochs is given.
-pub const DEFAULT_STEPS: u64 = 1500;
+pub const DEFAULT_STEPS: u64 = 2100;
 
-/// The loss weighting of a run: --loss-weighting, else min-SNR-gamma for the mnist-small preset (the
-/// short CPU run that the README's main command makes: at 1500 steps its samples score FID 84 on the
-/// classifier features against L_simple's 103, docs/quality.md) and L_simple, the paper's, for the rest.
+/// Whether the run uses one of the small MNIST presets (mnist-fast, mnist-small), whose short CPU runs
+/// get a learning rate of 1e-3 and the min-SNR loss by default.
+fn quick_cpu_preset(args: &TrainArgs) -> bool {
+    args.unet_config.is_none() && matches!(args.preset.as_str(), "mnist-fast" | "mnist-small")
+}
+
+/// The loss weighting of a run: --loss-weighting, else min-SNR-gamma for the MNIST presets (the short
+/// CPU runs that the README's main command makes: at 1500 steps of mnist-small its samples score FID 84
+/// on the classifier features against L_simple's 103, docs/quality.md) and L_simple, the paper's, for
+/// the rest.
 pub fn loss_weighting_of(args: &TrainArgs) -> LossWeighting {
     weighting_of(args).loss(args.snr_gamma)
 }
 
 /// The weighting a fresh run chooses: --loss-weighting, else by preset (see [`loss_weighting_of`]).
 fn weighting_of(args: &TrainArgs) -> Weighting {
-    let quick_cpu_preset = args.unet_config.is_none() && args.preset == "mnist-small";
-    args.loss_weighting.unwrap_or(if quick_cpu_preset { Weighting::MinSnr } else { Weighting::None })
+    args.loss_weighting.unwrap_or(if quick_cpu_preset(args) { Weighting::MinSnr } else { Weighting::None })
 }
 
 impl Weighting {
@@ -317,7 +323,7 @@ fn setup(args: &TrainArgs, set: &ImageSet) -> Result<Setup> {
     };
     let warmup = args.warmup_steps.unwrap_or((total_steps / 10).min(5000));
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&args.preset));
-    let lr = args.lr.unwrap_or(if args.unet_config.is_none() && args.preset == "mnist-small" { 1e-3 } else { 2e-4 });
+    let lr = args.lr.unwrap_or(if quick_cpu_preset(args) { 1e-3 } else { 2e-4 });
     if args.sample_steps > sched_config.num_train_timesteps {
         bail!("--sample-steps {}: more than the schedule's {} diffusion steps", args.sample_steps, sched_config.num_train_timesteps);
     }
@@ -713,17 +719,18 @@ mod tests {
     }
 
     #[test]
-    fn mnist_small_defaults_to_min_snr_and_a_resume_keeps_the_runs_weighting() {
+    fn mnist_presets_default_to_min_snr_and_a_resume_keeps_the_runs_weighting() {
         let min_snr = LossWeighting::MinSnr { gamma: 5.0 };
         assert_eq!(loss_weighting_of(&args(&[])), min_snr);
+        assert_eq!(loss_weighting_of(&args(&["--preset", "mnist-small"])), min_snr);
         assert_eq!(loss_weighting_of(&args(&["--preset", "ddpm-cifar10"])), LossWeighting::None);
         assert_eq!(loss_weighting_of(&args(&["--loss-weighting", "none"])), LossWeighting::None);
         let a = args(&[]);
         let fresh = || Setup {
-            unet_config: ddpm_unet::presets::preset("mnist-small").unwrap(),
+            unet_config: ddpm_unet::presets::preset("mnist-fast").unwrap(),
             sched_config: SchedulerConfig::default(),
-            total_steps: 1500,
-            warmup: 150,
+            total_steps: 2100,
+            warmup: 210,
             out: PathBuf::from("runs/x"),
             lr: 1e-3,
             weighting: weighting_of(&a),

@@ -4,7 +4,7 @@ use crate::config::{DownBlockType::*, UNetConfig, UpBlockType::*};
 use crate::error::{Error, Result};
 
 /// The names [`preset`] knows.
-pub const PRESET_NAMES: &[&str] = &["ddpm-cifar10", "labml", "mnist-small"];
+pub const PRESET_NAMES: &[&str] = &["ddpm-cifar10", "labml", "mnist-fast", "mnist-small"];
 
 /// The configuration named `name` (one of [`PRESET_NAMES`]); an unknown name is an error listing
 /// the known ones.
@@ -12,6 +12,7 @@ pub fn preset(name: &str) -> Result<UNetConfig> {
     match name {
         "ddpm-cifar10" => Ok(ddpm_cifar10()),
         "labml" => Ok(labml()),
+        "mnist-fast" => Ok(mnist_fast()),
         "mnist-small" => Ok(mnist_small()),
         _ => Err(Error::UnknownPreset {
             name: name.to_string(),
@@ -81,4 +82,10 @@ pub fn mnist_small() -> UNetConfig {
         dropout: 0.0,
         ..UNetConfig::default()
     }
+}
+
+/// [`mnist_small`] narrowed to channels 24, 48, 64 (873,001 parameters): 1.4x its training speed on a
+/// CPU, and at the same wall time better samples (docs/quality.md), so `ddpm train`'s default.
+pub fn mnist_fast() -> UNetConfig {
+    UNetConfig { block_out_channels: vec![24, 48, 64], ..mnist_small() }
 }

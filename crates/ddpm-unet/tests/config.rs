@@ -160,6 +160,10 @@ fn all_presets_are_valid_and_unknown_names_list_the_known() {
         );
     }
     assert_eq!(preset("mnist-small").unwrap().size_divisor(), 4);
+    // mnist-fast is mnist-small narrowed to 24, 48, 64 channels
+    let (fast, small) = (preset("mnist-fast").unwrap(), preset("mnist-small").unwrap());
+    assert_eq!(fast.block_out_channels, [24, 48, 64]);
+    assert_eq!(ddpm_unet::UNetConfig { block_out_channels: small.block_out_channels.clone(), ..fast }, small);
     let e = preset("nope").unwrap_err();
     assert!(matches!(e, Error::UnknownPreset { .. }));
     let msg = e.to_string();
