@@ -91,7 +91,7 @@ pub struct TrainArgs {
     /// Flip training images left-right at random (off for digits).
     #[arg(long, default_value_t = false)]
     pub random_flip: bool,
-    /// Total optimizer steps (default 2100, about 13 minutes of mnist-fast on 2 AVX-512 CPU cores,
+    /// Total optimizer steps (default 2100, about 14 minutes of mnist-fast on 2 AVX-512 CPU cores,
     /// or what --epochs gives).
     #[arg(long)]
     pub steps: Option<u64>,
