@@ -58,12 +58,20 @@ fn average_into(avg: &mut [f32], x: &[f32], keep: f32, take: f32, scale: f32, sq
 }
 
 /// The EMA of the weights written in place: a <- keep a + take x.
-struct Ema {
+struct EmaUpdate {
     keep: f32,
     take: f32,
 }
 
-impl InplaceOp2 for Ema {
+impl EmaUpdate {
+    /// keep = `decay`, take = 1 - `decay`.
+    fn new(decay: f64) -> Self {
+        let (keep, take) = keep_take(decay);
+        EmaUpdate { keep, take }
+    }
+}
+
+impl InplaceOp2 for EmaUpdate {
     fn name(&self) -> &'static str {
         "ddpm-ema"
     }
@@ -115,6 +123,14 @@ struct Moment {
     keep: f32,
     take: f32,
     square: bool,
+}
+
+impl Moment {
+    /// keep = `beta`, take = 1 - `beta`; the second moment (of g^2) when `square`.
+    fn new(beta: f64, square: bool) -> Self {
+        let (keep, take) = keep_take(beta);
+        Moment { keep, take, square }
+    }
 }
 
 impl InplaceOp3 for Moment {
@@ -282,9 +298,8 @@ pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, grad_s
         candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
     let k = s.step.min(i32::MAX as u64) as i32;
-    let ((keep1, take1), (keep2, take2)) = (keep_take(s.beta1), keep_take(s.beta2));
-    m.inplace_op3(grad, grad_scale, &Moment { keep: keep1, take: take1, square: false })?;
-    v.inplace_op3(grad, grad_scale, &Moment { keep: keep2, take: take2, square: true })?;
+    m.inplace_op3(grad, grad_scale, &Moment::new(s.beta1, false))?;
+    v.inplace_op3(grad, grad_scale, &Moment::new(s.beta2, true))?;
     let apply = Apply {
         decay: (1.0 - s.lr * s.weight_decay) as f32,
         lr: s.lr as f32,
@@ -301,6 +316,5 @@ pub fn ema_update_(ema: &Tensor, theta: &Tensor, decay: f64) -> Result<()> {
     if !fused_available(&[ema, theta]) {
         candle_core::bail!("ema_update_: the in-place update takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
-    let (keep, take) = keep_take(decay);
-    ema.inplace_op2(theta, &Ema { keep, take })
+    ema.inplace_op2(theta, &EmaUpdate::new(decay))
 }
