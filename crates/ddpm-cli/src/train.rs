@@ -424,7 +424,7 @@ fn options_json(args: &TrainArgs, s: &Setup) -> Result<serde_json::Value> {
 }
 
 /// On resume, keeps the warm-up length, learning rate and loss weighting the checkpoint was trained
-/// with unless the command line sets them: both defaults depend on other options (the warm-up on `--steps`), and a
+/// with unless the command line sets them: their defaults depend on other options (the warm-up on `--steps`), and a
 /// resume that changes `--steps` must not change the learning-rate schedule of the steps already run.
 fn keep_schedule_of(saved: &serde_json::Value, args: &TrainArgs, s: &mut Setup) {
     if args.warmup_steps.is_none() {
@@ -499,10 +499,9 @@ pub fn run_with_hook(args: TrainArgs, before_write: &dyn Fn(&str) -> Result<()>)
     let mut log = StepLog::default();
     while step < s.total_steps {
         let idx = batch_indices(set.len, args.batch_size, args.seed, step, &mut order_cache);
-        let mut stats = tr.step(&set, &idx, &schedule, &args, &s, step, &device)?;
+        let stats = tr.step(&set, &idx, &schedule, &args, &s, step, &device)?;
         step += 1;
-        stats.images_per_s = ((step - start_step) as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64();
-        log.push(stats);
+        log.push(stats, ((step - start_step) as usize * args.batch_size) as f64 / t_start.elapsed().as_secs_f64());
         bar.set_position(step);
         let out_of_time = args.minutes.is_some_and(|m| t_start.elapsed().as_secs_f64() >= m * 60.0);
         let last = step == s.total_steps || out_of_time;
@@ -555,8 +554,6 @@ struct StepStats {
     lr: f64,
     /// The gradient's global L2 norm before clipping (a detached device scalar).
     grad_norm: Tensor,
-    /// Training images per second since the run (or the resume) started.
-    images_per_s: f64,
 }
 
 /// The first step whose figures are not finite.
@@ -569,16 +566,17 @@ struct Diverged {
     value: f64,
 }
 
-/// The steps not yet read from the device.
+/// The steps not yet read from the device, each with the training images per second since the run
+/// (or the resume) started.
 #[derive(Default)]
 struct StepLog {
-    pending: Vec<StepStats>,
+    pending: Vec<(StepStats, f64)>,
 }
 
 impl StepLog {
-    /// Queues one step's figures.
-    fn push(&mut self, stats: StepStats) {
-        self.pending.push(stats);
+    /// Queues one step's figures and the speed measured after it.
+    fn push(&mut self, stats: StepStats, images_per_s: f64) {
+        self.pending.push((stats, images_per_s));
     }
 
     /// Steps queued.
@@ -597,18 +595,18 @@ impl StepLog {
         }
         // one stacked read per figure; the norm is f32 on Metal and f64 elsewhere
         let read = |ts: Vec<Tensor>| -> Result<Tensor> { Ok(Tensor::stack(&ts, 0)?.to_device(&candle_core::Device::Cpu)?) };
-        let losses = read(pending.iter().map(|p| p.loss.clone()).collect())?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let norms = read(pending.iter().map(|p| p.grad_norm.clone()).collect())?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        for ((p, loss), grad_norm) in pending.iter().zip(losses).zip(norms) {
+        let losses = read(pending.iter().map(|(p, _)| p.loss.clone()).collect())?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let norms = read(pending.iter().map(|(p, _)| p.grad_norm.clone()).collect())?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for (((p, images_per_s), loss), grad_norm) in pending.iter().zip(losses).zip(norms) {
             if !loss.is_finite() {
                 return Ok(Some(Diverged { step: p.step, what: "loss", value: loss.into() }));
             }
             if !grad_norm.is_finite() {
                 return Ok(Some(Diverged { step: p.step, what: "the gradient norm", value: grad_norm }));
             }
-            let line = serde_json::json!({"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm, "images_per_s": (p.images_per_s * 100.0).round() / 100.0});
+            let line = serde_json::json!({"step": p.step, "loss": loss, "lr": p.lr, "grad_norm": grad_norm, "images_per_s": (images_per_s * 100.0).round() / 100.0});
             writeln!(metrics, "{line}")?;
-            bar.set_message(format!("loss {loss:.4}  {:.1} img/s", p.images_per_s));
+            bar.set_message(format!("loss {loss:.4}  {images_per_s:.1} img/s"));
         }
         Ok(None)
     }
@@ -678,7 +676,7 @@ impl Trainer {
         let grad_norm = self.opt.step_clipped(&grads)?;
         self.ema.update(self.opt.vars(), ema_decay(args.ema_decay, step + 1))?;
         // detached: a kept loss must not keep the step's graph (its activations) alive
-        Ok(StepStats { step: step + 1, loss: loss.detach(), lr, grad_norm, images_per_s: 0.0 })
+        Ok(StepStats { step: step + 1, loss: loss.detach(), lr, grad_norm })
     }
 }
 
