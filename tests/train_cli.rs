@@ -130,6 +130,8 @@ fn options_are_validated_before_anything_is_written() {
         (&["--lr", "0"], "--lr 0"),
         (&["--sample-steps", "0"], "--sample-steps 0"),
         (&["--sample-steps", "101"], "--sample-steps 101"),
+        (&["--sample-eta", "-1"], "--sample-eta -1"),
+        (&["--sample-eta", "nan"], "--sample-eta NaN"),
         (&["--num-samples", "100000000"], "--num-samples 100000000"),
         (&["--max-images", "0"], "--max-images 0"),
     ];

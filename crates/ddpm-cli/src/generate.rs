@@ -103,17 +103,18 @@ pub fn generate<P: NoisePredictor + ?Sized>(
     }
 }
 
-/// A grid's worth of DDIM samples (eta 0, `steps` steps) from a fixed seed, so that the grids of one
-/// training run are comparable step to step.
+/// A grid's worth of DDIM samples (`steps` steps with `eta`) from a fixed seed, so that the grids of
+/// one training run are comparable step to step (with eta > 0 the noise added at each step is drawn
+/// from the same seeded source).
 pub fn ddim_grid<P: NoisePredictor + ?Sized>(
     model: &P,
     config: &SchedulerConfig,
     shape: impl Into<Shape>,
-    steps: usize,
+    (steps, eta): (usize, f64),
     seed: u64,
     device: &Device,
 ) -> Result<Tensor> {
-    let sampler = make_sampler(Some(SamplerKind::Ddim), config, Some(steps.min(config.num_train_timesteps)), 0.0, device)?;
+    let sampler = make_sampler(Some(SamplerKind::Ddim), config, Some(steps.min(config.num_train_timesteps)), eta, device)?;
     generate(model, &sampler, shape, DType::F32, device, &mut NoiseRng::new(seed), |_, _| Ok(()))
 }
 

@@ -129,6 +129,10 @@ pub struct TrainArgs {
     /// DDIM steps for the sample grids.
     #[arg(long, default_value_t = 50)]
     pub sample_steps: usize,
+    /// DDIM eta of the sample grids: 1 (the default) adds DDPM's noise at each step, which gives a
+    /// short run's model much better samples than the deterministic 0 (docs/quality.md).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
+    pub sample_eta: f64,
     /// Keep only the newest N checkpoints (0 keeps all).
     #[arg(long, default_value_t = 3)]
     pub keep_last: usize,
@@ -234,6 +238,9 @@ pub fn validate_options(args: &TrainArgs) -> Result<()> {
     }
     if args.sample_steps == 0 {
         bail!("--sample-steps 0: DDIM needs at least one step for the sample grids");
+    }
+    if !non_negative(args.sample_eta) {
+        bail!("--sample-eta {}: must be 0 (deterministic DDIM) or a positive number (1 is DDPM-like)", args.sample_eta);
     }
     if args.num_samples > MAX_GRID_SAMPLES {
         bail!("--num-samples {}: a sample grid holds at most {MAX_GRID_SAMPLES} images (sampled as one batch); use `ddpm sample --num N` on the checkpoint for more", args.num_samples);
@@ -692,13 +699,13 @@ fn save_checkpoint(tr: &Trainer, ckpt_dir: &Path, args: &TrainArgs, s: &Setup, s
     Ok(dir)
 }
 
-/// Samples `--num-samples` images from the EMA weights with DDIM (`--sample-steps`, seeded by
-/// `--seed`) and writes their grid as `samples/step-NNNNNN.png`; returns its path.
+/// Samples `--num-samples` images from the EMA weights with DDIM (`--sample-steps`, `--sample-eta`,
+/// seeded by `--seed`) and writes their grid as `samples/step-NNNNNN.png`; returns its path.
 fn write_samples(tr: &Trainer, samples_dir: &Path, args: &TrainArgs, s: &Setup, step: u64, device: &candle_core::Device) -> Result<PathBuf> {
     let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.state(), DType::F32, device))?;
     let size = crate::model::sample_size(&s.unet_config)?;
     let shape = (args.num_samples, s.unet_config.in_channels, size, size);
-    let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, args.sample_steps, args.seed, device)?;
+    let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, (args.sample_steps, args.sample_eta), args.seed, device)?;
     let path = samples_dir.join(format!("step-{step:06}.png"));
     imageio::save_grid(&grid, &path)?;
     Ok(path)
