@@ -1,6 +1,7 @@
 //! `ddpm train` end to end on a tiny UNet and the shipped MNIST: exact resume, crash-safe checkpoints,
 //! metrics cut back to the checkpoint on resume, a used run folder refused without --overwrite, options
-//! validated before anything is written, one-line errors on bad input.
+//! validated before anything is written, one-line errors on bad input, the sample grids equal to
+//! `ddpm sample` of the checkpoint.
 
 use ddpm_cli::checkpoint;
 use ddpm_tests::{ddpm, ddpm_err, parse, read_tensors, tiny_unet_config};
@@ -341,4 +342,35 @@ fn minutes_stops_at_a_step_with_a_checkpoint_that_resumes() {
     // the default lr of a custom UNet is 2e-4; warm-up 2, then (1 + cos(pi (s - 2) / 2)) / 2: 1, 1/2, 0
     let want = [1e-4, 2e-4, 1e-4, 0.0];
     assert!(lrs.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12), "{lrs:?}");
+}
+
+/// A run's sample grid is `ddpm sample` of its checkpoint with DDIM at `--sample-steps` and
+/// `--sample-eta` (1 unless asked), seeded by `--seed`: the same PNG bytes, and other bytes with the
+/// other eta.
+#[test]
+fn sample_grids_are_the_checkpoints_ddim_samples_at_the_runs_eta() {
+    let (tmp, cfg, _) = tiny_run();
+    for (name, run_eta) in [("default-eta", None), ("eta-0", Some("0"))] {
+        let out = tmp.path().join(name).display().to_string();
+        let mut a = tiny_args(&cfg, &out, "2");
+        for (flag, v) in [("--sample-every", "2"), ("--num-samples", "4")] {
+            let i = a.iter().position(|x| *x == flag).unwrap();
+            a[i + 1] = v;
+        }
+        a.extend(["--sample-steps", "5"]);
+        if let Some(e) = run_eta {
+            a.extend(["--sample-eta", e]);
+        }
+        ddpm(&a).unwrap();
+        let grid = std::fs::read(std::path::Path::new(&out).join("samples/step-000002.png")).unwrap();
+        let model = format!("{out}/checkpoints/step-000002");
+        let sampled = |eta: &str| {
+            let png = tmp.path().join(format!("{name}-{eta}.png")).display().to_string();
+            ddpm(&["sample", "--model", &model, "--num", "4", "--scheduler", "ddim", "--steps", "5", "--eta", eta, "--seed", "11", "--out", &png, "--device", "cpu"]).unwrap();
+            std::fs::read(png).unwrap()
+        };
+        let (same, other) = if run_eta == Some("0") { ("0", "1") } else { ("1", "0") };
+        assert!(grid == sampled(same), "{name}: the grid is not DDIM with eta {same}");
+        assert!(grid != sampled(other), "{name}: eta {other} gave the same grid");
+    }
 }
