@@ -110,7 +110,8 @@ pub fn ddim_grid<P: NoisePredictor + ?Sized>(
     model: &P,
     config: &SchedulerConfig,
     shape: impl Into<Shape>,
-    (steps, eta): (usize, f64),
+    steps: usize,
+    eta: f64,
     seed: u64,
     device: &Device,
 ) -> Result<Tensor> {

@@ -705,7 +705,7 @@ fn write_samples(tr: &Trainer, samples_dir: &Path, args: &TrainArgs, s: &Setup, 
     let ema_model = UNet2DModel::new(&s.unet_config, VarBuilder::from_tensors(tr.ema.state(), DType::F32, device))?;
     let size = crate::model::sample_size(&s.unet_config)?;
     let shape = (args.num_samples, s.unet_config.in_channels, size, size);
-    let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, (args.sample_steps, args.sample_eta), args.seed, device)?;
+    let grid = generate::ddim_grid(&ema_model, &s.sched_config, shape, args.sample_steps, args.sample_eta, args.seed, device)?;
     let path = samples_dir.join(format!("step-{step:06}.png"));
     imageio::save_grid(&grid, &path)?;
     Ok(path)
