@@ -1,5 +1,6 @@
 //! Loading cuDNN at run time: the library names tried, the version check, the switches read from
-//! the environment (`DDPM_CUDNN`, `DDPM_CUDNN_BENCHMARK`), and the process-wide loaded library.
+//! the environment (`DDPM_CUDNN`, `DDPM_CUDNN_BENCHMARK`, `DDPM_CUDNN_DETERMINISTIC`), and the
+//! process-wide loaded library.
 
 use super::ffi::*;
 use super::CudnnError;
@@ -198,6 +199,16 @@ pub enum AlgoSearch {
     /// Times every algorithm (the `cudnnFind*Algorithm` calls, which allocate their own buffers
     /// and block the host): the fastest qualifying one.
     Benchmark,
+}
+
+/// Whether only deterministic algorithms qualify: yes unless `DDPM_CUDNN_DETERMINISTIC=0` (or
+/// `false`/`off`/`no`; read once). The non-deterministic ones (the backward passes' algorithms that
+/// add partial sums with atomics, in whatever order the threads finish) are what PyTorch may pick
+/// by default (`torch.backends.cudnn.deterministic = False`); with them a run is no longer
+/// reproducible bit for bit, a resumed one included.
+pub fn deterministic_only() -> bool {
+    static ONLY: OnceLock<bool> = OnceLock::new();
+    *ONLY.get_or_init(|| !disabled_by(std::env::var("DDPM_CUDNN_DETERMINISTIC").ok().as_deref()))
 }
 
 /// The search mode: [`AlgoSearch::Benchmark`] when `DDPM_CUDNN_BENCHMARK=1` (read once),

@@ -17,12 +17,15 @@
 //! * backward_filter: `dw[o,c,p,q] = sum_{n,i,j} dy[n,o,i,j] * x[n,c, i*s+p-pad, j*s+q-pad]`
 //! * backward_bias:   `db[o] = sum_{n,i,j} dy[n,o,i,j]`
 //!
-//! Only deterministic algorithms are used, so repeated runs give bit-identical results.
+//! Only deterministic algorithms are used unless `DDPM_CUDNN_DETERMINISTIC=0`, so repeated runs
+//! give bit-identical results.
 //!
 //! Environment (each read once per process):
 //! * `DDPM_CUDNN=0` (or `false`/`off`): never load cuDNN.
 //! * `DDPM_CUDNN_BENCHMARK=1`: choose algorithms by timing them ([`AlgoSearch::Benchmark`])
 //!   instead of cuDNN's heuristics ([`AlgoSearch::Heuristic`]).
+//! * `DDPM_CUDNN_DETERMINISTIC=0`: let non-deterministic algorithms qualify too, as PyTorch does by
+//!   default ([`deterministic_only`]).
 //!
 //! Threading: a cuDNN handle is not thread-safe, so each device's handle sits behind a mutex that
 //! is held for every call that uses it (algorithm search and each launch).
@@ -41,7 +44,7 @@ mod ffi;
 mod library;
 
 use ffi::*;
-pub use library::{algo_search, library, AlgoSearch, CudnnLib};
+pub use library::{algo_search, deterministic_only, library, AlgoSearch, CudnnLib};
 // ---------------------------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------------------------
@@ -352,11 +355,11 @@ impl Choice {
     };
 }
 
-/// Whether cuDNN's report `p` qualifies: succeeded, deterministic, workspace within `max_bytes`,
-/// and a math type that keeps `dtype`'s numerics.
-fn qualifies(p: &AlgoPerf, dtype: ConvDType, max_bytes: usize) -> bool {
+/// Whether cuDNN's report `p` qualifies: succeeded, deterministic (where `deterministic_only`),
+/// workspace within `max_bytes`, and a math type that keeps `dtype`'s numerics.
+fn qualifies(p: &AlgoPerf, dtype: ConvDType, max_bytes: usize, deterministic_only: bool) -> bool {
     p.status == Status::SUCCESS
-        && p.determinism == Determinism::DETERMINISTIC
+        && (p.determinism == Determinism::DETERMINISTIC || !deterministic_only)
         && p.memory <= max_bytes
         && dtype.accepts(p.math_type)
 }
@@ -411,7 +414,7 @@ impl fmt::Debug for ConvPlan {
 
 /// The plan for `key` on CUDA device ordinal `device`, built on first use and cached per
 /// (device, key) for the life of the process. Fails (without panicking) when cuDNN is unavailable
-/// (see [`library`]), `key` is invalid (see [`ConvKey::validate`]), or no deterministic algorithm
+/// (see [`library`]), `key` is invalid (see [`ConvKey::validate`]), or no qualifying algorithm
 /// within [`MAX_WORKSPACE_BYTES`] exists for some direction; a key that failed on a device keeps
 /// failing there (the error is cached), so falling back is cheap.
 ///
@@ -654,10 +657,10 @@ impl ConvPlan {
         lib.check(st, name, &ctx)?;
         perfs.truncate(usize::try_from(returned.clamp(0, requested)).unwrap_or(0));
 
-        let dtype = self.key.dtype;
+        let (dtype, only_deterministic) = (self.key.dtype, deterministic_only());
         for p in perfs
             .iter()
-            .filter(|p| qualifies(p, dtype, MAX_WORKSPACE_BYTES))
+            .filter(|p| qualifies(p, dtype, MAX_WORKSPACE_BYTES, only_deterministic))
         {
             let mut bytes = 0usize;
             // SAFETY: valid handle and descriptors (argument order as above), out-pointer.
@@ -696,8 +699,9 @@ impl ConvPlan {
             })
             .collect();
         Err(CudnnError::new(format!(
-            "cuDNN has no deterministic {dir} algorithm within {} MiB of workspace for {:?} \
+            "cuDNN has no {}{dir} algorithm within {} MiB of workspace for {:?} \
              ({search:?} search; cuDNN reported [{}])",
+            if only_deterministic { "deterministic " } else { "" },
             MAX_WORKSPACE_BYTES >> 20,
             self.key,
             seen.join(", ")
@@ -1212,14 +1216,15 @@ mod tests {
             math_type: MathType::FMA,
             reserved: [0; 3],
         };
-        assert!(qualifies(&good, ConvDType::F32, MAX_WORKSPACE_BYTES));
+        assert!(qualifies(&good, ConvDType::F32, MAX_WORKSPACE_BYTES, true));
         assert!(!qualifies(
             &AlgoPerf {
                 status: Status(3000),
                 ..good
             },
             ConvDType::F32,
-            MAX_WORKSPACE_BYTES
+            MAX_WORKSPACE_BYTES,
+            true
         ));
         assert!(!qualifies(
             &AlgoPerf {
@@ -1227,13 +1232,19 @@ mod tests {
                 ..good
             },
             ConvDType::F32,
-            MAX_WORKSPACE_BYTES
+            MAX_WORKSPACE_BYTES,
+            true
         ));
-        assert!(!qualifies(&good, ConvDType::F32, 1023));
+        assert!(!qualifies(&good, ConvDType::F32, 1023, true));
+        // a non-deterministic algorithm qualifies where determinism is not asked for
+        let atomic = AlgoPerf { determinism: Determinism(0), ..good };
+        assert!(qualifies(&atomic, ConvDType::F32, MAX_WORKSPACE_BYTES, false));
+        assert!(!qualifies(&atomic, ConvDType::F32, MAX_WORKSPACE_BYTES, true));
         assert!(!qualifies(
             &AlgoPerf::EMPTY,
             ConvDType::Tf32,
-            MAX_WORKSPACE_BYTES
+            MAX_WORKSPACE_BYTES,
+            true
         ));
 
         // Plain f32 stays on FMA kernels; the others may use tensor cores but never down-convert.
@@ -1249,13 +1260,13 @@ mod tests {
             math_type: MathType::TENSOR_OP_ALLOW_CONVERSION,
             ..good
         };
-        assert!(!qualifies(&tensor_op, ConvDType::F32, MAX_WORKSPACE_BYTES));
-        assert!(!qualifies(&default, ConvDType::F32, MAX_WORKSPACE_BYTES));
+        assert!(!qualifies(&tensor_op, ConvDType::F32, MAX_WORKSPACE_BYTES, true));
+        assert!(!qualifies(&default, ConvDType::F32, MAX_WORKSPACE_BYTES, true));
         for dt in [ConvDType::Tf32, ConvDType::Bf16, ConvDType::F16] {
-            assert!(qualifies(&tensor_op, dt, MAX_WORKSPACE_BYTES));
-            assert!(qualifies(&default, dt, MAX_WORKSPACE_BYTES));
-            assert!(qualifies(&good, dt, MAX_WORKSPACE_BYTES));
-            assert!(!qualifies(&convert, dt, MAX_WORKSPACE_BYTES));
+            assert!(qualifies(&tensor_op, dt, MAX_WORKSPACE_BYTES, true));
+            assert!(qualifies(&default, dt, MAX_WORKSPACE_BYTES, true));
+            assert!(qualifies(&good, dt, MAX_WORKSPACE_BYTES, true));
+            assert!(!qualifies(&convert, dt, MAX_WORKSPACE_BYTES, true));
         }
     }
 
