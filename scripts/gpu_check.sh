@@ -64,6 +64,9 @@ for k in $UNET_PATHS; do
     in_time "unet_gpu DDPM_CUDA_KERNELS=$k" && { say "unet_gpu with DDPM_CUDA_KERNELS=$k";
         DDPM_CUDA_KERNELS=$k timeout 120 "$BIN/unet_gpu" --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
 done
+# the training gradients again with each residual block node by node (DDPM_BLOCK_NODE=0)
+in_time "unet_gpu DDPM_BLOCK_NODE=0" && { say "unet_gpu training gradients with DDPM_BLOCK_NODE=0";
+    DDPM_BLOCK_NODE=0 timeout 120 "$BIN/unet_gpu" gradients_match_the_cpu --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
 
 # 2. FLOPs per image of each config (for the fraction of peak).
 for case in $CASES; do
@@ -131,6 +134,11 @@ for case in $CASES; do
             # for $COMPILE_PRESETS, PyTorch at its fastest (bf16 autocast, channels_last, torch.compile,
             # whose compilation takes a minute or more of its warm-up)
             bench "ours f32 no cudnn" "$preset" env DDPM_CUDNN=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
+            # each residual block node by node in candle's graph (DDPM_BLOCK_NODE=0): what the block's
+            # node saves in time and memory
+            bench "ours tf32 no block node" "$preset" env DDPM_BLOCK_NODE=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
+            # cuDNN's non-deterministic algorithms allowed too, as PyTorch allows them by default
+            bench "ours tf32 nondeterministic" "$preset" env DDPM_CUDNN_DETERMINISTIC=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
             # cuDNN's algorithms chosen by timing them (DDPM_CUDNN_BENCHMARK=1) instead of its heuristics
             bench "ours tf32 cudnn benchmark" "$preset" env DDPM_CUDNN_BENCHMARK=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
             case " $COMPILE_PRESETS " in *" $preset "*)
@@ -158,7 +166,7 @@ flops = {}
 for l in open(sys.argv[2]):
     if l.strip():
         f = json.loads(l); flops[f["config"].rsplit("/", 1)[-1][:-5]] = f
-peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "pytorch f32": 495e12,
+peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "ours tf32 no block node": 495e12, "ours tf32 nondeterministic": 495e12, "pytorch f32": 495e12,
         "ours bf16": 989e12, "pytorch bf16": 989e12, "pytorch bf16 compile": 989e12}
 out = []
 for preset in dict.fromkeys(r["preset"] for r in rows):
@@ -176,7 +184,7 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
     ratio = lambda a, b, k: round(med[a][k] / med[b][k], 3) if med.get(a) and med.get(b) and med[b].get(k) else None
     out.append({"preset": preset, "medians": med, "ratios": {
         f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib"]}
-        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
+        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours tf32 no block node", "pytorch f32"), ("ours tf32 nondeterministic", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
 print(json.dumps(out, indent=1))
 PYEOF
 cat "$OUT/summary.json" | tee -a "$LOG"

@@ -95,19 +95,29 @@ impl ResnetBlock2D {
             None => t.clone(),
         };
         let c1 = &self.conv1;
-        let h1 = self.norm1.forward_silu(x)?;
+        let h1 = self.h1(x)?;
         let h = crate::ops::conv::conv2d(&h1, &c1.weight, Some(&bias), c1.stride, c1.padding)?;
-        let h2 = self.norm2.forward_silu(&h)?;
-        let h2 = match seed {
-            Some(s) => crate::ops::dropout(&h2, self.dropout, s)?,
-            None => h2,
-        };
+        let h2 = self.h2(&h, seed)?;
         let out = self.conv2.forward(&h2)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
         Ok(Parts { h1, h, h2, out, skip })
+    }
+
+    /// h1 = SiLU(norm1(x)), conv1's input.
+    fn h1(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm1.forward_silu(x)
+    }
+
+    /// h2 = dropout(SiLU(norm2(h))), conv2's input, with the dropout mask of `seed` (none: no dropout).
+    fn h2(&self, h: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+        let h2 = self.norm2.forward_silu(h)?;
+        match seed {
+            Some(s) => crate::ops::dropout(&h2, self.dropout, s),
+            None => Ok(h2),
+        }
     }
 
     /// The parameters in a fixed order: norm1 (weight, bias), conv1 (weight, bias), norm2, conv2,

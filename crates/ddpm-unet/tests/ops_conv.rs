@@ -264,4 +264,8 @@ fn backward_alone_matches_autograd() {
     let (x, wt) = (Tensor::zeros((1, 2, 5, 5), DType::F32, &dev).unwrap(), Tensor::zeros((3, 2, 3, 3), DType::F32, &dev).unwrap());
     let err = conv2d_backward(&x, &wt, &Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap(), 1, 1).unwrap_err().to_string();
     assert!(err.contains("[1, 3, 4, 4]") && err.contains("[1, 3, 5, 5]"), "{err}");
+    // the CPU computes it in f32 only (bf16 and f16 go to cuDNN on CUDA): one line naming the dtypes
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+    let err = conv2d_backward(&bf16(&x), &wt, &bf16(&Tensor::zeros((1, 3, 5, 5), DType::F32, &dev).unwrap()), 1, 1).unwrap_err().to_string();
+    assert!(err.contains("CPU tensors in f32") && err.contains("BF16"), "{err}");
 }

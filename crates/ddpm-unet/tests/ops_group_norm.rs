@@ -187,6 +187,35 @@ fn half_precision_runs_the_f32_op_between_casts() {
 }
 
 #[test]
+fn half_precision_backward_alone_matches_the_graphs() {
+    // bf16 and f16 x with f32 gamma and beta (master weights under mixed precision): the backward op
+    // alone gives the gradients that candle's graph gets through group_norm's casts, dx exactly (the
+    // same f32 op between the same casts), dgamma and dbeta in f32 where the graph rounds them to
+    // the half type on their way back through the cast.
+    let (shape, groups) = ([2usize, 8, 5, 3], 4);
+    let n: usize = shape.iter().product();
+    let data = seeded(41);
+    for (dtype, bound) in [(DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+        let x = Var::from_tensor(&(data(n, 0, 3.0).reshape(&shape[..]).unwrap() + 0.5).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let gamma = Var::from_tensor(&(data(8, 1, 0.5) + 1.0).unwrap()).unwrap();
+        let beta = Var::from_tensor(&data(8, 2, 1.0)).unwrap();
+        let r = data(n, 3, 1.0).reshape(&shape[..]).unwrap().to_dtype(dtype).unwrap();
+        for silu in [false, true] {
+            let want = (group_norm(&x, groups, &gamma, &beta, 1e-5, silu).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dx, dgamma, dbeta) = group_norm_backward(&x, groups, &gamma, &beta, 1e-5, silu, &r).unwrap();
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(dx.dtype(), dtype);
+            assert_eq!(f32s(&dx), f32s(want.get(&x).unwrap()), "{dtype:?} dx (silu {silu})");
+            for (name, ours, v) in [("gamma", &dgamma, &gamma), ("beta", &dbeta, &beta)] {
+                assert_eq!(ours.dtype(), DType::F32, "{name}");
+                let d = common::rel_diff(ours, want.get(v).unwrap());
+                assert!(d > 0.0 && d < bound, "{dtype:?} gradient of {name} differs by {d} (silu {silu})");
+            }
+        }
+    }
+}
+
+#[test]
 fn rejects_bad_arguments() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((2, 6, 3, 3), DType::F32, &dev).unwrap();

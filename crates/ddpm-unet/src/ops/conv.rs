@@ -314,10 +314,12 @@ fn gradients(g: Geometry, x: &Tensor, w: &Tensor, bias_shape: &Shape, dy: &Tenso
 }
 
 /// The gradients (dx, dW, dbias) of [`conv2d`] with a shared (O) bias, for the output gradient dy
-/// (B, O, H', W'), computed by the op that [`conv2d`]'s backward pass runs but outside candle's graph:
-/// no gradient store around it (a zeroed buffer and an add per argument, which `cargo bench --bench
+/// (B, O, H', W'), computed by the ops that [`conv2d`]'s backward pass runs but outside candle's graph:
+/// no gradient store around them (a zeroed buffer and an add per argument, which `cargo bench --bench
 /// conv` shows as the gap between its "fwd+bwd" and "bwd op" columns). For a custom backward pass, and
-/// for timing the kernels alone. CPU tensors in f32 only.
+/// for timing the kernels alone. CPU tensors in f32, or CUDA tensors that cuDNN convolves (one dtype
+/// of f32, bf16 and f16 for x and dy; w is cast to it, as [`conv2d`] casts f32 master weights): dx
+/// and dW come in x's dtype, dbias in f32 (summed in f32).
 pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize) -> Result<(Tensor, Tensor, Tensor)> {
     checked_gradients(x, w, dy, stride, pad, false)
 }
@@ -328,19 +330,27 @@ pub fn conv2d_backward_per_image_bias(x: &Tensor, w: &Tensor, dy: &Tensor, strid
     checked_gradients(x, w, dy, stride, pad, true)
 }
 
-/// The checks of [`conv2d_backward`], then [`gradients`] with a shared or a per-image bias.
+/// The checks of [`conv2d_backward`], then [`gradients`] (CPU) or cuDNN's passes and the bias' sums
+/// (CUDA), with a shared or a per-image bias.
 fn checked_gradients(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize, per_image: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    let w = &super::cast_like(w, x)?;
     let (b, c, h, wd, k, _) = check_conv(x, w, None, stride, pad)?;
-    if !fused(x, w, None) || !dy.device().is_cpu() || dy.dtype() != DType::F32 {
-        candle_core::bail!("conv2d_backward: x, weight and dy must be CPU tensors in f32");
-    }
     let g = Geometry::new((b, c, h, wd), k, stride, pad);
     let o = w.dim(0)?;
     if dy.dims() != [b, o, g.oh, g.ow] {
         candle_core::bail!("conv2d_backward: dy is {:?}, the convolution's output is {:?}", dy.dims(), [b, o, g.oh, g.ow]);
     }
-    let bias_shape = if per_image { Shape::from((b, o)) } else { Shape::from(o) };
-    gradients(g, x, w, &bias_shape, dy)
+    if fused(x, w, None) && dy.device().is_cpu() && dy.dtype() == DType::F32 {
+        let bias_shape = if per_image { Shape::from((b, o)) } else { Shape::from(o) };
+        return gradients(g, x, w, &bias_shape, dy);
+    }
+    let Some((dx, dw)) = cudnn_gradients(x, w, dy, &g)? else {
+        candle_core::bail!("conv2d_backward: x, weight and dy must be CPU tensors in f32, or CUDA tensors in one dtype that cuDNN convolves (x is {:?} on {:?}, dy {:?})", x.dtype(), x.device().location(), dy.dtype());
+    };
+    // dbias_b[o] = sum over the positions of dy_b[o], in f32; summed over b for a shared bias
+    let per_image_sums = dy.to_dtype(DType::F32)?.sum((2, 3))?;
+    let dbias = if per_image { per_image_sums } else { per_image_sums.sum(0)? };
+    Ok((dx, dw, dbias))
 }
 
 /// The convolution's gradient `(x, W, dY) -> [dx | dW | dbias]` (flat), per image b:
@@ -600,12 +610,43 @@ fn fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
 fn by_cudnn(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &Geometry) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if columns_dtype(x, w, bias) {
-        if let Some(plan) = super::cudnn_conv::plan_for(x, w, g) {
+        if let Some(plan) = super::cudnn_conv::plan_for(x.device(), x.dtype(), g, w.dim(0)?) {
             return super::cudnn_conv::conv2d(x, w, plan).map(Some);
         }
     }
     #[cfg(not(feature = "cuda"))]
     let _ = (x, w, bias, g);
+    Ok(None)
+}
+
+/// Whether cuDNN runs `conv` on an input of `dims` (B, C, H, W) in `dtype` on `device` (what
+/// [`conv2d`] does there, and what lets [`conv2d_backward`] take CUDA tensors): always false without
+/// the `cuda` feature.
+pub(crate) fn cudnn_convolves(device: &candle_core::Device, dtype: DType, dims: (usize, usize, usize, usize), conv: &Conv2d) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let Ok((o, _, k, _)) = conv.weight.dims4() else { return false };
+        let g = Geometry::new(dims, k, conv.stride, conv.padding);
+        super::cudnn_conv::plan_for(device, dtype, &g, o).is_some()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (device, dtype, dims, conv);
+        false
+    }
+}
+
+/// dx and dW of the convolution of geometry `g` by cuDNN's backward passes, for x, w and dy in one
+/// dtype that cuDNN convolves on their CUDA device, else `None`.
+fn cudnn_gradients(x: &Tensor, w: &Tensor, dy: &Tensor, g: &Geometry) -> Result<Option<(Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if columns_dtype(x, w, Some(dy)) && dy.device().same_device(x.device()) {
+        if let Some(plan) = super::cudnn_conv::plan_for(x.device(), x.dtype(), g, w.dim(0)?) {
+            return super::cudnn_conv::gradients(x, w, dy, &plan).map(Some);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (x, w, dy, g);
     Ok(None)
 }
 

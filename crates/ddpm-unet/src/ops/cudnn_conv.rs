@@ -26,15 +26,16 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Sha
 use super::conv::Geometry;
 use super::cudnn::{self, ConvDType, ConvKey, ConvPlan, CudnnError};
 
-/// The cuDNN plan for convolving `x` with `w` in geometry `g`, or `None` where the convolution must
-/// take another path: not CUDA, the project's kernels off, cuDNN not loaded, a dtype other than one
-/// shared f32, bf16 or f16, or no deterministic algorithm for the geometry (said once).
-pub(super) fn plan_for(x: &Tensor, w: &Tensor, g: &Geometry) -> Option<Arc<ConvPlan>> {
-    let candle_core::Device::Cuda(dev) = x.device() else { return None };
-    if !super::cuda_kernels_enabled(x.device()) || w.dtype() != x.dtype() {
+/// The cuDNN plan for a convolution of geometry `g` to `o` output channels, input and weight in
+/// `dtype` on `device`, or `None` where the convolution must take another path: not CUDA, the
+/// project's kernels off, cuDNN not loaded, a dtype other than f32, bf16 or f16, or no deterministic
+/// algorithm for the geometry (said once).
+pub(super) fn plan_for(device: &candle_core::Device, dtype: DType, g: &Geometry, o: usize) -> Option<Arc<ConvPlan>> {
+    let candle_core::Device::Cuda(dev) = device else { return None };
+    if !super::cuda_kernels_enabled(device) {
         return None;
     }
-    let dtype = match x.dtype() {
+    let dtype = match dtype {
         DType::F32 if candle_core::cuda::gemm_reduced_precision_f32() => ConvDType::Tf32,
         DType::F32 => ConvDType::F32,
         DType::BF16 => ConvDType::Bf16,
@@ -42,7 +43,7 @@ pub(super) fn plan_for(x: &Tensor, w: &Tensor, g: &Geometry) -> Option<Arc<ConvP
         _ => return None,
     };
     cudnn::library()?;
-    let key = ConvKey { n: g.b, c: g.c, h: g.h, w: g.w, o: w.dim(0).ok()?, k: g.k, stride: g.stride, pad: g.pad, dtype };
+    let key = ConvKey { n: g.b, c: g.c, h: g.h, w: g.w, o, k: g.k, stride: g.stride, pad: g.pad, dtype };
     let stream = dev.cuda_stream();
     // cudnnCreate binds a handle to the thread's current context: make it the device's
     stream.context().bind_to_thread().ok()?;
@@ -62,6 +63,15 @@ pub(super) fn plan_for(x: &Tensor, w: &Tensor, g: &Geometry) -> Option<Arc<ConvP
 /// differentiable in x and w.
 pub(super) fn conv2d(x: &Tensor, w: &Tensor, plan: Arc<ConvPlan>) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Forward(plan))
+}
+
+/// The gradients (dx, dw) of [`conv2d`] with `plan` for the output gradient `dy`, by cuDNN's backward
+/// data and backward filter passes outside candle's graph (no bias: its gradient is a sum of dy).
+pub(super) fn gradients(x: &Tensor, w: &Tensor, dy: &Tensor, plan: &Arc<ConvPlan>) -> Result<(Tensor, Tensor)> {
+    let dy = dy.detach().contiguous()?;
+    let dx = w.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(plan.clone(), Pass::BackwardData))?;
+    let dw = x.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(plan.clone(), Pass::BackwardFilter))?;
+    Ok((dx, dw))
 }
 
 /// A cuDNN error as a candle error.
@@ -162,9 +172,7 @@ impl CustomOp2 for Forward {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = w.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(self.0.clone(), Pass::BackwardData))?;
-        let dw = x.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(self.0.clone(), Pass::BackwardFilter))?;
+        let (dx, dw) = gradients(x, w, dy, &self.0)?;
         Ok((Some(dx), Some(dw)))
     }
 }

@@ -598,8 +598,17 @@ pub fn group_norm(
 /// The gradients (dx, dgamma, dbeta) of [`group_norm`] (same arguments) for the incoming gradient
 /// `dout` (x's shape), computed by the op that [`group_norm`]'s backward pass runs but outside
 /// candle's graph: for a custom backward pass that holds x. Contiguous f32 tensors on the CPU (or
-/// CUDA, see [`super::cuda_kernels_enabled`]) only, where [`group_norm`] runs its fused op.
+/// CUDA, see [`super::cuda_kernels_enabled`]), where [`group_norm`] runs its fused op; bf16 and f16
+/// x and dout there run it in f32 between casts, as [`group_norm`] does (gamma and beta rounded to
+/// x's dtype first, as there), with dx in x's dtype and dgamma, dbeta in f32.
 pub fn group_norm_backward(x: &Tensor, num_groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16) && dout.dtype() == x.dtype();
+    if half && super::fused_device(x.device()) && x.elem_count() > 0 {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (gamma, beta) = (super::cast_like(gamma, x)?, super::cast_like(beta, x)?);
+        let (dx, dgamma, dbeta) = group_norm_backward(&f(x)?, num_groups, &f(&gamma)?, &f(&beta)?, eps, silu, &f(dout)?)?;
+        return Ok((dx.to_dtype(x.dtype())?, dgamma, dbeta));
+    }
     let Some(op) = fused_op(x, num_groups, gamma, beta, (eps, silu), &[dout])? else {
         candle_core::bail!("group_norm_backward: x, gamma, beta and dout must be f32 tensors on the CPU (or CUDA or Metal with the project's kernels), x contiguous");
     };

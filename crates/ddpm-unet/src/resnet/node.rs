@@ -23,30 +23,68 @@
 //! each line one op outside the graph ([`conv2d_backward`], [`GroupNorm::backward_silu`]). The values
 //! and gradients are those of the node-by-node graph, computed by the same kernels.
 //!
+//! On the CPU the node takes f32 tensors and keeps h1, h and h2 for the backward. On CUDA (the
+//! project's kernels on, cuDNN running the block's convolutions) it takes f32, bf16 or f16
+//! activations with f32 or same-dtype parameters, and keeps h alone: the backward recomputes
+//! h1 = SiLU(norm1(x)) and h2 = dropout(SiLU(norm2(h))) (the same values: the norms are
+//! deterministic and the dropout mask comes from its seed), two activations fewer per block held
+//! from the forward to the backward, for two group norms' passes over memory. Under mixed precision
+//! the parameters' gradients are computed in the activations' dtype where candle's graph computes
+//! them (dW; dbias and the norms' in f32) and returned in the parameters' dtype.
+//! `DDPM_BLOCK_NODE=0` in the environment turns the node off (the block then runs node by node), to
+//! measure what it saves.
+//!
 //! [`GroupNorm::backward_silu`]: crate::nn::GroupNorm
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use crate::ops::conv::{conv2d_backward, conv2d_backward_per_image_bias, Conv2d};
+use crate::ops::conv::{conv2d_backward, conv2d_backward_per_image_bias, cudnn_convolves, Conv2d};
 use crate::ops::f32_slice;
 use rayon::prelude::*;
 
 use super::ResnetBlock2D;
 
-/// Whether [`forward`] takes the block at `x`: everything in f32 on the CPU, every convolution with
-/// a bias, and something to differentiate (x or a parameter tracked by candle's graph).
+/// Whether [`forward`] takes the block at `x`: something to differentiate (x or a parameter tracked
+/// by candle's graph), every convolution with a bias, `DDPM_BLOCK_NODE=0` not set, and either
+/// everything in f32 on the CPU or [`on_cuda`].
 pub(super) fn applies(block: &ResnetBlock2D, x: &Tensor) -> bool {
     let Some(params) = block.params() else { return false };
-    x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && params.iter().all(|p| p.device().is_cpu() && p.dtype() == DType::F32)
-        && (x.track_op() || params.iter().any(|p| p.track_op()))
+    let tracked = x.track_op() || params.iter().any(|p| p.track_op());
+    let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && params.iter().all(|p| p.device().is_cpu() && p.dtype() == DType::F32);
+    tracked && enabled() && (on_cpu || on_cuda(block, x, &params))
+}
+
+/// Whether the node is on: not turned off by `DDPM_BLOCK_NODE=0` (read once).
+fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| !std::env::var("DDPM_BLOCK_NODE").is_ok_and(|v| v == "0"))
+}
+
+/// Whether the node runs the block at `x` on CUDA: x (B, C, H, W) in f32, bf16 or f16 on a CUDA
+/// device, the parameters there in f32 or x's dtype, and cuDNN running each of the block's
+/// convolutions (their backward passes are cuDNN's, [`conv2d_backward`]).
+fn on_cuda(block: &ResnetBlock2D, x: &Tensor, params: &[&Tensor]) -> bool {
+    let (dev, dtype) = (x.device(), x.dtype());
+    let Ok((b, c, h, w)) = x.dims4() else { return false };
+    let Ok(o) = block.conv1.weight.dim(0) else { return false };
+    dev.is_cuda()
+        && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && params.iter().all(|p| p.device().same_device(dev) && (p.dtype() == DType::F32 || p.dtype() == dtype))
+        && cudnn_convolves(dev, dtype, (b, c, h, w), &block.conv1)
+        && cudnn_convolves(dev, dtype, (b, o, h, w), &block.conv2)
+        && block.conv_shortcut.as_ref().is_none_or(|s| cudnn_convolves(dev, dtype, (b, c, h, w), s))
 }
 
 /// The block at `x` with projected time embedding `t` (N, C_out) and dropout mask seed `seed`, as one
-/// node of candle's graph (see the module docs).
+/// node of candle's graph (see the module docs): on the CPU the node keeps conv1's and conv2's
+/// inputs, elsewhere the backward recomputes them.
 pub(super) fn forward(block: &ResnetBlock2D, x: &Tensor, t: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+    node(block, x, t, seed, x.device().is_cpu())
+}
+
+/// [`forward`], keeping h1 and h2 for the backward (`keep`) or recomputing them there.
+fn node(block: &ResnetBlock2D, x: &Tensor, t: &Tensor, seed: Option<u64>, keep: bool) -> Result<Tensor> {
     let Some(params) = block.params() else {
         candle_core::bail!("resnet block: a convolution without bias cannot run as one graph node")
     };
@@ -55,7 +93,14 @@ pub(super) fn forward(block: &ResnetBlock2D, x: &Tensor, t: &Tensor, seed: Optio
     let detached = block.detached();
     let parts = detached.parts(&x.detach(), &t.detach(), seed)?;
     let shortcut = detached.conv_shortcut.is_some().then(|| parts.skip.clone());
-    let node = Node { block: detached, h1: parts.h1, h: parts.h, h2: parts.h2, seed, sum: Mutex::new(Some((shortcut, parts.out))) };
+    let node = Node {
+        block: detached,
+        h1: keep.then_some(parts.h1),
+        h: parts.h,
+        h2: keep.then_some(parts.h2),
+        seed,
+        sum: Mutex::new(Some((shortcut, parts.out))),
+    };
     x.apply_op3(&flat, &t.contiguous()?, node)
 }
 
@@ -67,16 +112,26 @@ const NAME: &str = "ddpm-resnet-block";
 /// block's output.
 struct Node {
     block: ResnetBlock2D,
-    /// SiLU(norm1(x)).
-    h1: Tensor,
+    /// SiLU(norm1(x)), if kept (else recomputed from x).
+    h1: Option<Tensor>,
     /// conv1's output.
     h: Tensor,
-    /// conv2's input.
-    h2: Tensor,
+    /// conv2's input, if kept (else recomputed from h).
+    h2: Option<Tensor>,
     /// The dropout mask's seed (None: no dropout).
     seed: Option<u64>,
     /// conv_shortcut(x) (None: the shortcut is x itself) and conv2's output, taken by the forward.
     sum: Mutex<Option<(Option<Tensor>, Tensor)>>,
+}
+
+impl Node {
+    /// The two terms of the output (the shortcut, None for x itself, and conv2's output), taken once.
+    fn take_sum(&self) -> Result<(Option<Tensor>, Tensor)> {
+        match self.sum.lock().map_err(|_| candle_core::Error::Msg(format!("{NAME}: poisoned lock")))?.take() {
+            Some(terms) => Ok(terms),
+            None => candle_core::bail!("{NAME}: the node's forward ran twice"),
+        }
+    }
 }
 
 /// The contiguous f32 values of the CPU tensor `t` (named `what` in errors), passed to `f` under the
@@ -96,13 +151,8 @@ impl CustomOp3 for Node {
 
     /// y = (skip + out) / output_scale_factor, skip = x or conv_shortcut(x), out = conv2's output.
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, _sp: &CpuStorage, _lp: &Layout, _st: &CpuStorage, _lt: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((shortcut, out)) = self.sum.lock().map_err(|_| candle_core::Error::Msg(format!("{NAME}: poisoned lock")))?.take() else {
-            candle_core::bail!("{NAME}: the node's forward ran twice")
-        };
-        let skip_shape = shortcut.as_ref().map_or(lx.shape(), |s| s.shape());
-        if skip_shape != out.shape() {
-            candle_core::bail!("{NAME}: the shortcut is {skip_shape:?}, conv2's output {:?}", out.shape());
-        }
+        let (shortcut, out) = self.take_sum()?;
+        check_terms(shortcut.as_ref(), lx, &out)?;
         let scale = self.block.output_scale_factor;
         let sum = |skip: &[f32], out: &[f32]| -> Vec<f32> {
             if scale == 1.0 {
@@ -119,21 +169,60 @@ impl CustomOp3 for Node {
         Ok((CpuStorage::F32(y), out.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _params: &Tensor, _t: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    /// The same sum on CUDA, by candle's storage ops: skip + out, then the scale if it is not 1.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        _sp: &candle_core::CudaStorage,
+        _lp: &Layout,
+        _st: &candle_core::CudaStorage,
+        _lt: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (shortcut, out) = self.take_sum()?;
+        check_terms(shortcut.as_ref(), lx, &out)?;
+        let (go, lo) = out.storage_and_layout();
+        let Storage::Cuda(so) = &*go else { candle_core::bail!("{NAME}: conv2's output must be a CUDA tensor") };
+        let y = match &shortcut {
+            Some(skip) => {
+                let (gs, ls) = skip.storage_and_layout();
+                let Storage::Cuda(ss) = &*gs else { candle_core::bail!("{NAME}: the shortcut must be a CUDA tensor") };
+                ss.binary_impl::<candle_core::op::Add>(so, ls, lo)?
+            }
+            None => sx.binary_impl::<candle_core::op::Add>(so, lx, lo)?,
+        };
+        let scale = self.block.output_scale_factor;
+        let y = if scale == 1.0 { y } else { y.affine(&Layout::contiguous(out.shape()), 1.0 / scale, 0.0)? };
+        Ok((y, out.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, params: &Tensor, t: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let b = &self.block;
         let s = b.output_scale_factor;
         let dy = if s == 1.0 { grad.detach() } else { (grad.detach() / s)? }.contiguous()?;
+        let x = x.detach();
         let conv_grads = |c: &Conv2d, input: &Tensor, d: &Tensor| conv2d_backward(input, &c.weight, d, c.stride, c.padding);
-        let (dh2, dw2, db2) = conv_grads(&b.conv2, &self.h2, &dy)?;
+        let h2 = match &self.h2 {
+            Some(h2) => h2.clone(),
+            None => b.h2(&self.h, self.seed)?,
+        };
+        let (dh2, dw2, db2) = conv_grads(&b.conv2, &h2, &dy)?;
+        drop(h2);
         let dh2 = match self.seed {
             Some(s) => crate::ops::dropout(&dh2, b.dropout, s)?,
             None => dh2,
         };
         let (dh, dg2, dbeta2) = b.norm2.backward_silu(&self.h, &dh2)?;
         let c1 = &b.conv1;
-        let (dh1, dw1, dt) = conv2d_backward_per_image_bias(&self.h1, &c1.weight, &dh, c1.stride, c1.padding)?;
+        let h1 = match &self.h1 {
+            Some(h1) => h1.clone(),
+            None => b.h1(&x)?,
+        };
+        let (dh1, dw1, dt) = conv2d_backward_per_image_bias(&h1, &c1.weight, &dh, c1.stride, c1.padding)?;
+        drop(h1);
         let db1 = dt.sum(0)?;
-        let x = x.detach();
         let (dx1, dg1, dbeta1) = b.norm1.backward_silu(&x, &dh1)?;
         // the gradients in the order of ResnetBlock2D::params
         let mut grads = vec![dg1, dbeta1, dw1, db1, dg2, dbeta2, dw2, db2];
@@ -145,9 +234,19 @@ impl CustomOp3 for Node {
             }
             None => (dx1 + dy)?,
         };
-        let dparams = Tensor::cat(&grads.iter().map(|g| g.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?;
-        Ok((Some(dx), Some(dparams), Some(dt)))
+        // each gradient in its argument's dtype (f32 master weights under mixed precision)
+        let dparams = Tensor::cat(&grads.iter().map(|g| g.flatten_all()?.to_dtype(params.dtype())).collect::<Result<Vec<_>>>()?, 0)?;
+        Ok((Some(dx.to_dtype(x.dtype())?), Some(dparams), Some(dt.to_dtype(t.dtype())?)))
     }
+}
+
+/// Checks that the shortcut (x itself, of layout `lx`, when None) and conv2's output have one shape.
+fn check_terms(shortcut: Option<&Tensor>, lx: &Layout, out: &Tensor) -> Result<()> {
+    let skip_shape = shortcut.map_or(lx.shape(), |s| s.shape());
+    if skip_shape != out.shape() {
+        candle_core::bail!("{NAME}: the shortcut is {skip_shape:?}, conv2's output {:?}", out.shape());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -211,6 +310,8 @@ mod tests {
         let seed = (p > 0.0).then_some(11);
         assert!(applies(&block, &x));
         let node = forward(&block, &x, &t, seed).unwrap();
+        // the same node recomputing h1 and h2 in its backward (what it does on CUDA)
+        let recomputing = super::node(&block, &x, &t, seed, false).unwrap();
         let parts = block.parts(&x, &t, seed).unwrap();
         let graph = block.output(&parts.skip, &parts.out).unwrap();
         let reference = reference(&block, &x, &t, seed);
@@ -218,6 +319,8 @@ mod tests {
         assert!(rel_diff(&node, &reference) < 1e-5, "node vs reference forward {}", rel_diff(&node, &reference));
         let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let (gn, gg, gr) = (grads(&node), grads(&graph), grads(&reference));
+        let g_recomputing = grads(&recomputing);
+        assert_eq!(recomputing.flatten_all().unwrap().to_vec1::<f32>().unwrap(), node.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         let mut wrt: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone()), ("t".into(), t.as_tensor().clone())];
         // the block's own parameters (t stands for time_emb_proj's output here)
         wrt.extend(rec.into_inner().into_iter().filter(|(name, _)| !name.starts_with("time_emb_proj")));
@@ -227,6 +330,8 @@ mod tests {
             assert_eq!(a.dims(), v.dims(), "{name}");
             assert!(rel_diff(a, b) < 1e-5, "{name}: node vs graph gradient {}", rel_diff(a, b));
             assert!(rel_diff(a, c) < 1e-4, "{name}: node vs reference gradient {}", rel_diff(a, c));
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(g_recomputing.get(v).unwrap()), bits(a), "{name}: recomputing h1 and h2 changed the gradient");
         }
     }
 
