@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One pass over everything that needs a CUDA GPU, for a machine without a Rust toolchain: the CUDA tests
 # (the project's kernels and the whole UNet against the CPU and diffusers), then training and inference
-# images/s and GPU memory of `ddpm bench` against the PyTorch peer on the same GPU (f32, TF32, bf16, and
-# PyTorch at its fastest: bf16 autocast + torch.compile + channels_last),
+# images/s, GPU memory and the training step's phases (forward, backward, optimizer, the host's issue
+# time) of `ddpm bench` against the PyTorch peer on the same GPU (f32, TF32, bf16, and PyTorch at its
+# fastest: bf16 autocast + torch.compile + channels_last),
 # the fraction of the GPU's peak the training step reaches, and a short training run with sampling.
 #
 # Build where cargo is, with an nvcc no newer than the GPU driver's CUDA (the kernels ship as PTX for
@@ -121,8 +122,9 @@ fi
 for case in $CASES; do
     IFS=: read -r preset batch steps <<< "$case"
     cfg=$tmp/$preset.json
-    common=(--batch-size "$batch" --threads "$THREADS" --steps "$steps" --device cuda)
-    peer=("$PY" scripts/peer_pytorch.py --config "$cfg" --batch "$batch" --threads "$THREADS" --steps "$steps" --device cuda)
+    # the step's phases too (forward, backward, optimizer; the host's issue time against the step's)
+    common=(--batch-size "$batch" --threads "$THREADS" --steps "$steps" --device cuda --phases)
+    peer=("$PY" scripts/peer_pytorch.py --config "$cfg" --batch "$batch" --threads "$THREADS" --steps "$steps" --device cuda --phases)
     for i in $(seq "$RUNS"); do
         bench "ours f32" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
         bench "pytorch f32" "$preset" "${peer[@]}"
@@ -175,7 +177,8 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
         ok = [r for r in rows if r["preset"] == preset and r["label"] == label and r["rc"] == 0 and "train_img_per_s" in r]
         if not ok:
             med[label] = None; continue
-        m = {k: statistics.median(r[k] for r in ok if r.get(k) is not None) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib"] if any(r.get(k) is not None for r in ok)}
+        keys = ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib"] + [f"phase_{p}_ms" for p in ["forward", "backward", "optimizer", "issue", "step"]]
+        m = {k: statistics.median(r[k] for r in ok if r.get(k) is not None) for k in keys if any(r.get(k) is not None for r in ok)}
         m["runs"] = len(ok)
         if preset in flops:
             m["train_tflop_per_s"] = round(m["train_img_per_s"] * flops[preset]["train_flops_per_image"] / 1e12, 2)
@@ -183,7 +186,7 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
         med[label] = m
     ratio = lambda a, b, k: round(med[a][k] / med[b][k], 3) if med.get(a) and med.get(b) and med[b].get(k) else None
     out.append({"preset": preset, "medians": med, "ratios": {
-        f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib"]}
+        f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib", "phase_forward_ms", "phase_backward_ms", "phase_optimizer_ms"]}
         for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours tf32 no block node", "pytorch f32"), ("ours tf32 nondeterministic", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
 print(json.dumps(out, indent=1))
 PYEOF

@@ -258,6 +258,31 @@ fn bad_input_gives_one_line_errors() {
 }
 
 #[test]
+fn bench_reports_the_steps_phases_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path()).display().to_string();
+    let line = |extra: &[&str]| {
+        let args = [&["bench", "--unet-config", cfg.as_str(), "--steps", "2", "--batch-size", "2", "--threads", "1"], extra].concat();
+        match parse(&args) {
+            ddpm_cli::Cli::Bench(a) => ddpm_cli::bench::measure(a).unwrap().expect("a figures line"),
+            _ => unreachable!("a bench command"),
+        }
+    };
+    let names = ["forward", "backward", "optimizer", "issue", "step"].map(|p| format!("phase_{p}_ms"));
+    let plain = line(&[]);
+    assert!(plain["train_img_per_s"].as_f64().unwrap() > 0.0, "{plain}");
+    assert!(names.iter().all(|n| plain.get(n).is_none()), "{plain}");
+    let with = line(&["--phases"]);
+    for n in &names {
+        assert!(with[n].as_f64().is_some_and(|ms| ms > 0.0), "{n}: {with}");
+    }
+    // on the CPU a step is done when it has been issued; the whole step takes longer than its optimizer
+    let ms = |n: &str| with[format!("phase_{n}_ms")].as_f64().unwrap();
+    assert!((ms("issue") - ms("step")).abs() <= 0.01 * ms("step") + 0.01, "{with}");
+    assert!(ms("step") > ms("optimizer"), "{with}");
+}
+
+#[test]
 fn a_diverging_run_stops_at_its_first_non_finite_step_and_saves_nothing_after_it() {
     // The losses and gradient norms are read from the device in batches of steps; a learning rate of
     // 1e3 overflows within a few steps, and the run must stop there naming that step, with every

@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// Let f32 matrix products on CUDA use TF32 tensor cores (PyTorch's default for convolutions).
     #[arg(long)]
     pub tf32: bool,
+    /// Also time the training step's phases (`--steps` more steps, the device synchronised between
+    /// phases): the forward with the loss, the backward, the optimizer, and the host's time to issue
+    /// a whole step against the step's time (medians, in ms, as `phase_*_ms`).
+    #[arg(long)]
+    pub phases: bool,
     /// Only write the UNet config.json (for the PyTorch peer) to this path and exit.
     #[arg(long)]
     pub write_config: Option<std::path::PathBuf>,
@@ -105,8 +110,17 @@ fn set_tf32(device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Runs `ddpm bench`.
+/// Runs `ddpm bench`: prints [`measure`]'s line (nothing with `--write-config`).
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(line) = measure(a)? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The figures of `ddpm bench` as its JSON line; `None` with `--write-config`, which only writes the
+/// config.
+pub fn measure(a: BenchArgs) -> Result<Option<serde_json::Value>> {
     for (flag, v) in [("--batch-size", a.batch_size), ("--threads", a.threads), ("--steps", a.steps)] {
         if v == 0 {
             anyhow::bail!("{flag} 0: must be at least 1");
@@ -121,7 +135,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     if let Some(p) = &a.write_config {
         cfg.to_file(p)?;
-        return Ok(());
+        return Ok(None);
     }
     let dtype = parse_dtype(&a.dtype, &device)?;
     if a.tf32 {
@@ -139,25 +153,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let schedule = NoiseSchedule::new(&SchedulerConfig::default(), &device)?;
     let s = crate::model::sample_size(&cfg)?;
     let x0 = rng.randn((a.batch_size, cfg.in_channels, s, s), DType::F32, &device)?;
-    let mut step = |rng: &mut NoiseRng| -> Result<()> {
-        let t = rng.randint(a.batch_size, 1000, &device)?;
-        let eps = rng.randn(x0.shape(), DType::F32, &device)?;
-        let xt = schedule.q_sample(&x0, &t, &eps)?.to_dtype(dtype)?;
-        let pred = model.forward_train(&xt, &t, rng)?.to_dtype(DType::F32)?;
-        let loss = (pred - &eps)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
-        Ok(opt.step_with(&grads, 2e-4, 1.0)?)
-    };
+    let job = TrainJob { model: &model, schedule: &schedule, x0: &x0, dtype };
     for _ in 0..2 {
-        step(&mut rng)?;
+        job.step(&mut opt, &mut rng)?;
     }
     sync(&device)?;
     let t0 = Instant::now();
     for _ in 0..a.steps {
-        step(&mut rng)?;
+        job.step(&mut opt, &mut rng)?;
     }
     sync(&device)?;
     let train = (a.batch_size * a.steps) as f64 / t0.elapsed().as_secs_f64();
+    let phases = if a.phases { Some(job.phases(&mut opt, &mut rng, a.steps, &device)?) } else { None };
     let t = rng.randint(a.batch_size, 1000, &device)?;
     let x0 = x0.to_dtype(dtype)?;
     let infer_once = || -> Result<Tensor> { Ok(model.forward(&x0, &t)?) };
@@ -170,22 +177,110 @@ pub fn run(a: BenchArgs) -> Result<()> {
     sync(&device)?;
     let infer = (a.batch_size * a.steps) as f64 / t0.elapsed().as_secs_f64();
     let round3 = |v: f64| (v * 1000.0).round() / 1000.0;
-    println!(
-        "{}",
-        serde_json::json!({
-            "impl": "ddpm-rs (candle 0.11)",
-            "params": params,
-            "batch": a.batch_size,
-            "threads": a.threads,
-            "device": crate::device::device_name(&device),
-            "dtype": a.dtype,
-            "precision": if dtype == DType::F32 { "float32" } else if a.pure_dtype { "pure" } else { "mixed" },
-            "tf32": a.tf32,
-            "train_img_per_s": round3(train),
-            "infer_img_per_s": round3(infer),
-            "peak_rss_mib": peak_rss_mib(),
-            "cuda_pool_peak_mib": cuda_pool_peak_mib(&device)
-        })
-    );
-    Ok(())
+    let mut line = serde_json::json!({
+        "impl": "ddpm-rs (candle 0.11)",
+        "params": params,
+        "batch": a.batch_size,
+        "threads": a.threads,
+        "device": crate::device::device_name(&device),
+        "dtype": a.dtype,
+        "precision": if dtype == DType::F32 { "float32" } else if a.pure_dtype { "pure" } else { "mixed" },
+        "tf32": a.tf32,
+        "train_img_per_s": round3(train),
+        "infer_img_per_s": round3(infer),
+        "peak_rss_mib": peak_rss_mib(),
+        "cuda_pool_peak_mib": cuda_pool_peak_mib(&device)
+    });
+    if let (Some(p), Some(obj)) = (phases, line.as_object_mut()) {
+        for (name, ms) in PHASES.iter().zip(p) {
+            obj.insert(format!("phase_{name}_ms"), round3(ms).into());
+        }
+    }
+    Ok(Some(line))
+}
+
+/// The names of [`TrainJob::phases`]' figures, in its order (the peer's `--phases` prints the same).
+const PHASES: [&str; 5] = ["forward", "backward", "optimizer", "issue", "step"];
+
+/// The benchmark's training step: L_simple of the model at random timesteps of the linear schedule,
+/// as the peer computes it.
+struct TrainJob<'a> {
+    model: &'a UNet2DModel,
+    schedule: &'a NoiseSchedule,
+    /// The batch of clean images (f32).
+    x0: &'a Tensor,
+    /// The activations' dtype.
+    dtype: DType,
+}
+
+impl TrainJob<'_> {
+    /// The loss of one batch: x_t = q_sample(x0, t, eps) at random t, mean (model(x_t, t) - eps)^2.
+    fn loss(&self, rng: &mut NoiseRng) -> Result<Tensor> {
+        let (b, device) = (self.x0.dim(0)?, self.x0.device());
+        let t = rng.randint(b, 1000, device)?;
+        let eps = rng.randn(self.x0.shape(), DType::F32, device)?;
+        let xt = self.schedule.q_sample(self.x0, &t, &eps)?.to_dtype(self.dtype)?;
+        let pred = self.model.forward_train(&xt, &t, rng)?.to_dtype(DType::F32)?;
+        Ok((pred - &eps)?.sqr()?.mean_all()?)
+    }
+
+    /// One training step: the loss, its backward, a plain AdamW step (no clipping: the peer times
+    /// a plain one).
+    fn step(&self, opt: &mut AdamW, rng: &mut NoiseRng) -> Result<()> {
+        let grads = self.loss(rng)?.backward()?;
+        Ok(opt.step_with(&grads, 2e-4, 1.0)?)
+    }
+
+    /// Medians over `steps` steps, in ms, of [`PHASES`]: the forward with the loss, the backward,
+    /// the optimizer (each timed from a synchronised device to a synchronised device), then for a
+    /// whole step the host's time to issue it and the time until the device has run it. An issue
+    /// time close to the step's says the host (launches, candle's bookkeeping) paces the step.
+    fn phases(&self, opt: &mut AdamW, rng: &mut NoiseRng, steps: usize, device: &Device) -> Result<[f64; 5]> {
+        let mut runs = Vec::with_capacity(steps);
+        let since = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        for _ in 0..steps {
+            sync(device)?;
+            let t = Instant::now();
+            let loss = self.loss(rng)?;
+            sync(device)?;
+            let forward = since(t);
+            let t = Instant::now();
+            let grads = loss.backward()?;
+            sync(device)?;
+            let backward = since(t);
+            let t = Instant::now();
+            opt.step_with(&grads, 2e-4, 1.0)?;
+            sync(device)?;
+            let optimizer = since(t);
+            drop((loss, grads));
+            let t = Instant::now();
+            self.step(opt, rng)?;
+            let issue = since(t);
+            sync(device)?;
+            runs.push([forward, backward, optimizer, issue, since(t)]);
+        }
+        Ok(std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect())))
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count; NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
 }
