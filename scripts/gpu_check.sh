@@ -65,7 +65,7 @@ for k in $UNET_PATHS; do
     in_time "unet_gpu DDPM_CUDA_KERNELS=$k" && { say "unet_gpu with DDPM_CUDA_KERNELS=$k";
         DDPM_CUDA_KERNELS=$k timeout 120 "$BIN/unet_gpu" --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
 done
-# the training gradients again with each residual block node by node (DDPM_BLOCK_NODE=0)
+# the training gradients again with the residual blocks and attention node by node (DDPM_BLOCK_NODE=0)
 in_time "unet_gpu DDPM_BLOCK_NODE=0" && { say "unet_gpu training gradients with DDPM_BLOCK_NODE=0";
     DDPM_BLOCK_NODE=0 timeout 120 "$BIN/unet_gpu" gradients_match_the_cpu --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
 
@@ -136,8 +136,8 @@ for case in $CASES; do
             # for $COMPILE_PRESETS, PyTorch at its fastest (bf16 autocast, channels_last, torch.compile,
             # whose compilation takes a minute or more of its warm-up)
             bench "ours f32 no cudnn" "$preset" env DDPM_CUDNN=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
-            # each residual block node by node in candle's graph (DDPM_BLOCK_NODE=0): what the block's
-            # node saves in time and memory
+            # the residual blocks and attention node by node in candle's graph (DDPM_BLOCK_NODE=0):
+            # what their nodes save in time and memory
             bench "ours tf32 no block node" "$preset" env DDPM_BLOCK_NODE=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
             # cuDNN's non-deterministic algorithms allowed too, as PyTorch allows them by default
             bench "ours tf32 nondeterministic" "$preset" env DDPM_CUDNN_DETERMINISTIC=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32

@@ -134,7 +134,9 @@ fn half_precision_convolutions_match_the_cpu() {
 #[test]
 fn softmax_and_attention_match_the_cpu_kernels() {
     // The softmax kernels (rows shorter and longer than a block of threads, large logits), and
-    // attention, which on the GPU runs candle's products around them and on the CPU its fused kernel.
+    // attention, which on the GPU runs candle's products around them (qkv is differentiated: as one
+    // graph node that recomputes the probabilities in its backward, `ops/attention_node.rs`) and on
+    // the CPU its fused kernel.
     let gpu = gpu();
     for (shape, amp) in [(vec![3, 7], 3.0), (vec![2, 700], 80.0)] {
         let run = |dev: &Device| {

@@ -18,9 +18,9 @@
 //! second product, each with its own buffer and backward. Here, for contiguous f32 tensors on the CPU,
 //! each (sample, head) pair is two `gemm` products forward and five backward on strided views of qkv,
 //! with the (L, L) probabilities in a per-thread scratch buffer; P is recomputed in the backward rather
-//! than kept. Samples run in parallel. CUDA in f32 with the project's kernels enabled runs candle's
-//! products around the fused softmax of `ops/softmax.rs`; everything else (Metal, f16, bf16, f64)
-//! takes [`attention_composed`].
+//! than kept. Samples run in parallel. CUDA and Metal with the project's kernels enabled run candle's
+//! products around the fused softmax of `ops/softmax.rs` (f32, bf16, f16; on CUDA in training as one
+//! graph node, `ops/attention_node.rs`); everything else takes [`attention_composed`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -175,14 +175,19 @@ impl CustomOp2 for AttentionGrad {
 /// Multi-head attention `qkv (N, 3C, L) -> out (N, C, L)` with `heads` heads (see the module docs):
 /// out = softmax(scale Q K^T) V per sample and head. Fused on the CPU for contiguous f32 input,
 /// [`attention_products`] with the fused softmax on CUDA or Metal with the project's kernels enabled
-/// (f32, bf16, f16),
+/// (f32, bf16, f16), on CUDA as one graph node that recomputes the probabilities in its backward
+/// when qkv is differentiated (`ops/attention_node.rs`),
 /// [`attention_composed`] elsewhere; differentiable every way.
 pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let op = AttentionOp { heads, scale: scale as f32 };
     let dims = op.dims(qkv.shape())?;
     let fused = qkv.device().is_cpu() && qkv.dtype() == DType::F32 && qkv.is_contiguous() && dims.d > 0 && dims.l > 0;
+    let half_or_f32 = matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16);
     if fused {
         qkv.apply_op1(op)
+    } else if super::cuda_kernels_enabled(qkv.device()) && half_or_f32 && qkv.track_op() && dims.d > 0 && dims.l > 0 && super::block_nodes_enabled() {
+        // training on CUDA: one graph node that keeps only qkv (`ops/attention_node.rs`)
+        super::attention_node::attention_node(qkv, heads, scale)
     } else if (super::cuda_kernels_enabled(qkv.device()) || super::metal_kernels_enabled(qkv.device())) && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         // candle's products around the fused softmax (CUDA or Metal kernels), which runs in f32 for f16 and bf16
         // scores as the composed path's does
@@ -206,13 +211,24 @@ pub fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tens
 /// [`attention`] as batched products around `softmax` (over the last dimension of the (N heads, L, L)
 /// scores): [`attention_composed`] with candle's softmax, CUDA and Metal with [`super::softmax_last_dim`].
 pub fn attention_products(qkv: &Tensor, heads: usize, scale: f64, softmax: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    let dims = AttentionOp { heads, scale: scale as f32 }.dims(qkv.shape())?;
-    let (n, c, d, l) = (dims.n, dims.c(), dims.d, dims.l);
-    // channels [i C, (i + 1) C) as (N heads, L, d)
-    let part = |i: usize| qkv.narrow(1, i * c, c)?.reshape((n * heads, d, l))?.transpose(1, 2)?.contiguous();
-    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let [q, k, v] = split_heads(qkv, heads)?;
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let probs = softmax(&scores)?;
     // (N heads, L, d) -> (N heads, d, L) -> (N, C, L)
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((n, c, l))
+    probs.matmul(&v)?.transpose(1, 2)?.reshape(output_shape(qkv)?)
+}
+
+/// q, k and v of `qkv` (N, 3C, L) split into `heads` heads, each a contiguous (N heads, L, d) tensor:
+/// channels [i C, (i + 1) C) for i = 0, 1, 2.
+pub(super) fn split_heads(qkv: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
+    let dims = AttentionOp { heads, scale: 1.0 }.dims(qkv.shape())?;
+    let (n, c, d, l) = (dims.n, dims.c(), dims.d, dims.l);
+    let part = |i: usize| qkv.narrow(1, i * c, c)?.reshape((n * heads, d, l))?.transpose(1, 2)?.contiguous();
+    Ok([part(0)?, part(1)?, part(2)?])
+}
+
+/// The shape (N, C, L) of the output of attention on `qkv` (N, 3C, L).
+pub(super) fn output_shape(qkv: &Tensor) -> Result<Shape> {
+    let (n, c3, l) = qkv.dims3()?;
+    Ok(Shape::from((n, c3 / 3, l)))
 }

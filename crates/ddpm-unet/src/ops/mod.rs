@@ -8,7 +8,8 @@
 //! loaded at run time (`ops/cudnn.rs`, `ops/cudnn_conv.rs`), or where cuDNN is missing as im2col and
 //! col2im kernels around candle's (cuBLAS) matrix products (`ops/columns.rs`), so that its gradient
 //! runs no transposed convolution; attention runs as cuBLAS products around the fused softmax with its
-//! analytic backward (`ops/softmax.rs`).
+//! analytic backward (`ops/softmax.rs`), in training as one graph node that recomputes the
+//! probabilities in its backward (`ops/attention_node.rs`).
 //!
 //! With the `metal` feature the same f32 kernels, the convolution's im2col and col2im included, exist
 //! in Metal (`ops/metal/kernels.metal`), opt-in with `DDPM_METAL_KERNELS=1`
@@ -40,6 +41,7 @@ macro_rules! with_avx2 {
 }
 
 pub mod attention;
+pub(crate) mod attention_node;
 pub(crate) mod columns;
 pub mod conv;
 #[cfg(feature = "cuda")]
@@ -67,6 +69,14 @@ pub use softmax::softmax_last_dim;
 pub(crate) use ddpm_core::ops::fused_device;
 
 use candle_core::{Result, Tensor};
+
+/// Whether the residual blocks and (on CUDA) attention run as one graph node each in training
+/// (`resnet/node.rs`, `ops/attention_node.rs`): yes unless `DDPM_BLOCK_NODE=0` is in the environment
+/// (read once), which runs them node by node, to measure what the nodes save.
+pub fn block_nodes_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| !std::env::var("DDPM_BLOCK_NODE").is_ok_and(|v| v == "0"))
+}
 
 /// `p` in the dtype of `x`: under mixed precision the parameters stay in f32 (the optimizer's master
 /// weights) while the activations, and so the products, run in bf16 or f16, as PyTorch's autocast

@@ -88,9 +88,22 @@ impl CustomOp1 for SoftmaxRows {
     }
 
     fn bwd(&self, _x: &Tensor, p: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.detach().contiguous()?;
-        Ok(Some(p.detach().apply_op2_no_bwd(&grad, &SoftmaxRowsGrad { cols: self.cols })?))
+        Ok(Some(softmax_last_dim_backward(p, grad)?))
     }
+}
+
+/// The gradient dx = p (dp - D), D = sum_j p_j dp_j per row, of [`softmax_last_dim`] at its output
+/// `p` for the incoming gradient `dp`, outside candle's graph: one fused op where
+/// [`softmax_last_dim`] runs one (f32, p and dp of one shape), else composed from candle's ops.
+pub(crate) fn softmax_last_dim_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    let (p, dp) = (p.detach(), dp.detach());
+    let fused = p.dtype() == DType::F32 && dp.dtype() == DType::F32 && super::fused_device(p.device()) && p.rank() > 0 && p.elem_count() > 0 && p.shape() == dp.shape();
+    if !fused {
+        // D keeps its row axis (size 1) to broadcast over the row
+        let d = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+        return p * dp.broadcast_sub(&d)?;
+    }
+    p.contiguous()?.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxRowsGrad { cols: p.dim(D::Minus1)? })
 }
 
 /// `(p, dp) -> dx = p (dp - D)`, D = sum_j p_j dp_j per row.

@@ -32,7 +32,7 @@
 //! the parameters' gradients are computed in the activations' dtype where candle's graph computes
 //! them (dW; dbias and the norms' in f32) and returned in the parameters' dtype.
 //! `DDPM_BLOCK_NODE=0` in the environment turns the node off (the block then runs node by node), to
-//! measure what it saves.
+//! measure what it saves ([`crate::ops::block_nodes_enabled`]).
 //!
 //! [`GroupNorm::backward_silu`]: crate::nn::GroupNorm
 
@@ -52,13 +52,7 @@ pub(super) fn applies(block: &ResnetBlock2D, x: &Tensor) -> bool {
     let Some(params) = block.params() else { return false };
     let tracked = x.track_op() || params.iter().any(|p| p.track_op());
     let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32 && params.iter().all(|p| p.device().is_cpu() && p.dtype() == DType::F32);
-    tracked && enabled() && (on_cpu || on_cuda(block, x, &params))
-}
-
-/// Whether the node is on: not turned off by `DDPM_BLOCK_NODE=0` (read once).
-fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| !std::env::var("DDPM_BLOCK_NODE").is_ok_and(|v| v == "0"))
+    tracked && crate::ops::block_nodes_enabled() && (on_cpu || on_cuda(block, x, &params))
 }
 
 /// Whether the node runs the block at `x` on CUDA: x (B, C, H, W) in f32, bf16 or f16 on a CUDA
