@@ -347,10 +347,18 @@ fn checked_gradients(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: us
     let Some((dx, dw)) = cudnn_gradients(x, w, dy, &g)? else {
         candle_core::bail!("conv2d_backward: x, weight and dy must be CPU tensors in f32, or CUDA tensors in one dtype that cuDNN convolves (x is {:?} on {:?}, dy {:?})", x.dtype(), x.device().location(), dy.dtype());
     };
-    // dbias_b[o] = sum over the positions of dy_b[o], in f32; summed over b for a shared bias
+    Ok((dx, dw, bias_gradient(dy, per_image)?))
+}
+
+/// The bias' gradient for the output gradient dy (B, O, H', W'), in f32: dbias_b[o] = sum over the
+/// positions of dy_b[o], (B, O) for a per-image bias, summed over b to (O) for a shared one.
+pub(super) fn bias_gradient(dy: &Tensor, per_image: bool) -> Result<Tensor> {
     let per_image_sums = dy.to_dtype(DType::F32)?.sum((2, 3))?;
-    let dbias = if per_image { per_image_sums } else { per_image_sums.sum(0)? };
-    Ok((dx, dw, dbias))
+    if per_image {
+        Ok(per_image_sums)
+    } else {
+        per_image_sums.sum(0)
+    }
 }
 
 /// The convolution's gradient `(x, W, dY) -> [dx | dW | dbias]` (flat), per image b:
@@ -517,7 +525,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad:
     if fused(x, w, bias) {
         apply(x, w, bias, g)
     } else if let Some(y) = by_cudnn(x, w, bias, &g)? {
-        add_bias(y, bias, bias_rows)
+        Ok(y)
     } else if by_columns(x, w, bias) {
         add_bias(columns::conv2d(x, w, g)?, bias, bias_rows)
     } else {
@@ -555,7 +563,7 @@ pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Resul
         let u = upsample_nearest2x(x)?;
         let g = Geometry::new((b, c, 2 * h, 2 * wd), k, 1, 1);
         if let Some(y) = by_cudnn(&u, w, bias, &g)? {
-            return add_bias(y, bias, bias_rows);
+            return Ok(y);
         }
         if by_columns(x, w, bias) {
             return add_bias(columns::conv2d(&u, w, g)?, bias, bias_rows);
@@ -604,14 +612,14 @@ fn fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.is_none_or(|t| t.dtype() == DType::F32)
 }
 
-/// The convolution of geometry `g` without the bias, by cuDNN where it runs this one
-/// (`ops/cudnn_conv.rs`: CUDA with the project's kernels enabled, cuDNN loaded, one dtype of f32, bf16
-/// and f16), else `None`.
+/// The convolution of geometry `g` with its bias (checked by [`check_conv`]), by cuDNN where it runs
+/// this one (`ops/cudnn_conv.rs`: CUDA with the project's kernels enabled, cuDNN loaded, one dtype of
+/// f32, bf16 and f16), else `None`.
 fn by_cudnn(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, g: &Geometry) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if columns_dtype(x, w, bias) {
         if let Some(plan) = super::cudnn_conv::plan_for(x.device(), x.dtype(), g, w.dim(0)?) {
-            return super::cudnn_conv::conv2d(x, w, plan).map(Some);
+            return super::cudnn_conv::conv2d(x, w, bias, plan).map(Some);
         }
     }
     #[cfg(not(feature = "cuda"))]

@@ -9,7 +9,9 @@
 //!   dw = sum_b dy_b * x_b           cudnnConvolutionBackwardFilter
 //! ```
 //!
-//! The bias is added outside (candle's broadcast add, whose gradient is the sum of dy over B, H', W').
+//! The bias, shared (O) or one row per image (B, O), is added in place to cuDNN's output by the
+//! project's kernel `ddpm_add_bias_*` (no second output, no graph node of its own); its gradient is
+//! the sum of dy over H', W' (and B for a shared bias), in f32.
 //! cuDNN is loaded at run time (`ops/cudnn.rs`); without it, or for a geometry it has no
 //! deterministic algorithm for, the convolution takes the column path and says so once. Each
 //! geometry's plan (descriptors and algorithms) is made once and cached; f32 runs in full precision,
@@ -59,10 +61,17 @@ pub(super) fn plan_for(device: &candle_core::Device, dtype: DType, g: &Geometry,
     }
 }
 
-/// y = conv2d(x, w) by cuDNN with `plan` (made by [`plan_for`] for these tensors), without the bias;
-/// differentiable in x and w.
-pub(super) fn conv2d(x: &Tensor, w: &Tensor, plan: Arc<ConvPlan>) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Forward(plan))
+/// y = conv2d(x, w) + bias by cuDNN with `plan` (made by [`plan_for`] for these tensors), the bias
+/// (in x's dtype) shared (O) or per image (B, O); differentiable in x, w and bias.
+pub(super) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, plan: Arc<ConvPlan>) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        None => x.apply_op2(&w, Forward(plan)),
+        Some(b) => {
+            let per_image = b.rank() == 2;
+            x.apply_op3(&w, &b.contiguous()?, ForwardBias { plan, per_image })
+        }
+    }
 }
 
 /// The gradients (dx, dw) of [`conv2d`] with `plan` for the output gradient `dy`, by cuDNN's backward
@@ -174,6 +183,65 @@ impl CustomOp2 for Forward {
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = gradients(x, w, dy, &self.0)?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// The forward convolution with its bias, (x, w, bias) -> y = x * w + bias: [`Forward`], then the
+/// bias added in place.
+struct ForwardBias {
+    plan: Arc<ConvPlan>,
+    /// The bias has one row per image (B, O), else one value per channel (O).
+    per_image: bool,
+}
+
+impl candle_core::CustomOp3 for ForwardBias {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-cudnn-bias"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("ddpm-conv2d-cudnn-bias runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(&self, sx: &CudaStorage, lx: &Layout, sw: &CudaStorage, lw: &Layout, sb: &CudaStorage, lb: &Layout) -> Result<(CudaStorage, Shape)> {
+        let mut y = run_any(&self.plan, Pass::Forward, (sx, lx), (sw, lw))?;
+        add_bias(&mut y, (sb, lb), Pass::Forward.output_dims(&self.plan), self.per_image)?;
+        Ok((y, Shape::from(Pass::Forward.output_dims(&self.plan).to_vec())))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = gradients(x, w, dy, &self.plan)?;
+        let dbias = super::conv::bias_gradient(dy, self.per_image)?.to_dtype(bias.dtype())?;
+        Ok((Some(dx), Some(dw), Some(dbias)))
+    }
+}
+
+/// y[b, o, p] += bias[r, o] in place (r = b per image, else 0) by the kernel `ddpm_add_bias_*`, for
+/// y of dims (B, O, H', W') and a contiguous bias of y's dtype.
+fn add_bias(y: &mut CudaStorage, (b, lb): (&CudaStorage, &Layout), [n, o, oh, ow]: [usize; 4], per_image: bool) -> Result<()> {
+    const OP: &str = "ddpm-conv2d-cudnn-bias";
+    let rows = if per_image { n } else { 1 };
+    if lb.shape().elem_count() != rows * o || b.dtype() != y.dtype() {
+        candle_core::bail!("{OP}: the bias is {:?} in {:?}, the output ({n}, {o}, {oh}, {ow}) in {:?}", lb.dims(), b.dtype(), y.dtype());
+    }
+    let (len, l) = (n * o * oh * ow, oh * ow);
+    if o >= 1 << 32 || l >= 1 << 32 {
+        candle_core::bail!("{OP}: {o} channels of {l} positions are too many for the kernel's 32-bit indices");
+    }
+    fn launch<T: CudaDType + DeviceRepr>(kernel: &str, y: &mut CudaStorage, b: &CudaStorage, lb: &Layout, (len, o, l, per_image): (usize, u32, u32, u32)) -> Result<()> {
+        let dev = y.device().clone();
+        let bias = view::<T>(b, lb, OP, "the bias")?;
+        let mut out = y.as_cuda_slice_mut::<T>()?.slice_mut(0..len);
+        let n = len as u64;
+        super::cuda::launch!(&dev, kernel, super::cuda::elementwise(len); &mut out, &bias, &n, &o, &l, &per_image);
+        Ok(())
+    }
+    let args = (len, o as u32, l as u32, per_image as u32);
+    match y.dtype() {
+        DType::F32 => launch::<f32>("ddpm_add_bias_f32", y, b, lb, args),
+        DType::BF16 => launch::<half::bf16>("ddpm_add_bias_bf16", y, b, lb, args),
+        DType::F16 => launch::<half::f16>("ddpm_add_bias_f16", y, b, lb, args),
+        d => candle_core::bail!("{OP}: no bias kernel for {d:?}"),
     }
 }
 

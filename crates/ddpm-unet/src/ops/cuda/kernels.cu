@@ -1,5 +1,5 @@
 // CUDA kernels of ddpm-unet's network ops: group norm (+SiLU) and its backward, the convolution's
-// im2col and col2im (f32, bf16, f16), the row softmax and its backward, dropout. Compiled to PTX by
+// im2col and col2im and its bias (f32, bf16, f16), the row softmax and its backward, dropout. Compiled to PTX by
 // build.rs with the `cuda` feature and launched from src/ops/cuda.rs. Each kernel computes what the
 // CPU kernel of the same op computes (see the Rust module docs for the formulas); reductions use f64
 // accumulators and a fixed tree order, so results do not depend on scheduling.
@@ -167,6 +167,27 @@ __device__ void col2im(const T* dcols, T* dx, uint32_t B, uint32_t C, uint32_t H
 COLUMN_KERNELS(f32, float)
 COLUMN_KERNELS(bf16, __nv_bfloat16)
 COLUMN_KERNELS(f16, __half)
+
+// The convolution's bias added in place to its output y (B, O, L) (src/ops/cudnn_conv.rs):
+// y[b, o, p] += bias[r O + o], r = b for a per-image (B, O) bias, 0 for a shared (O) one; the sum in
+// f32, rounded once. n = B O L elements.
+template <typename T>
+__device__ void add_bias(T* y, const T* bias, uint64_t n, uint32_t O, uint32_t L, uint32_t per_image) {
+    GRID_STRIDE(i, n) {
+        const uint64_t bo = i / L;  // b O + o
+        const uint64_t row = per_image ? bo / O : 0;
+        y[i] = T((float)y[i] + (float)bias[row * O + bo % O]);
+    }
+}
+
+#define BIAS_KERNEL(suffix, T)                                                                               \
+    extern "C" __global__ void ddpm_add_bias_##suffix(T* y, const T* bias, uint64_t n, uint32_t O, uint32_t L, \
+                                                      uint32_t per_image) {                                  \
+        add_bias<T>(y, bias, n, O, L, per_image);                                                           \
+    }
+BIAS_KERNEL(f32, float)
+BIAS_KERNEL(bf16, __nv_bfloat16)
+BIAS_KERNEL(f16, __half)
 
 // Maximum of v over the block (every thread gets it).
 __device__ float block_max(float v) {
