@@ -136,6 +136,8 @@ for case in $CASES; do
             # for $COMPILE_PRESETS, PyTorch at its fastest (bf16 autocast, channels_last, torch.compile,
             # whose compilation takes a minute or more of its warm-up)
             bench "ours f32 no cudnn" "$preset" env DDPM_CUDNN=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
+            # cudarc's per-buffer CUDA events kept on (DDPM_CUDA_EVENTS=1): the host work they cost
+            bench "ours tf32 cuda events" "$preset" env DDPM_CUDA_EVENTS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
             # the residual blocks and attention node by node in candle's graph (DDPM_BLOCK_NODE=0):
             # what their nodes save in time and memory
             bench "ours tf32 no block node" "$preset" env DDPM_BLOCK_NODE=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
@@ -168,7 +170,7 @@ flops = {}
 for l in open(sys.argv[2]):
     if l.strip():
         f = json.loads(l); flops[f["config"].rsplit("/", 1)[-1][:-5]] = f
-peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "ours tf32 no block node": 495e12, "ours tf32 nondeterministic": 495e12, "pytorch f32": 495e12,
+peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "ours tf32 no block node": 495e12, "ours tf32 cuda events": 495e12, "ours tf32 nondeterministic": 495e12, "pytorch f32": 495e12,
         "ours bf16": 989e12, "pytorch bf16": 989e12, "pytorch bf16 compile": 989e12}
 out = []
 for preset in dict.fromkeys(r["preset"] for r in rows):
@@ -187,7 +189,7 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
     ratio = lambda a, b, k: round(med[a][k] / med[b][k], 3) if med.get(a) and med.get(b) and med[b].get(k) else None
     out.append({"preset": preset, "medians": med, "ratios": {
         f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib", "phase_forward_ms", "phase_backward_ms", "phase_optimizer_ms"]}
-        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours tf32 no block node", "pytorch f32"), ("ours tf32 nondeterministic", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
+        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours tf32 no block node", "pytorch f32"), ("ours tf32 cuda events", "pytorch f32"), ("ours tf32 nondeterministic", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
 print(json.dumps(out, indent=1))
 PYEOF
 cat "$OUT/summary.json" | tee -a "$LOG"

@@ -10,7 +10,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                Ok(Device::new_cuda(0)?)
+                Ok(ddpm_core::ops::cuda_device(0)?)
             } else if candle_core::utils::metal_is_available() {
                 Ok(Device::new_metal(0)?)
             } else {
@@ -31,7 +31,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this build has no CUDA support; rebuild with `--features cuda`");
             }
-            Ok(Device::new_cuda(ordinal)?)
+            Ok(ddpm_core::ops::cuda_device(ordinal)?)
         }
         other => bail!("--device {other}: expected auto, cpu, cuda, cuda:N or metal"),
     }

@@ -19,7 +19,7 @@ use ddpm_core::ops::weighted_mse;
 fn gpu() -> Device {
     // All tests set the same value, before any op reads it.
     std::env::set_var("DDPM_CUDA_KERNELS", "1");
-    let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU (Device::new_cuda(0) failed)");
+    let dev = ddpm_core::ops::cuda_device(0).expect("these tests need a CUDA GPU (ddpm_core::ops::cuda_device(0) failed)");
     assert!(ddpm_core::ops::cuda_kernels_enabled(&dev));
     dev
 }

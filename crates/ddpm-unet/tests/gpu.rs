@@ -30,7 +30,7 @@ fn fixture(name: &str) -> PathBuf {
 /// The first CUDA device (with `cuda`), else the first Metal device.
 fn gpu() -> Device {
     #[cfg(feature = "cuda")]
-    let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU (Device::new_cuda(0) failed)");
+    let dev = ddpm_core::ops::cuda_device(0).expect("these tests need a CUDA GPU (ddpm_core::ops::cuda_device(0) failed)");
     #[cfg(not(feature = "cuda"))]
     let dev = Device::new_metal(0).expect("these tests need a Metal GPU (Device::new_metal(0) failed)");
     dev

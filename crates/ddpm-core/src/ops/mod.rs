@@ -25,6 +25,31 @@ pub use mse::{weighted_mse, weighted_mse_composed};
 
 use candle_core::{CpuStorage, Device, Layout, Result};
 
+/// CUDA device `ordinal` as this project runs it: candle's device with cudarc's per-buffer event
+/// tracking turned off, unless `DDPM_CUDA_EVENTS=1` is in the environment (read at each call).
+///
+/// candle creates each device's stream with `new_stream`, which puts cudarc in its multi-stream mode:
+/// every buffer then gets two CUDA events at allocation, every use of it as a kernel argument a wait
+/// on its last write and a record (two driver calls), and every free two more waits; host work that
+/// paces a small model's training step, where each op is short. Everything of a device runs on its
+/// one stream (candle's ops, cuBLAS, cuRAND, this project's kernels, cuDNN), and on one stream the
+/// stream's order alone puts every write before the later reads and every (stream-ordered) free after
+/// the earlier uses: what the events would enforce. Tensors that another stream touches need the
+/// events: keep them on (`DDPM_CUDA_EVENTS=1`) or create the device with candle's `Device::new_cuda`.
+/// Without the `cuda` feature this is candle's error for a build without CUDA.
+pub fn cuda_device(ordinal: usize) -> Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        if !std::env::var("DDPM_CUDA_EVENTS").is_ok_and(|v| v == "1") {
+            // SAFETY: every use of this device's buffers is ordered by its one stream (above); buffers
+            // made before this call keep their events, which stay correct
+            unsafe { d.disable_event_tracking() };
+        }
+    }
+    Ok(device)
+}
+
 /// Whether the fused ops run their own CUDA kernels on `device`: in a build with the `cuda` feature,
 /// on a CUDA device, unless `DDPM_CUDA_KERNELS=0` is in the environment (read once), which makes CUDA
 /// tensors take candle's composed ops instead (about 3x slower to train: `scripts/gpu_check.sh`).
