@@ -264,8 +264,35 @@ fn backward_alone_matches_autograd() {
     let (x, wt) = (Tensor::zeros((1, 2, 5, 5), DType::F32, &dev).unwrap(), Tensor::zeros((3, 2, 3, 3), DType::F32, &dev).unwrap());
     let err = conv2d_backward(&x, &wt, &Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap(), 1, 1).unwrap_err().to_string();
     assert!(err.contains("[1, 3, 4, 4]") && err.contains("[1, 3, 5, 5]"), "{err}");
-    // the CPU computes it in f32 only (bf16 and f16 go to cuDNN on CUDA): one line naming the dtypes
-    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
-    let err = conv2d_backward(&bf16(&x), &wt, &bf16(&Tensor::zeros((1, 3, 5, 5), DType::F32, &dev).unwrap()), 1, 1).unwrap_err().to_string();
-    assert!(err.contains("CPU tensors in f32") && err.contains("BF16"), "{err}");
+    // dy in another dtype than x: an error naming both
+    let f16 = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let err = conv2d_backward(&f16(&x), &wt, &Tensor::zeros((1, 3, 5, 5), DType::F32, &dev).unwrap(), 1, 1).unwrap_err().to_string();
+    assert!(err.contains("F32") && err.contains("F16") && err.contains("x's dtype"), "{err}");
+}
+
+/// `conv2d_backward` in f16 on the CPU (candle's conv2d gradient, the fallback where neither the CPU
+/// kernels nor cuDNN run) against the f32 kernels on the same rounded values: dx and dW in f16 within
+/// its rounding, dbias in f32.
+#[test]
+fn backward_alone_in_half_precision_falls_back_to_candles_gradient() {
+    let dev = Device::Cpu;
+    let (b, c, o, side) = (2, 3, 4, 6);
+    let rounded = |n: usize, seed: u64, shape: Vec<usize>| {
+        let t = Tensor::from_vec(common::lcg_values(n, seed, 1.0), shape, &dev).unwrap();
+        t.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap()
+    };
+    let x = rounded(b * c * side * side, 31, vec![b, c, side, side]);
+    let wt = rounded(o * c * 9, 32, vec![o, c, 3, 3]);
+    let dy = rounded(b * o * side * side, 33, vec![b, o, side, side]);
+    let f16 = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    for per_image in [false, true] {
+        let backward = if per_image { conv2d_backward_per_image_bias } else { conv2d_backward };
+        let (dx, dw, db) = backward(&f16(&x), &wt, &f16(&dy), 1, 1).unwrap();
+        let (dx32, dw32, db32) = backward(&x, &wt, &dy, 1, 1).unwrap();
+        assert_eq!((dx.dtype(), dw.dtype(), db.dtype()), (DType::F16, DType::F16, DType::F32));
+        for (name, half, full) in [("dx", &dx, &dx32), ("dw", &dw, &dw32), ("dbias", &db, &db32)] {
+            let d = common::rel_diff(&half.to_dtype(DType::F32).unwrap(), full);
+            assert!(d < 3e-3, "{name} (per image {per_image}) differs by {d}");
+        }
+    }
 }

@@ -317,9 +317,10 @@ fn gradients(g: Geometry, x: &Tensor, w: &Tensor, bias_shape: &Shape, dy: &Tenso
 /// (B, O, H', W'), computed by the ops that [`conv2d`]'s backward pass runs but outside candle's graph:
 /// no gradient store around them (a zeroed buffer and an add per argument, which `cargo bench --bench
 /// conv` shows as the gap between its "fwd+bwd" and "bwd op" columns). For a custom backward pass, and
-/// for timing the kernels alone. CPU tensors in f32, or CUDA tensors that cuDNN convolves (one dtype
-/// of f32, bf16 and f16 for x and dy; w is cast to it, as [`conv2d`] casts f32 master weights): dx
-/// and dW come in x's dtype, dbias in f32 (summed in f32).
+/// for timing the kernels alone. The CPU kernels take f32 on the CPU, cuDNN f32, bf16 and f16 on
+/// CUDA, and candle's conv2d gradient by autograd the rest (f16 on the CPU, for one); x and dy share
+/// one dtype, w is cast to it (as [`conv2d`] casts f32 master weights). dx and dW come in x's dtype,
+/// dbias in f32 (summed in f32).
 pub fn conv2d_backward(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize) -> Result<(Tensor, Tensor, Tensor)> {
     checked_gradients(x, w, dy, stride, pad, false)
 }
@@ -344,10 +345,29 @@ fn checked_gradients(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: us
         let bias_shape = if per_image { Shape::from((b, o)) } else { Shape::from(o) };
         return gradients(g, x, w, &bias_shape, dy);
     }
-    let Some((dx, dw)) = cudnn_gradients(x, w, dy, &g)? else {
-        candle_core::bail!("conv2d_backward: x, weight and dy must be CPU tensors in f32, or CUDA tensors in one dtype that cuDNN convolves (x is {:?} on {:?}, dy {:?})", x.dtype(), x.device().location(), dy.dtype());
+    if dy.dtype() != x.dtype() || !dy.device().same_device(x.device()) {
+        candle_core::bail!("conv2d_backward: dy ({:?} on {:?}) must have x's dtype and device ({:?} on {:?})", dy.dtype(), dy.device().location(), x.dtype(), x.device().location());
+    }
+    let (dx, dw) = match cudnn_gradients(x, w, dy, &g)? {
+        Some(grads) => grads,
+        None => composed_gradients(x, w, dy, stride, pad)?,
     };
     Ok((dx, dw, bias_gradient(dy, per_image)?))
+}
+
+/// dx and dW of the convolution for the output gradient dy by candle's own conv2d and its autograd,
+/// on detached copies of x and w: `conv2d_backward`'s fallback for the devices and dtypes that
+/// neither the CPU kernels (f32) nor cuDNN take, as far as candle's convolution goes (f16 on the
+/// CPU, for example). Since sum(y dy) has the gradient dy at y, its gradients are dx and dW.
+fn composed_gradients(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize) -> Result<(Tensor, Tensor)> {
+    let (xv, wv) = (candle_core::Var::from_tensor(&x.detach())?, candle_core::Var::from_tensor(&w.detach())?);
+    let y = xv.conv2d(&wv, pad, stride, 1, 1)?;
+    let grads = (y * dy.detach())?.sum_all()?.backward()?;
+    let grad = |v: &candle_core::Var, what: &str| match grads.get(v) {
+        Some(g) => Ok(g.clone()),
+        None => candle_core::bail!("conv2d_backward: candle's autograd gave no gradient for {what}"),
+    };
+    Ok((grad(&xv, "x")?, grad(&wv, "the weight")?))
 }
 
 /// The bias' gradient for the output gradient dy (B, O, H', W'), in f32: dbias_b[o] = sum over the

@@ -38,6 +38,7 @@
 
 use std::sync::Mutex;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use crate::ops::conv::{conv2d_backward, conv2d_backward_per_image_bias, cudnn_convolves, Conv2d};
 use crate::ops::f32_slice;
@@ -143,11 +144,19 @@ impl CustomOp3 for Node {
         NAME
     }
 
-    /// y = (skip + out) / output_scale_factor, skip = x or conv_shortcut(x), out = conv2's output.
+    /// y = (skip + out) / output_scale_factor, skip = x or conv_shortcut(x), out = conv2's output:
+    /// in parallel for f32, by candle's storage ops ([`terms_sum`]) for other dtypes.
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, _sp: &CpuStorage, _lp: &Layout, _st: &CpuStorage, _lt: &Layout) -> Result<(CpuStorage, Shape)> {
         let (shortcut, out) = self.take_sum()?;
         check_terms(shortcut.as_ref(), lx, &out)?;
         let scale = self.block.output_scale_factor;
+        if out.dtype() != DType::F32 {
+            let cpu: fn(&Storage) -> Option<&CpuStorage> = |s| match s {
+                Storage::Cpu(c) => Some(c),
+                _ => None,
+            };
+            return Ok((terms_sum(sx, lx, shortcut.as_ref(), &out, scale, cpu)?, out.shape().clone()));
+        }
         let sum = |skip: &[f32], out: &[f32]| -> Vec<f32> {
             if scale == 1.0 {
                 skip.par_iter().zip(out).map(|(s, o)| s + o).collect()
@@ -163,7 +172,7 @@ impl CustomOp3 for Node {
         Ok((CpuStorage::F32(y), out.shape().clone()))
     }
 
-    /// The same sum on CUDA, by candle's storage ops: skip + out, then the scale if it is not 1.
+    /// The same sum on CUDA ([`terms_sum`]).
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -174,22 +183,13 @@ impl CustomOp3 for Node {
         _st: &candle_core::CudaStorage,
         _lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let (shortcut, out) = self.take_sum()?;
         check_terms(shortcut.as_ref(), lx, &out)?;
-        let (go, lo) = out.storage_and_layout();
-        let Storage::Cuda(so) = &*go else { candle_core::bail!("{NAME}: conv2's output must be a CUDA tensor") };
-        let y = match &shortcut {
-            Some(skip) => {
-                let (gs, ls) = skip.storage_and_layout();
-                let Storage::Cuda(ss) = &*gs else { candle_core::bail!("{NAME}: the shortcut must be a CUDA tensor") };
-                ss.binary_impl::<candle_core::op::Add>(so, ls, lo)?
-            }
-            None => sx.binary_impl::<candle_core::op::Add>(so, lx, lo)?,
+        let cuda: fn(&Storage) -> Option<&candle_core::CudaStorage> = |s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
         };
-        let scale = self.block.output_scale_factor;
-        let y = if scale == 1.0 { y } else { y.affine(&Layout::contiguous(out.shape()), 1.0 / scale, 0.0)? };
-        Ok((y, out.shape().clone()))
+        Ok((terms_sum(sx, lx, shortcut.as_ref(), &out, self.block.output_scale_factor, cuda)?, out.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, params: &Tensor, t: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -231,6 +231,26 @@ impl CustomOp3 for Node {
         // each gradient in its argument's dtype (f32 master weights under mixed precision)
         let dparams = Tensor::cat(&grads.iter().map(|g| g.flatten_all()?.to_dtype(params.dtype())).collect::<Result<Vec<_>>>()?, 0)?;
         Ok((Some(dx.to_dtype(x.dtype())?), Some(dparams), Some(dt.to_dtype(t.dtype())?)))
+    }
+}
+
+/// (skip + out) / scale by candle's storage ops on the backend whose storages `backend` picks out:
+/// skip is the shortcut, or x itself (storage `sx`, layout `lx`) when None; out is conv2's output.
+fn terms_sum<B: BackendStorage>(sx: &B, lx: &Layout, shortcut: Option<&Tensor>, out: &Tensor, scale: f64, backend: fn(&Storage) -> Option<&B>) -> Result<B> {
+    let (go, lo) = out.storage_and_layout();
+    let Some(so) = backend(&go) else { candle_core::bail!("{NAME}: conv2's output is on another device than x") };
+    let y = match shortcut {
+        Some(skip) => {
+            let (gs, ls) = skip.storage_and_layout();
+            let Some(ss) = backend(&gs) else { candle_core::bail!("{NAME}: the shortcut is on another device than x") };
+            ss.binary_impl::<candle_core::op::Add>(so, ls, lo)?
+        }
+        None => sx.binary_impl::<candle_core::op::Add>(so, lx, lo)?,
+    };
+    if scale == 1.0 {
+        Ok(y)
+    } else {
+        y.affine(&Layout::contiguous(out.shape()), 1.0 / scale, 0.0)
     }
 }
 
@@ -327,6 +347,56 @@ mod tests {
             let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(g_recomputing.get(v).unwrap()), bits(a), "{name}: recomputing h1 and h2 changed the gradient");
         }
+    }
+
+    /// One block in f16 on the CPU with f32 master weights (mixed precision; the convolutions'
+    /// gradients there come from candle's autograd, on CUDA from cuDNN): the node against the
+    /// block's node-by-node graph in f16, the output bit for bit and every gradient (x, t, each
+    /// parameter, in its own dtype) within f16's rounding; keeping h1 and h2 or recomputing them
+    /// gives the same bits.
+    fn check_half(in_c: usize, out_c: usize, p: f64, scale: f64) {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let rec = Recorder::default();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let params = ResnetParams { temb_channels: 5, groups: 2, eps: 1e-5, dropout: p };
+        let block = ResnetBlock2D::new(vb, &rec, in_c, out_c, params, scale).unwrap();
+        let mut rng = NoiseRng::new(4);
+        let mut randn = |shape: (usize, usize, usize, usize)| rng.randn(shape, DType::F32, &dev).unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.contains("norm") {
+                var.set(&(var.as_tensor() + randn((1, 1, 1, var.elem_count())).flatten_all().unwrap()).unwrap()).unwrap();
+            }
+        }
+        let half = |t: Tensor| Var::from_tensor(&t.to_dtype(DType::F16).unwrap()).unwrap();
+        let x = half(randn((3, in_c, 6, 5)));
+        let t = half(randn((3, out_c, 1, 1)).flatten_from(1).unwrap());
+        let r = randn((3, out_c, 6, 5));
+        let seed = (p > 0.0).then_some(11);
+        let kept = super::node(&block, &x, &t, seed, true).unwrap();
+        let recomputing = super::node(&block, &x, &t, seed, false).unwrap();
+        let parts = block.parts(&x, &t, seed).unwrap();
+        let graph = block.output(&parts.skip, &parts.out).unwrap();
+        assert_eq!(kept.dtype(), DType::F16);
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(f32s(&kept), f32s(&graph), "the forward");
+        let grads = |y: &Tensor| (y.to_dtype(DType::F32).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gk, gr, gg) = (grads(&kept), grads(&recomputing), grads(&graph));
+        let mut wrt: Vec<(String, Tensor)> = vec![("x".into(), x.as_tensor().clone()), ("t".into(), t.as_tensor().clone())];
+        wrt.extend(rec.into_inner().into_iter().filter(|(name, _)| !name.starts_with("time_emb_proj")));
+        for (name, v) in &wrt {
+            let (a, b, c) = (gk.get(v).unwrap(), gr.get(v).unwrap(), gg.get(v).unwrap());
+            assert_eq!((a.dtype(), a.dims()), (v.dtype(), v.dims()), "{name}");
+            assert_eq!(f32s(a), f32s(b), "{name}: recomputing h1 and h2 changed the gradient");
+            let d = rel_diff(&a.to_dtype(DType::F32).unwrap(), &c.to_dtype(DType::F32).unwrap());
+            assert!(d < 1e-2, "{name}: node vs graph gradient in f16 {d}");
+        }
+    }
+
+    #[test]
+    fn half_precision_node_matches_the_graph() {
+        check_half(4, 4, 0.0, 1.0);
+        check_half(4, 6, 0.3, 2.0);
     }
 
     #[test]
