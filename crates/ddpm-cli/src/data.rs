@@ -67,7 +67,8 @@ impl ImageSet {
                 }
             }
         }
-        Ok(Tensor::from_vec(out, (indices.len(), c, h, w), device)?)
+        // through pinned staging buffers on CUDA: the copy does not wait for the previous step
+        Ok(ddpm_core::ops::upload(out, (indices.len(), c, h, w), device)?)
     }
 
     /// Keeps the first `n` images (all of them when `n` is larger).

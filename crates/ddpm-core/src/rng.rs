@@ -99,11 +99,12 @@ impl NoiseRng {
         out
     }
 
-    /// A tensor of standard-normal draws of the given shape, dtype and device.
+    /// A tensor of standard-normal draws of the given shape, dtype and device (drawn in f32 on the
+    /// host, copied by [`crate::ops::upload`], then cast on the device).
     pub fn randn<S: Into<Shape>>(&mut self, shape: S, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
         let shape = shape.into();
         let v = self.normal_vec(shape.elem_count());
-        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        crate::ops::upload(v, shape, device)?.to_dtype(dtype)
     }
 
     /// `n` integers drawn uniformly from [0, high), as an i64 tensor on `device` (training timesteps).
@@ -112,6 +113,6 @@ impl NoiseRng {
             return Err(candle_core::Error::Msg("randint needs high > 0".into()));
         }
         let v: Vec<i64> = (0..n).map(|_| self.below(high as u64) as i64).collect();
-        Tensor::from_vec(v, n, device)
+        crate::ops::upload(v, n, device)
     }
 }

@@ -136,3 +136,33 @@ fn clipped_adamw_on_the_device_matches_the_cpu() {
     }
     assert_close("clipped AdamW", ["a", "b"], &on_gpu, &on_cpu, 1e-6);
 }
+
+#[test]
+#[cfg(feature = "cuda")]
+fn uploads_through_reused_staging_buffers_arrive_intact() {
+    // More uploads of one size than there are staging buffers, queued behind a long product so
+    // that the copies are still pending when the host refills a buffer: each tensor must hold its
+    // own values (a buffer refilled before its copy ran would show a later upload's), for f32 and
+    // i64, and match the CPU's tensor of the same values.
+    let gpu = gpu();
+    let big = Tensor::from_vec(values(2048 * 2048, 1, 1.0), (2048, 2048), &gpu).unwrap();
+    let mut queued = Vec::new();
+    for i in 0..12u64 {
+        let busy = big.matmul(&big).unwrap();
+        let floats = values(100_003, 100 + i, 1.0);
+        let ints: Vec<i64> = (0..5_001).map(|k| (k * 7 + i as i64 * 1_000_003) % 999_983).collect();
+        let f = ddpm_core::ops::upload(floats.clone(), 100_003, &gpu).unwrap();
+        let n = ddpm_core::ops::upload(ints.clone(), 5_001, &gpu).unwrap();
+        queued.push((busy, f, floats, n, ints));
+    }
+    for (i, (_, f, floats, n, ints)) in queued.iter().enumerate() {
+        assert_eq!(f.to_vec1::<f32>().unwrap(), *floats, "f32 upload {i}");
+        assert_eq!(n.to_vec1::<i64>().unwrap(), *ints, "i64 upload {i}");
+    }
+    let on_cpu = ddpm_core::ops::upload(values(10, 3, 1.0), (2, 5), &Device::Cpu).unwrap();
+    let on_gpu = ddpm_core::ops::upload(values(10, 3, 1.0), (2, 5), &gpu).unwrap();
+    assert_eq!(on_gpu.dims(), [2, 5]);
+    assert_eq!(on_gpu.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), on_cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let err = ddpm_core::ops::upload(vec![1f32; 3], (2, 2), &gpu).unwrap_err().to_string();
+    assert!(err.contains("3 values") && err.contains("[2, 2]"), "{err}");
+}

@@ -106,3 +106,55 @@ pub fn upload_f32(dev: &CudaDevice, values: &[f32]) -> Result<CudaSlice<f32>> {
 pub fn wrap(slice: CudaSlice<f32>, like: &CudaStorage) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, like.device().clone())
 }
+
+/// Page-locked staging buffers per (device, element type, length) that host-to-device copies are
+/// made from, each with the event recorded after its last copy.
+type StagingRings = std::collections::HashMap<(candle_core::cuda_backend::DeviceId, std::any::TypeId, usize), Box<dyn std::any::Any + Send>>;
+
+/// The staging buffers of one (device, type, length), used in turn.
+struct Ring<T> {
+    slots: Vec<(candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<T>, candle_core::cuda_backend::cudarc::driver::CudaEvent)>,
+    next: usize,
+}
+
+/// Staging buffers per (device, type, length) that [`upload_pinned`] keeps: a copy waits for the copy
+/// this many uploads of the same size before it, not for the device's queue.
+const STAGING_DEPTH: usize = 4;
+
+/// `values` copied to a fresh buffer on `dev` through a page-locked (pinned) staging buffer, without
+/// waiting for the work queued on the device's stream.
+///
+/// A copy from pageable memory (a `Vec`, what candle's `Tensor::from_vec` copies from) may make the
+/// driver wait for the stream's queued work before it returns (CUDA's "API synchronization
+/// behavior"), so a training step that uploads its batch and noise would wait for the previous step
+/// to finish on the GPU before it could queue any more. From pinned memory the copy is queued like a
+/// kernel. Each (device, type, length) has [`STAGING_DEPTH`] staging buffers used in turn; a buffer
+/// is refilled only after the event recorded behind its previous copy has completed (the events are
+/// the ring's own: cudarc's are off with [`crate::ops::cuda_device`]).
+pub fn upload_pinned<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + Send + 'static>(dev: &CudaDevice, values: &[T]) -> Result<CudaSlice<T>> {
+    static RINGS: std::sync::OnceLock<std::sync::Mutex<StagingRings>> = std::sync::OnceLock::new();
+    let stream = dev.cuda_stream();
+    let ctx = stream.context().clone();
+    let key = (dev.id(), std::any::TypeId::of::<T>(), values.len());
+    let mut rings = RINGS.get_or_init(Default::default).lock().map_err(|_| candle_core::Error::Msg("upload_pinned: poisoned lock".into()))?;
+    let ring = rings.entry(key).or_insert_with(|| Box::new(Ring::<T> { slots: Vec::new(), next: 0 }));
+    let Some(ring) = ring.downcast_mut::<Ring<T>>() else {
+        candle_core::bail!("upload_pinned: a staging ring of another type under this type's key")
+    };
+    if ring.slots.len() < STAGING_DEPTH {
+        // SAFETY: the buffer is written in full below before any copy reads it
+        let buffer = unsafe { ctx.alloc_pinned::<T>(values.len()) }.w()?;
+        ring.slots.push((buffer, ctx.new_event(None).w()?));
+    }
+    let slot = ring.next % ring.slots.len();
+    ring.next += 1;
+    let (buffer, copied) = &mut ring.slots[slot];
+    // the previous copy out of this buffer has finished reading it
+    copied.synchronize().w()?;
+    buffer.as_mut_slice().w()?.copy_from_slice(values);
+    // SAFETY: the copy below writes every element
+    let mut dst = unsafe { dev.alloc::<T>(values.len()) }?;
+    stream.memcpy_htod(&*buffer, &mut dst).w()?;
+    copied.record(&stream).w()?;
+    Ok(dst)
+}

@@ -50,6 +50,58 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// `values` as a tensor of `shape` on `device`: `Tensor::from_vec`, except on CUDA with the project's
+/// kernels ([`cuda_kernels_enabled`]), where the copy goes through page-locked staging buffers
+/// ([`cuda::upload_pinned`]) so that it does not wait for the GPU's queued work (the training loop
+/// uploads each step's batch, noise and timesteps while the previous step still runs).
+pub fn upload<T: candle_core::WithDType + UploadElement, S: Into<candle_core::Shape>>(values: Vec<T>, shape: S, device: &Device) -> Result<candle_core::Tensor> {
+    let shape = shape.into();
+    if values.len() != shape.elem_count() {
+        candle_core::bail!("upload: {} values for the shape {shape:?}", values.len());
+    }
+    #[cfg(feature = "cuda")]
+    if let (true, Device::Cuda(dev)) = (cuda_kernels_enabled(device), device) {
+        let slice = cuda::upload_pinned(dev, &values)?;
+        let storage = candle_core::CudaStorage::wrap_cuda_slice(slice, dev.clone());
+        // a custom op with no input to read hands the storage to candle as a new tensor
+        return candle_core::Tensor::zeros(1, candle_core::DType::U8, device)?.apply_op1_no_bwd(&Uploaded(std::sync::Mutex::new(Some(storage)), shape));
+    }
+    candle_core::Tensor::from_vec(values, shape, device)
+}
+
+/// The element types [`upload`] copies: what candle stores and cudarc copies.
+#[cfg(feature = "cuda")]
+pub trait UploadElement: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + Send + 'static {}
+#[cfg(feature = "cuda")]
+impl<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + Send + 'static> UploadElement for T {}
+/// The element types [`upload`] copies (any, without the `cuda` feature).
+#[cfg(not(feature = "cuda"))]
+pub trait UploadElement {}
+#[cfg(not(feature = "cuda"))]
+impl<T> UploadElement for T {}
+
+/// The op that turns an uploaded buffer into a tensor (its input, a one-byte placeholder, is not read).
+#[cfg(feature = "cuda")]
+struct Uploaded(std::sync::Mutex<Option<candle_core::CudaStorage>>, candle_core::Shape);
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for Uploaded {
+    fn name(&self) -> &'static str {
+        "ddpm-upload"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("ddpm-upload: the uploaded buffer is a CUDA buffer")
+    }
+
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        match self.0.lock().map_err(|_| candle_core::Error::Msg("ddpm-upload: poisoned lock".into()))?.take() {
+            Some(storage) => Ok((storage, self.1.clone())),
+            None => candle_core::bail!("ddpm-upload: the buffer was taken twice"),
+        }
+    }
+}
+
 /// Whether the fused ops run their own CUDA kernels on `device`: in a build with the `cuda` feature,
 /// on a CUDA device, unless `DDPM_CUDA_KERNELS=0` is in the environment (read once), which makes CUDA
 /// tensors take candle's composed ops instead (about 3x slower to train: `scripts/gpu_check.sh`).
@@ -86,5 +138,18 @@ pub fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str, what: &str
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
         _ => candle_core::bail!("{op}: {what} must be a contiguous f32 tensor"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_on_the_cpu_is_the_tensor_of_its_values_and_checks_the_shape() {
+        let t = upload(vec![1i64, 2, 3, 4, 5, 6], (2, 3), &Device::Cpu).unwrap();
+        assert_eq!(t.to_vec2::<i64>().unwrap(), [[1, 2, 3], [4, 5, 6]]);
+        let err = upload(vec![1f32; 3], (2, 2), &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("3 values") && err.contains("[2, 2]"), "{err}");
     }
 }
