@@ -68,6 +68,33 @@ fn group_norm_matches_the_cpu_kernel() {
 
 
 #[test]
+#[cfg(feature = "cuda")]
+fn half_precision_group_norm_matches_the_cpu() {
+    // bf16 and f16 x with f32 gamma and beta: on CUDA the kernel reads and writes the half type
+    // itself, on the CPU the f32 op runs between casts; the same values up to the f32 sums' order,
+    // so within one unit of the half type's last place.
+    let gpu = gpu();
+    for (dtype, bound) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+        for silu in [false, true] {
+            let (n, c, h, w, groups) = (3, 8, 5, 7, 4);
+            let run = |dev: &Device| {
+                let x = Var::from_tensor(&Tensor::from_vec(common::lcg_values(n * c * h * w, 1, 3.0), (n, c, h, w), dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+                let gamma = Var::from_vec(common::lcg_values(c, 2, 1.5), c, dev).unwrap();
+                let beta = Var::from_vec(common::lcg_values(c, 3, 0.5), c, dev).unwrap();
+                let r = Tensor::from_vec(common::lcg_values(n * c * h * w, 4, 1.0), (n, c, h, w), dev).unwrap();
+                let out = group_norm(&x, groups, &gamma, &beta, 1e-6, silu).unwrap();
+                assert_eq!(out.dtype(), dtype);
+                let grads = (out.to_dtype(DType::F32).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = |v: &Var| grads.get(v).unwrap().to_dtype(DType::F32).unwrap();
+                [out.to_dtype(DType::F32).unwrap(), g(&x), g(&gamma), g(&beta)]
+            };
+            let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+            assert_close(&format!("{dtype:?} group norm (silu {silu})"), ["out", "dx", "dgamma", "dbeta"], &on_gpu, &on_cpu, bound);
+        }
+    }
+}
+
+#[test]
 fn convolutions_match_the_cpu_kernels() {
     // On the GPU the convolution runs by columns (im2col and col2im kernels around candle's products);
     // on the CPU by the CPU kernels: "same" 3x3, strided, 1x1, a per-image bias and the upsampler.

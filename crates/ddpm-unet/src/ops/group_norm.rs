@@ -29,8 +29,8 @@
 //! CUDA f32 tensors take the same two passes as CUDA kernels, one block per (sample, group), when
 //! [`super::cuda_kernels_enabled`], and Metal f32 tensors as Metal kernels when
 //! [`super::metal_kernels_enabled`]. Everything else (f64, strided input, Metal without the opt-in)
-//! takes the composed candle ops, which are differentiable too; f16 and bf16 on those GPUs run the f32
-//! kernels between casts.
+//! takes the composed candle ops, which are differentiable too; f16 and bf16 run the f32 kernels
+//! between casts, except the CUDA forward, which reads and writes them itself (same values).
 
 use std::mem::MaybeUninit;
 
@@ -321,19 +321,36 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
         use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+        use candle_core::cuda_backend::CudaDType;
         let d = self.dims;
-        let dev = sx.device().clone();
-        let x = cuda::f32_view(sx, lx, self.name(), "x")?;
         let gamma = cuda::f32_view(sg, lg, self.name(), "gamma")?;
         let beta = cuda::f32_view(sb, lb, self.name(), "beta")?;
-        if x.len() != d.numel() || gamma.len() != d.c || beta.len() != d.c {
+        let Some((lo, hi)) = lx.contiguous_offsets() else { candle_core::bail!("ddpm-group-norm: x must be contiguous") };
+        if hi - lo != d.numel() || gamma.len() != d.c || beta.len() != d.c {
             candle_core::bail!("ddpm-group-norm: argument sizes do not match {:?}", d);
         }
-        let mut out = cuda::alloc_f32(&dev, x.len())?;
-        let (groups, cg, s, silu) = (d.groups as u64, d.cg() as u64, d.s as u64, self.silu as i32);
-        // one block per (sample, group) pair
-        cuda::launch!(&dev, "ddpm_group_norm", cuda::per_block(d.n * d.groups); &x, &gamma, &beta, &mut out, &groups, &cg, &s, &self.eps, &silu);
-        Ok((cuda::wrap(out, sx), lx.shape().clone()))
+        // x and out in T (f32, or bf16 and f16 read and written by the kernel itself), gamma and beta in f32
+        let run = |kernel: &str| -> Result<candle_core::CudaStorage> {
+            fn typed<T: CudaDType + DeviceRepr>(kernel: &str, op: &GroupNormOp, sx: &candle_core::CudaStorage, (lo, hi): (usize, usize), gamma: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>, beta: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>) -> Result<candle_core::CudaStorage> {
+                let d = op.dims;
+                let dev = sx.device().clone();
+                let x = sx.as_cuda_slice::<T>()?.slice(lo..hi);
+                // SAFETY: the kernel writes every value of every (sample, group)
+                let mut out = unsafe { dev.alloc::<T>(hi - lo) }?;
+                let (groups, cg, s, silu) = (d.groups as u64, d.cg() as u64, d.s as u64, op.silu as i32);
+                // one block per (sample, group) pair
+                cuda::launch!(&dev, kernel, cuda::per_block(d.n * d.groups); &x, gamma, beta, &mut out, &groups, &cg, &s, &op.eps, &silu);
+                Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            match sx.dtype() {
+                DType::F32 => typed::<f32>(kernel, self, sx, (lo, hi), &gamma, &beta),
+                DType::BF16 => typed::<half::bf16>(&format!("{kernel}_bf16"), self, sx, (lo, hi), &gamma, &beta),
+                DType::F16 => typed::<half::f16>(&format!("{kernel}_f16"), self, sx, (lo, hi), &gamma, &beta),
+                dt => candle_core::bail!("ddpm-group-norm: no CUDA kernel for x in {dt:?}"),
+            }
+        };
+        Ok((run("ddpm_group_norm")?, lx.shape().clone()))
     }
 
     #[cfg(feature = "metal")]
@@ -377,8 +394,14 @@ impl CustomOp3 for GroupNormOp {
 }
 
 /// (dx, dgamma, dbeta) of the fused group norm `op` for the incoming gradient `dout`, by one
-/// [`GroupNormBackward`] op outside the graph.
+/// [`GroupNormBackward`] op outside the graph; for a bf16 or f16 x (the CUDA forward's own) in f32
+/// between casts, dx in x's dtype.
 fn gradients(op: &GroupNormOp, x: &Tensor, gamma: &Tensor, beta: &Tensor, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    if x.dtype() != DType::F32 {
+        let f = |t: &Tensor| t.detach().to_dtype(DType::F32);
+        let (dx, dgamma, dbeta) = gradients(op, &f(x)?, gamma, beta, &f(dout)?)?;
+        return Ok((dx.to_dtype(x.dtype())?, dgamma, dbeta));
+    }
     let d = op.dims;
     // A custom op takes three tensors: gamma and beta travel together as one (2C) vector.
     let gb = Tensor::cat(&[&gamma.detach(), &beta.detach()], 0)?;
@@ -587,9 +610,16 @@ pub fn group_norm(
     }
     let half = matches!(x.dtype(), DType::BF16 | DType::F16) && [gamma, beta].iter().all(|t| t.dtype() == x.dtype());
     if half && super::fused_device(x.device()) && x.elem_count() > 0 {
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        if super::cuda_kernels_enabled(x.device()) && x.is_contiguous() {
+            // the CUDA kernel reads and writes the half type itself, in f32 inside: the values of
+            // the f32 op between casts below, without the casts' two passes over x and the output
+            let (n, c, s) = check_args(x, num_groups, gamma, beta)?;
+            let op = GroupNormOp { dims: Dims { n, c, groups: num_groups, s }, eps, silu };
+            return x.apply_op3(&f(gamma)?.contiguous()?, &f(beta)?.contiguous()?, op);
+        }
         // normalised in f32 by the f32 op, between casts: two elementwise passes instead of the ten
         // or so of the composed ops, and the affine map and SiLU in f32 before the one rounding
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
         return group_norm(&f(x)?, num_groups, &f(gamma)?, &f(beta)?, eps, silu)?.to_dtype(x.dtype());
     }
     group_norm_composed(x, num_groups, gamma, beta, eps, silu)

@@ -8,14 +8,16 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-// Mean and rstd = 1 / sqrt(var + eps) of the block's group xs[0..M) (two passes, f64 sums).
-__device__ void group_stats(const float* xs, uint64_t m, double eps, float* mean_out, float* rstd_out) {
+// Mean and rstd = 1 / sqrt(var + eps) of the block's group xs[0..M) (two passes, f64 sums), for
+// f32, bf16 or f16 values (widened to f32).
+template <typename T>
+__device__ void group_stats(const T* xs, uint64_t m, double eps, float* mean_out, float* rstd_out) {
     double acc = 0.0;
-    for (uint64_t j = threadIdx.x; j < m; j += THREADS) acc += (double)xs[j];
+    for (uint64_t j = threadIdx.x; j < m; j += THREADS) acc += (double)(float)xs[j];
     float mean = (float)(block_sum(acc) / (double)m);
     acc = 0.0;
     for (uint64_t j = threadIdx.x; j < m; j += THREADS) {
-        float d = xs[j] - mean;
+        float d = (float)xs[j] - mean;
         acc += (double)(d * d);
     }
     double var = block_sum(acc) / (double)m;
@@ -26,21 +28,33 @@ __device__ void group_stats(const float* xs, uint64_t m, double eps, float* mean
 __device__ float sigmoidf(float y) { return 1.0f / (1.0f + expf(-y)); }
 
 // One block per (sample, group) pair ng, groups of cg channels of s positions (M = cg s):
-// out = y or y sigmoid(y), y = (x - mean) rstd gamma_c + beta_c.
-extern "C" __global__ void ddpm_group_norm(const float* x, const float* gamma, const float* beta, float* out,
-                                           uint64_t groups, uint64_t cg, uint64_t s, double eps, int silu) {
+// out = y or y sigmoid(y), y = (x - mean) rstd gamma_c + beta_c. x and out in f32, bf16 or f16 (the
+// arithmetic in f32, one rounding at the end: what the f32 kernel between two casts computes),
+// gamma and beta in f32.
+template <typename T>
+__device__ void group_norm_forward(const T* x, const float* gamma, const float* beta, T* out, uint64_t groups,
+                                   uint64_t cg, uint64_t s, double eps, int silu) {
     const uint64_t ng = blockIdx.x, g = ng % groups, m = cg * s;
-    const float* xs = x + ng * m;
-    float* os = out + ng * m;
+    const T* xs = x + ng * m;
+    T* os = out + ng * m;
     float mean, rstd;
     group_stats(xs, m, eps, &mean, &rstd);
     for (uint64_t j = threadIdx.x; j < m; j += THREADS) {
         uint64_t c = g * cg + j / s;
         float a = rstd * gamma[c];
-        float y = xs[j] * a + (beta[c] - mean * a);
-        os[j] = silu ? y * sigmoidf(y) : y;
+        float y = (float)xs[j] * a + (beta[c] - mean * a);
+        os[j] = T(silu ? y * sigmoidf(y) : y);
     }
 }
+
+#define GROUP_NORM_KERNEL(name, T)                                                                           \
+    extern "C" __global__ void name(const T* x, const float* gamma, const float* beta, T* out, uint64_t groups, \
+                                    uint64_t cg, uint64_t s, double eps, int silu) {                          \
+        group_norm_forward<T>(x, gamma, beta, out, groups, cg, s, eps, silu);                                \
+    }
+GROUP_NORM_KERNEL(ddpm_group_norm, float)
+GROUP_NORM_KERNEL(ddpm_group_norm_bf16, __nv_bfloat16)
+GROUP_NORM_KERNEL(ddpm_group_norm_f16, __half)
 
 // Backward of ddpm_group_norm, one block per (sample, group) pair ng. Writes dx and, per channel c of
 // the group, part_a[n C + c] = sum_s dy and part_b[n C + c] = sum_s dy xhat (reduced over the samples
