@@ -107,6 +107,27 @@ pub fn wrap(slice: CudaSlice<f32>, like: &CudaStorage) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, like.device().clone())
 }
 
+/// [`upload_pinned`] of `values` as a candle storage on `dev` when their type is f32, i64, u32 or
+/// u8 (`None` for another type: the caller copies those as candle does).
+pub fn upload_storage<T: 'static>(dev: &CudaDevice, values: &[T]) -> Result<Option<CudaStorage>> {
+    /// `v` as a slice of `U` when `T` is `U` itself (same type, so the same layout).
+    fn same<T: 'static, U: 'static>(v: &[T]) -> Option<&[U]> {
+        // SAFETY: T and U are one type (equal TypeIds)
+        (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()).then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<U>(), v.len()) })
+    }
+    Ok(if let Some(v) = same::<T, f32>(values) {
+        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
+    } else if let Some(v) = same::<T, i64>(values) {
+        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
+    } else if let Some(v) = same::<T, u32>(values) {
+        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
+    } else if let Some(v) = same::<T, u8>(values) {
+        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
+    } else {
+        None
+    })
+}
+
 /// Page-locked staging buffers per (device, element type, length) that host-to-device copies are
 /// made from, each with the event recorded after its last copy.
 type StagingRings = std::collections::HashMap<(candle_core::cuda_backend::DeviceId, std::any::TypeId, usize), Box<dyn std::any::Any + Send>>;

@@ -51,34 +51,25 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
 }
 
 /// `values` as a tensor of `shape` on `device`: `Tensor::from_vec`, except on CUDA with the project's
-/// kernels ([`cuda_kernels_enabled`]), where the copy goes through page-locked staging buffers
-/// ([`cuda::upload_pinned`]) so that it does not wait for the GPU's queued work (the training loop
-/// uploads each step's batch, noise and timesteps while the previous step still runs).
-pub fn upload<T: candle_core::WithDType + UploadElement, S: Into<candle_core::Shape>>(values: Vec<T>, shape: S, device: &Device) -> Result<candle_core::Tensor> {
+/// kernels ([`cuda_kernels_enabled`]), where f32, i64, u32 and u8 values are copied through
+/// page-locked staging buffers ([`cuda::upload_pinned`]) so that the copy does not wait for the GPU's
+/// queued work (the training loop uploads each step's batch, noise and timesteps while the previous
+/// step still runs).
+pub fn upload<T: candle_core::WithDType + 'static, S: Into<candle_core::Shape>>(values: Vec<T>, shape: S, device: &Device) -> Result<candle_core::Tensor> {
     let shape = shape.into();
     if values.len() != shape.elem_count() {
         candle_core::bail!("upload: {} values for the shape {shape:?}", values.len());
     }
     #[cfg(feature = "cuda")]
     if let (true, Device::Cuda(dev)) = (cuda_kernels_enabled(device), device) {
-        let slice = cuda::upload_pinned(dev, &values)?;
-        let storage = candle_core::CudaStorage::wrap_cuda_slice(slice, dev.clone());
-        // a custom op with no input to read hands the storage to candle as a new tensor
-        return candle_core::Tensor::zeros(1, candle_core::DType::U8, device)?.apply_op1_no_bwd(&Uploaded(std::sync::Mutex::new(Some(storage)), shape));
+        if let Some(storage) = cuda::upload_storage(dev, &values)? {
+            // a custom op that reads nothing of its input hands the storage to candle as a new tensor
+            let placeholder = candle_core::Tensor::zeros(1, candle_core::DType::U8, device)?;
+            return placeholder.apply_op1_no_bwd(&Uploaded(std::sync::Mutex::new(Some(storage)), shape));
+        }
     }
     candle_core::Tensor::from_vec(values, shape, device)
 }
-
-/// The element types [`upload`] copies: what candle stores and cudarc copies.
-#[cfg(feature = "cuda")]
-pub trait UploadElement: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + Send + 'static {}
-#[cfg(feature = "cuda")]
-impl<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + Send + 'static> UploadElement for T {}
-/// The element types [`upload`] copies (any, without the `cuda` feature).
-#[cfg(not(feature = "cuda"))]
-pub trait UploadElement {}
-#[cfg(not(feature = "cuda"))]
-impl<T> UploadElement for T {}
 
 /// The op that turns an uploaded buffer into a tensor (its input, a one-byte placeholder, is not read).
 #[cfg(feature = "cuda")]

@@ -188,7 +188,7 @@ pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     } else if super::cuda_kernels_enabled(qkv.device()) && half_or_f32 && qkv.track_op() && dims.d > 0 && dims.l > 0 && super::block_nodes_enabled() {
         // training on CUDA: one graph node that keeps only qkv (`ops/attention_node.rs`)
         super::attention_node::attention_node(qkv, heads, scale)
-    } else if (super::cuda_kernels_enabled(qkv.device()) || super::metal_kernels_enabled(qkv.device())) && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+    } else if (super::cuda_kernels_enabled(qkv.device()) || super::metal_kernels_enabled(qkv.device())) && half_or_f32 {
         // candle's products around the fused softmax (CUDA or Metal kernels), which runs in f32 for f16 and bf16
         // scores as the composed path's does
         attention_products(qkv, heads, scale, |s| super::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(s.dtype()))

@@ -12,8 +12,8 @@
 //! The bias, shared (O) or one row per image (B, O), is added in place to cuDNN's output by the
 //! project's kernel `ddpm_add_bias_*` (no second output, no graph node of its own); its gradient is
 //! the sum of dy over H', W' (and B for a shared bias), in f32.
-//! cuDNN is loaded at run time (`ops/cudnn.rs`); without it, or for a geometry it has no
-//! deterministic algorithm for, the convolution takes the column path and says so once. Each
+//! cuDNN is loaded at run time (`ops/cudnn/`); without it, or for a geometry it has no
+//! qualifying algorithm for, the convolution takes the column path and says so once. Each
 //! geometry's plan (descriptors and algorithms) is made once and cached; f32 runs in full precision,
 //! or in TF32 after `candle_core::cuda::set_gemm_reduced_precision_f32(true)` (the products' switch),
 //! bf16 and f16 on tensor cores with f32 accumulation.
@@ -30,8 +30,8 @@ use super::cudnn::{self, ConvDType, ConvKey, ConvPlan, CudnnError};
 
 /// The cuDNN plan for a convolution of geometry `g` to `o` output channels, input and weight in
 /// `dtype` on `device`, or `None` where the convolution must take another path: not CUDA, the
-/// project's kernels off, cuDNN not loaded, a dtype other than f32, bf16 or f16, or no deterministic
-/// algorithm for the geometry (said once).
+/// project's kernels off, cuDNN not loaded, a dtype other than f32, bf16 or f16, or no qualifying
+/// algorithm for the geometry (deterministic unless `DDPM_CUDNN_DETERMINISTIC=0`; said once).
 pub(super) fn plan_for(device: &candle_core::Device, dtype: DType, g: &Geometry, o: usize) -> Option<Arc<ConvPlan>> {
     let candle_core::Device::Cuda(dev) = device else { return None };
     if !super::cuda_kernels_enabled(device) {
