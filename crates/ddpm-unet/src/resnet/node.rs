@@ -300,24 +300,32 @@ mod tests {
         m((a - b).unwrap()) / m(b.clone()).max(1e-30)
     }
 
-    /// One block (in_c -> out_c channels on 6x5 images of 3 samples, dropout p, scale factor s): the
-    /// node's output and the gradients of sum(y r) in x, t and every parameter, against the
-    /// reference's and against the block's node-by-node graph.
-    fn check(in_c: usize, out_c: usize, p: f64, scale: f64) {
+    /// A block (in_c -> out_c channels, dropout p, scale factor s) with f32 parameters whose norms'
+    /// weights and biases are moved away from 1 and 0 by draws from `rng` (so that their gradients
+    /// are tested in general), and the recorder that names its parameters.
+    fn test_block(in_c: usize, out_c: usize, p: f64, scale: f64, rng: &mut NoiseRng) -> (ResnetBlock2D, Recorder) {
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         let rec = Recorder::default();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let params = ResnetParams { temb_channels: 5, groups: 2, eps: 1e-5, dropout: p };
         let block = ResnetBlock2D::new(vb, &rec, in_c, out_c, params, scale).unwrap();
-        let mut rng = NoiseRng::new(3);
-        let mut randn = |shape: (usize, usize, usize, usize)| rng.randn(shape, DType::F32, &dev).unwrap();
-        // norms' weights and biases away from 1 and 0, so that their gradients are tested in general
         for (name, var) in varmap.data().lock().unwrap().iter() {
             if name.contains("norm") {
-                var.set(&(var.as_tensor() + randn((1, 1, 1, var.elem_count())).flatten_all().unwrap()).unwrap()).unwrap();
+                var.set(&(var.as_tensor() + rng.randn(var.elem_count(), DType::F32, &dev).unwrap()).unwrap()).unwrap();
             }
         }
+        (block, rec)
+    }
+
+    /// One block (in_c -> out_c channels on 6x5 images of 3 samples, dropout p, scale factor s): the
+    /// node's output and the gradients of sum(y r) in x, t and every parameter, against the
+    /// reference's and against the block's node-by-node graph.
+    fn check(in_c: usize, out_c: usize, p: f64, scale: f64) {
+        let dev = Device::Cpu;
+        let mut rng = NoiseRng::new(3);
+        let (block, rec) = test_block(in_c, out_c, p, scale, &mut rng);
+        let mut randn = |shape: (usize, usize, usize, usize)| rng.randn(shape, DType::F32, &dev).unwrap();
         let x = Var::from_tensor(&randn((3, in_c, 6, 5))).unwrap();
         let t = Var::from_tensor(&randn((3, out_c, 1, 1)).flatten_from(1).unwrap()).unwrap();
         let r = randn((3, out_c, 6, 5));
@@ -356,18 +364,9 @@ mod tests {
     /// gives the same bits.
     fn check_half(in_c: usize, out_c: usize, p: f64, scale: f64) {
         let dev = Device::Cpu;
-        let varmap = VarMap::new();
-        let rec = Recorder::default();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let params = ResnetParams { temb_channels: 5, groups: 2, eps: 1e-5, dropout: p };
-        let block = ResnetBlock2D::new(vb, &rec, in_c, out_c, params, scale).unwrap();
         let mut rng = NoiseRng::new(4);
+        let (block, rec) = test_block(in_c, out_c, p, scale, &mut rng);
         let mut randn = |shape: (usize, usize, usize, usize)| rng.randn(shape, DType::F32, &dev).unwrap();
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            if name.contains("norm") {
-                var.set(&(var.as_tensor() + randn((1, 1, 1, var.elem_count())).flatten_all().unwrap()).unwrap()).unwrap();
-            }
-        }
         let half = |t: Tensor| Var::from_tensor(&t.to_dtype(DType::F16).unwrap()).unwrap();
         let x = half(randn((3, in_c, 6, 5)));
         let t = half(randn((3, out_c, 1, 1)).flatten_from(1).unwrap());
