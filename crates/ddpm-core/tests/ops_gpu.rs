@@ -163,6 +163,16 @@ fn uploads_through_reused_staging_buffers_arrive_intact() {
     let on_gpu = ddpm_core::ops::upload(values(10, 3, 1.0), (2, 5), &gpu).unwrap();
     assert_eq!(on_gpu.dims(), [2, 5]);
     assert_eq!(on_gpu.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), on_cpu.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    // more sizes than the staging rings kept: the older rings are freed after their copies ran
+    let sized: Vec<(Tensor, Vec<f32>)> = (1..=20usize)
+        .map(|k| {
+            let v = values(1000 * k, 200 + k as u64, 1.0);
+            (ddpm_core::ops::upload(v.clone(), 1000 * k, &gpu).unwrap(), v)
+        })
+        .collect();
+    for (i, (t, v)) in sized.iter().enumerate() {
+        assert_eq!(t.to_vec1::<f32>().unwrap(), *v, "upload of size {}", 1000 * (i + 1));
+    }
     let err = ddpm_core::ops::upload(vec![1f32; 3], (2, 2), &gpu).unwrap_err().to_string();
     assert!(err.contains("3 values") && err.contains("[2, 2]"), "{err}");
 }

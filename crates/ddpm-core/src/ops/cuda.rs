@@ -128,19 +128,45 @@ pub fn upload_storage<T: 'static>(dev: &CudaDevice, values: &[T]) -> Result<Opti
     })
 }
 
-/// Page-locked staging buffers per (device, element type, length) that host-to-device copies are
-/// made from, each with the event recorded after its last copy.
-type StagingRings = std::collections::HashMap<(candle_core::cuda_backend::DeviceId, std::any::TypeId, usize), Box<dyn std::any::Any + Send>>;
+/// Which staging ring: the device, the element type and the number of elements.
+type StagingKey = (candle_core::cuda_backend::DeviceId, std::any::TypeId, usize);
 
-/// The staging buffers of one (device, type, length), used in turn.
+/// A ring of page-locked staging buffers (below) with its element type erased.
+trait StagingRing: Send {
+    /// Waits until no copy reads any of the ring's buffers (before they are freed).
+    fn drain(&self) -> Result<()>;
+    /// The ring itself, to recover its element type.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// The staging buffers of one (device, type, length), used in turn, each with the event recorded
+/// after the last copy out of it.
 struct Ring<T> {
     slots: Vec<(candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<T>, candle_core::cuda_backend::cudarc::driver::CudaEvent)>,
     next: usize,
 }
 
+impl<T: Send + 'static> StagingRing for Ring<T> {
+    fn drain(&self) -> Result<()> {
+        for (_, copied) in &self.slots {
+            copied.synchronize().w()?;
+        }
+        Ok(())
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
 /// Staging buffers per (device, type, length) that [`upload_pinned`] keeps: a copy waits for the copy
 /// this many uploads of the same size before it, not for the device's queue.
 const STAGING_DEPTH: usize = 4;
+
+/// Rings kept at most (a training run uses three or four sizes): a new size beyond this frees the
+/// other rings' buffers, each once the copy out of it has run, so that varying sizes do not pile up
+/// pinned memory.
+const STAGING_SIZES: usize = 16;
 
 /// `values` copied to a fresh buffer on `dev` through a page-locked (pinned) staging buffer, without
 /// waiting for the work queued on the device's stream.
@@ -153,13 +179,18 @@ const STAGING_DEPTH: usize = 4;
 /// is refilled only after the event recorded behind its previous copy has completed (the events are
 /// the ring's own: cudarc's are off with [`crate::ops::cuda_device`]).
 pub fn upload_pinned<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits + Copy + Send + 'static>(dev: &CudaDevice, values: &[T]) -> Result<CudaSlice<T>> {
-    static RINGS: std::sync::OnceLock<std::sync::Mutex<StagingRings>> = std::sync::OnceLock::new();
+    static RINGS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<StagingKey, Box<dyn StagingRing>>>> = std::sync::OnceLock::new();
     let stream = dev.cuda_stream();
     let ctx = stream.context().clone();
-    let key = (dev.id(), std::any::TypeId::of::<T>(), values.len());
+    let key: StagingKey = (dev.id(), std::any::TypeId::of::<T>(), values.len());
     let mut rings = RINGS.get_or_init(Default::default).lock().map_err(|_| candle_core::Error::Msg("upload_pinned: poisoned lock".into()))?;
+    if !rings.contains_key(&key) && rings.len() >= STAGING_SIZES {
+        for (_, ring) in rings.drain() {
+            ring.drain()?;
+        }
+    }
     let ring = rings.entry(key).or_insert_with(|| Box::new(Ring::<T> { slots: Vec::new(), next: 0 }));
-    let Some(ring) = ring.downcast_mut::<Ring<T>>() else {
+    let Some(ring) = ring.as_any_mut().downcast_mut::<Ring<T>>() else {
         candle_core::bail!("upload_pinned: a staging ring of another type under this type's key")
     };
     if ring.slots.len() < STAGING_DEPTH {

@@ -1,8 +1,8 @@
-// CUDA kernels of ddpm-unet's network ops: group norm (+SiLU) and its backward, the convolution's
-// im2col and col2im and its bias (f32, bf16, f16), the row softmax and its backward, dropout. Compiled to PTX by
-// build.rs with the `cuda` feature and launched from src/ops/cuda.rs. Each kernel computes what the
-// CPU kernel of the same op computes (see the Rust module docs for the formulas); reductions use f64
-// accumulators and a fixed tree order, so results do not depend on scheduling.
+// CUDA kernels of ddpm-unet's network ops: group norm (+SiLU, f32, bf16, f16) and its backward, the
+// convolution's im2col, col2im and bias (f32, bf16, f16), the row softmax and its backward, dropout.
+// Compiled to PTX by build.rs with the `cuda` feature and launched from src/ops/cuda.rs. Each kernel
+// computes what the CPU kernel of the same op computes (see the Rust module docs for the formulas);
+// reductions use f64 accumulators and a fixed tree order, so results do not depend on scheduling.
 
 #include "common.cuh"  // from ddpm-core: THREADS, block_sum, GRID_STRIDE
 #include <cuda_bf16.h>
