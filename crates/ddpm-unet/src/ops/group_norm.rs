@@ -321,7 +321,7 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda;
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+        use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
         use candle_core::cuda_backend::CudaDType;
         let d = self.dims;
         let gamma = cuda::f32_view(sg, lg, self.name(), "gamma")?;
@@ -331,26 +331,24 @@ impl CustomOp3 for GroupNormOp {
             candle_core::bail!("ddpm-group-norm: argument sizes do not match {:?}", d);
         }
         // x and out in T (f32, or bf16 and f16 read and written by the kernel itself), gamma and beta in f32
-        let run = |kernel: &str| -> Result<candle_core::CudaStorage> {
-            fn typed<T: CudaDType + DeviceRepr>(kernel: &str, op: &GroupNormOp, sx: &candle_core::CudaStorage, (lo, hi): (usize, usize), gamma: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>, beta: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>) -> Result<candle_core::CudaStorage> {
-                let d = op.dims;
-                let dev = sx.device().clone();
-                let x = sx.as_cuda_slice::<T>()?.slice(lo..hi);
-                // SAFETY: the kernel writes every value of every (sample, group)
-                let mut out = unsafe { dev.alloc::<T>(hi - lo) }?;
-                let (groups, cg, s, silu) = (d.groups as u64, d.cg() as u64, d.s as u64, op.silu as i32);
-                // one block per (sample, group) pair
-                cuda::launch!(&dev, kernel, cuda::per_block(d.n * d.groups); &x, gamma, beta, &mut out, &groups, &cg, &s, &op.eps, &silu);
-                Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
-            }
-            match sx.dtype() {
-                DType::F32 => typed::<f32>(kernel, self, sx, (lo, hi), &gamma, &beta),
-                DType::BF16 => typed::<half::bf16>(&format!("{kernel}_bf16"), self, sx, (lo, hi), &gamma, &beta),
-                DType::F16 => typed::<half::f16>(&format!("{kernel}_f16"), self, sx, (lo, hi), &gamma, &beta),
-                dt => candle_core::bail!("ddpm-group-norm: no CUDA kernel for x in {dt:?}"),
-            }
+        fn typed<T: CudaDType + DeviceRepr>(kernel: &str, op: &GroupNormOp, sx: &candle_core::CudaStorage, (lo, hi): (usize, usize), gamma: &CudaView<'_, f32>, beta: &CudaView<'_, f32>) -> Result<candle_core::CudaStorage> {
+            let d = op.dims;
+            let dev = sx.device().clone();
+            let x = sx.as_cuda_slice::<T>()?.slice(lo..hi);
+            // SAFETY: the kernel writes every value of every (sample, group)
+            let mut out = unsafe { dev.alloc::<T>(hi - lo) }?;
+            let (groups, cg, s, silu) = (d.groups as u64, d.cg() as u64, d.s as u64, op.silu as i32);
+            // one block per (sample, group) pair
+            cuda::launch!(&dev, kernel, cuda::per_block(d.n * d.groups); &x, gamma, beta, &mut out, &groups, &cg, &s, &op.eps, &silu);
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        let out = match sx.dtype() {
+            DType::F32 => typed::<f32>("ddpm_group_norm", self, sx, (lo, hi), &gamma, &beta)?,
+            DType::BF16 => typed::<half::bf16>("ddpm_group_norm_bf16", self, sx, (lo, hi), &gamma, &beta)?,
+            DType::F16 => typed::<half::f16>("ddpm_group_norm_f16", self, sx, (lo, hi), &gamma, &beta)?,
+            dt => candle_core::bail!("ddpm-group-norm: no CUDA kernel for x in {dt:?}"),
         };
-        Ok((run("ddpm_group_norm")?, lx.shape().clone()))
+        Ok((out, lx.shape().clone()))
     }
 
     #[cfg(feature = "metal")]
@@ -388,20 +386,16 @@ impl CustomOp3 for GroupNormOp {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dgamma, dbeta) = gradients(self, x, gamma, beta, grad)?;
+        // through the public entry point, which also takes the half-precision x of the CUDA forward
+        let d = self.dims;
+        let (dx, dgamma, dbeta) = group_norm_backward(x, d.groups, gamma, beta, self.eps, self.silu, grad)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
 
 /// (dx, dgamma, dbeta) of the fused group norm `op` for the incoming gradient `dout`, by one
-/// [`GroupNormBackward`] op outside the graph; for a bf16 or f16 x (the CUDA forward's own) in f32
-/// between casts, dx in x's dtype.
+/// [`GroupNormBackward`] op outside the graph.
 fn gradients(op: &GroupNormOp, x: &Tensor, gamma: &Tensor, beta: &Tensor, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    if x.dtype() != DType::F32 {
-        let f = |t: &Tensor| t.detach().to_dtype(DType::F32);
-        let (dx, dgamma, dbeta) = gradients(op, &f(x)?, gamma, beta, &f(dout)?)?;
-        return Ok((dx.to_dtype(x.dtype())?, dgamma, dbeta));
-    }
     let d = op.dims;
     // A custom op takes three tensors: gamma and beta travel together as one (2C) vector.
     let gb = Tensor::cat(&[&gamma.detach(), &beta.detach()], 0)?;
