@@ -48,33 +48,15 @@ fn assert_close<const N: usize>(what: &str, names: [&str; N], on_gpu: &[Tensor; 
 
 #[test]
 fn group_norm_matches_the_cpu_kernel() {
+    // f32 within 1e-5. On CUDA also bf16 and f16 x with f32 gamma and beta: there the kernel reads
+    // and writes the half type itself, on the CPU the f32 op runs between casts; the same values up
+    // to the f32 sums' order, so within one unit of the half type's last place.
     let gpu = gpu();
-    for silu in [false, true] {
-        let (n, c, h, w, groups) = (3, 8, 5, 7, 4);
-        let run = |dev: &Device| {
-            let x = Var::from_vec(common::lcg_values(n * c * h * w, 1, 3.0), (n, c, h, w), dev).unwrap();
-            let gamma = Var::from_vec(common::lcg_values(c, 2, 1.5), c, dev).unwrap();
-            let beta = Var::from_vec(common::lcg_values(c, 3, 0.5), c, dev).unwrap();
-            let r = Tensor::from_vec(common::lcg_values(n * c * h * w, 4, 1.0), (n, c, h, w), dev).unwrap();
-            let out = group_norm(&x, groups, &gamma, &beta, 1e-6, silu).unwrap();
-            let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g = |v: &Var| grads.get(v).unwrap().clone();
-            [out.clone(), g(&x), g(&gamma), g(&beta)]
-        };
-        let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
-        assert_close(&format!("group norm (silu {silu})"), ["out", "dx", "dgamma", "dbeta"], &on_gpu, &on_cpu, 1e-5);
+    let mut cases = vec![(DType::F32, 1e-5)];
+    if cfg!(feature = "cuda") {
+        cases.extend([(DType::BF16, 1e-2), (DType::F16, 2e-3)]);
     }
-}
-
-
-#[test]
-#[cfg(feature = "cuda")]
-fn half_precision_group_norm_matches_the_cpu() {
-    // bf16 and f16 x with f32 gamma and beta: on CUDA the kernel reads and writes the half type
-    // itself, on the CPU the f32 op runs between casts; the same values up to the f32 sums' order,
-    // so within one unit of the half type's last place.
-    let gpu = gpu();
-    for (dtype, bound) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+    for (dtype, bound) in cases {
         for silu in [false, true] {
             let (n, c, h, w, groups) = (3, 8, 5, 7, 4);
             let run = |dev: &Device| {

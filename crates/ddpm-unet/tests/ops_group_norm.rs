@@ -72,6 +72,15 @@ fn seeded(seed: u64) -> impl Fn(usize, u64, f32) -> Tensor {
     move |len, k, amp| Tensor::from_vec(common::lcg_values(len, seed + k, amp), len, &Device::Cpu).unwrap()
 }
 
+/// The half-precision tests' inputs in f32 from seed `seed`: x (shape, 8 channels) in [-2.5, 3.5),
+/// gamma around 1, beta, and the weights r of the output in the loss sum(out r).
+fn half_case(seed: u64, shape: &[usize]) -> [Tensor; 4] {
+    let data = seeded(seed);
+    let n: usize = shape.iter().product();
+    let x = (data(n, 0, 3.0).reshape(shape).unwrap() + 0.5).unwrap();
+    [x, (data(8, 1, 0.5) + 1.0).unwrap(), data(8, 2, 1.0), data(n, 3, 1.0).reshape(shape).unwrap()]
+}
+
 fn check(shape: &[usize], groups: usize, silu: bool) {
     check_with(shape, groups, silu, group_norm);
 }
@@ -170,17 +179,13 @@ fn half_precision_runs_the_f32_op_between_casts() {
     // bf16 and f16 inputs: values and gradients against the f32 reference on the same rounded values,
     // within the half types' rounding (bf16 2^-8, f16 2^-11 relative) of the output and the gradients.
     let (shape, groups) = ([2usize, 8, 5, 3], 4);
-    let n: usize = shape.iter().product();
-    let data = seeded(40);
+    let [x, gamma, beta, r] = half_case(40, &shape);
     for (dtype, bound) in [(DType::BF16, 2e-2), (DType::F16, 3e-3)] {
-        let half = |t: Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
-        let x = half((data(n, 0, 3.0).reshape(&shape[..]).unwrap() + 0.5).unwrap());
-        let gamma = half((data(8, 1, 0.5) + 1.0).unwrap());
-        let beta = half(data(8, 2, 1.0));
+        let half = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+        let (x, gamma, beta) = (half(&x), half(&gamma), half(&beta));
         let (x32, g32, b32) = (common::f32_twin(&x), common::f32_twin(&gamma), common::f32_twin(&beta));
         let ours = group_norm(&x, groups, &gamma, &beta, 1e-5, true).unwrap();
         let want = reference(&x32, groups, &g32, &b32, 1e-5, true);
-        let r = data(n, 3, 1.0).reshape(&shape[..]).unwrap();
         let vars = [("x", &x, &x32, bound), ("gamma", &gamma, &g32, bound), ("beta", &beta, &b32, bound)];
         common::check_half_precision(dtype, &ours, &want, &r, bound, &vars);
     }
@@ -193,13 +198,11 @@ fn half_precision_backward_alone_matches_the_graphs() {
     // same f32 op between the same casts), dgamma and dbeta in f32 where the graph rounds them to
     // the half type on their way back through the cast.
     let (shape, groups) = ([2usize, 8, 5, 3], 4);
-    let n: usize = shape.iter().product();
-    let data = seeded(41);
+    let [x, gamma, beta, r] = half_case(41, &shape);
+    let (gamma, beta) = (Var::from_tensor(&gamma).unwrap(), Var::from_tensor(&beta).unwrap());
     for (dtype, bound) in [(DType::BF16, 8e-3), (DType::F16, 1e-3)] {
-        let x = Var::from_tensor(&(data(n, 0, 3.0).reshape(&shape[..]).unwrap() + 0.5).unwrap().to_dtype(dtype).unwrap()).unwrap();
-        let gamma = Var::from_tensor(&(data(8, 1, 0.5) + 1.0).unwrap()).unwrap();
-        let beta = Var::from_tensor(&data(8, 2, 1.0)).unwrap();
-        let r = data(n, 3, 1.0).reshape(&shape[..]).unwrap().to_dtype(dtype).unwrap();
+        let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let r = r.to_dtype(dtype).unwrap();
         for silu in [false, true] {
             let want = (group_norm(&x, groups, &gamma, &beta, 1e-5, silu).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let (dx, dgamma, dbeta) = group_norm_backward(&x, groups, &gamma, &beta, 1e-5, silu, &r).unwrap();
