@@ -300,9 +300,12 @@ mod tests {
         m((a - b).unwrap()) / m(b.clone()).max(1e-30)
     }
 
-    /// A block (in_c -> out_c channels, dropout p, scale factor s) with f32 parameters whose norms'
-    /// weights and biases are moved away from 1 and 0 by draws from `rng` (so that their gradients
-    /// are tested in general), and the recorder that names its parameters.
+    /// A block (in_c -> out_c channels, dropout p, scale factor s) with f32 parameters drawn from
+    /// `rng` in the order of their names, so that every run tests the same numbers (the variable
+    /// map's own initialisation is not seeded): the norms' weights and biases 1 and 0 plus a normal
+    /// draw (so that their gradients are tested in general), the convolutions' and projections'
+    /// weights normal over sqrt(fan-in), their biases normal times 0.1. Returns it with the recorder
+    /// that names its parameters.
     fn test_block(in_c: usize, out_c: usize, p: f64, scale: f64, rng: &mut NoiseRng) -> (ResnetBlock2D, Recorder) {
         let dev = Device::Cpu;
         let varmap = VarMap::new();
@@ -310,10 +313,19 @@ mod tests {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let params = ResnetParams { temb_channels: 5, groups: 2, eps: 1e-5, dropout: p };
         let block = ResnetBlock2D::new(vb, &rec, in_c, out_c, params, scale).unwrap();
-        for (name, var) in varmap.data().lock().unwrap().iter() {
-            if name.contains("norm") {
-                var.set(&(var.as_tensor() + rng.randn(var.elem_count(), DType::F32, &dev).unwrap()).unwrap()).unwrap();
-            }
+        let mut vars: Vec<(String, Var)> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in vars {
+            let draw = rng.randn(var.shape(), DType::F32, &dev).unwrap();
+            let value = if name.contains("norm") {
+                (var.as_tensor() + draw).unwrap()
+            } else if var.rank() > 1 {
+                // fan-in: the values of one output channel
+                (draw / ((var.elem_count() / var.dims()[0]) as f64).sqrt()).unwrap()
+            } else {
+                (draw * 0.1).unwrap()
+            };
+            var.set(&value).unwrap();
         }
         (block, rec)
     }
