@@ -68,6 +68,9 @@ done
 # the training gradients again with the residual blocks and attention node by node (DDPM_BLOCK_NODE=0)
 in_time "unet_gpu DDPM_BLOCK_NODE=0" && { say "unet_gpu training gradients with DDPM_BLOCK_NODE=0";
     DDPM_BLOCK_NODE=0 timeout 120 "$BIN/unet_gpu" gradients_match_the_cpu --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
+# clipped AdamW through the per-tensor kernels (DDPM_MULTI_TENSOR=0), against the CPU as above
+in_time "ops_gpu DDPM_MULTI_TENSOR=0" && { say "ops_gpu clipped AdamW with DDPM_MULTI_TENSOR=0";
+    DDPM_MULTI_TENSOR=0 timeout 60 "$BIN/ops_gpu" clipped_adamw --test-threads 1 2>&1 | tee -a "$LOG" | tail -n 3; }
 
 # 2. FLOPs per image of each config (for the fraction of peak).
 for case in $CASES; do
@@ -141,6 +144,9 @@ for case in $CASES; do
             # the residual blocks and attention node by node in candle's graph (DDPM_BLOCK_NODE=0):
             # what their nodes save in time and memory
             bench "ours tf32 no block node" "$preset" env DDPM_BLOCK_NODE=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
+            # AdamW, the EMA and the gradient norm tensor by tensor (DDPM_MULTI_TENSOR=0): what one
+            # launch for all the parameters saves (the optimizer phase)
+            bench "ours tf32 per-tensor optimizer" "$preset" env DDPM_MULTI_TENSOR=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
             # cuDNN's non-deterministic algorithms allowed too, as PyTorch allows them by default
             bench "ours tf32 nondeterministic" "$preset" env DDPM_CUDNN_DETERMINISTIC=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
             # cuDNN's algorithms chosen by timing them (DDPM_CUDNN_BENCHMARK=1) instead of its heuristics

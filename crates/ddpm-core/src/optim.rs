@@ -37,6 +37,7 @@ use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 
 use crate::error::{Error, Result};
+use crate::ops::multi_tensor as multi;
 use crate::ops::optim as ops;
 
 /// AdamW hyper-parameters: candle's `ParamsAdamW` (whose defaults are PyTorch's) plus the clipping
@@ -151,6 +152,11 @@ impl AdamW {
     /// [`Self::grad_norm`] as a scalar tensor on the variables' device (f64, or f32 on Metal):
     /// computing it queues work and never waits for the device.
     pub fn grad_norm_on_device(&self, grads: &GradStore) -> Result<Tensor> {
+        let present = self.present_grads(grads);
+        if multi::available(&[&present]) {
+            // every gradient in two launches, summed in f64
+            return Ok(multi::norm_and_clip_scale(&present, 0.0)?.0);
+        }
         let device = self.device();
         let acc = scalar_dtype(&device);
         // sum(g_i^2) of each variable, in the gradient's dtype (f32 for f32 variables)
@@ -177,8 +183,15 @@ impl AdamW {
     /// min(1, max_grad_norm / (n + 1e-6)) are computed on the device and the step reads the scale
     /// there. Returns n as a device scalar (detached; read it whenever convenient).
     pub fn step_clipped(&mut self, grads: &GradStore) -> Result<Tensor> {
-        let norm = self.grad_norm_on_device(grads)?.detach();
         let max = self.params.max_grad_norm.unwrap_or(0.0);
+        let present = self.present_grads(grads);
+        if multi::available(&[&present]) {
+            // the norm and the scale in two launches (the same formulas, the sums in f64)
+            let (norm, scale) = multi::norm_and_clip_scale(&present, max)?;
+            self.step_scaled(grads, self.params.lr, &scale)?;
+            return Ok(norm);
+        }
+        let norm = self.grad_norm_on_device(grads)?.detach();
         let scale = if max > 0.0 {
             // min(1, max / (n + 1e-6)), as clip_scale computes it on the host
             (norm.affine(1.0, 1e-6)?.recip()? * max)?.minimum(1.0)?
@@ -198,6 +211,11 @@ impl AdamW {
         self.step_scaled(grads, lr, &Tensor::new(&[grad_scale], &candle_core::Device::Cpu)?.to_dtype(scalar_dtype(&device))?.to_device(&device)?)
     }
 
+    /// The gradients of the variables that have one, in the variables' order.
+    fn present_grads<'a>(&self, grads: &'a GradStore) -> Vec<&'a Tensor> {
+        self.vars.iter().filter_map(|(_, var)| grads.get(var)).collect()
+    }
+
     /// The variables' device (the CPU when there are none).
     fn device(&self) -> candle_core::Device {
         self.vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu)
@@ -213,12 +231,26 @@ impl AdamW {
         let k = self.step.min(i32::MAX as u64) as i32;
         // bias corrections 1 - b1^k, 1 - b2^k
         let (bc1, bc2) = (1.0 - p.beta1.powi(k), 1.0 - p.beta2.powi(k));
+        let s = ops::AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.step };
+        // (theta, m, v, g) of the variables that have a gradient
+        let mut lists: [Vec<&Tensor>; 4] = Default::default();
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            if let Some(g) = grads.get(var) {
+                for (list, t) in lists.iter_mut().zip([var.as_tensor(), &self.m[i], &self.v[i], g]) {
+                    list.push(t);
+                }
+            }
+        }
+        let [thetas, ms, vs, gs] = &lists;
+        if multi::available(&[thetas, ms, vs, gs, &[&scale32]]) {
+            // every variable in one launch, the same formulas as below
+            return Ok(multi::adamw_(thetas, ms, vs, gs, &scale32, &s)?);
+        }
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var) else { continue };
             let theta = var.as_tensor();
             if ops::fused_available(&[theta, &self.m[i], &self.v[i], g, &scale32]) {
                 // One in-place pass per tensor, the same formulas as below.
-                let s = ops::AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.step };
                 ops::adamw_step_(theta, &self.m[i], &self.v[i], g, &scale32, &s)?;
                 continue;
             }
@@ -367,6 +399,19 @@ impl Ema {
     /// Moves the average towards the variables: ema = d ema + (1 - d) theta for each of `vars`, with
     /// d = `decay` (see [`ema_decay`] for the warm-up). Every variable must have an average.
     pub fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
+        let mut lists: [Vec<&Tensor>; 2] = Default::default();
+        for (name, var) in vars {
+            let Some(e) = self.weights.get(name) else {
+                return Err(Error::arg(format!("EMA weights lack `{name}`")));
+            };
+            lists[0].push(e);
+            lists[1].push(var.as_tensor());
+        }
+        let [emas, thetas] = &lists;
+        if multi::available(&[emas, thetas]) {
+            // every weight in one launch, the same formula as below
+            return Ok(multi::ema_(emas, thetas, decay)?);
+        }
         for (name, var) in vars {
             let Some(e) = self.weights.get_mut(name) else {
                 return Err(Error::arg(format!("EMA weights lack `{name}`")));

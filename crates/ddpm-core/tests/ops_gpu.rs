@@ -109,6 +109,61 @@ fn adamw_and_ema_match_the_cpu_kernels() {
 
 
 #[test]
+#[cfg(feature = "cuda")]
+fn multi_tensor_updates_match_the_per_tensor_cpu_kernels() {
+    // AdamW and the EMA of several tensors in one launch each (ops::multi_tensor) against the CPU's
+    // per-tensor kernels, over lengths on both sides of the chunk boundary (a chunk left out, or run
+    // twice, leaves values off by a whole update); then the global norm and the clipping scale
+    // against the host's f64 sum of the same gradient values.
+    use ddpm_core::ops::multi_tensor::{self, CHUNK_LEN};
+    let gpu = gpu();
+    let lens = [1, 255, CHUNK_LEN - 1, CHUNK_LEN, CHUNK_LEN + 1, 3 * CHUNK_LEN + 17, 1000];
+    let step = |k| AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: k };
+    let tensors = |dev: &Device, seed: u64, amp| -> Vec<Tensor> { lens.iter().enumerate().map(|(i, &n)| Tensor::from_vec(values(n, seed + i as u64, amp), n, dev).unwrap()).collect() };
+    let zeros = |dev: &Device| -> Vec<Tensor> { lens.iter().map(|&n| Tensor::zeros(n, DType::F32, dev).unwrap()).collect() };
+    /// The tensors as the list of references that the multi-tensor functions take.
+    fn l(ts: &[Tensor]) -> Vec<&Tensor> {
+        ts.iter().collect()
+    }
+    let run = |dev: &Device| {
+        let (theta, m, v, ema) = (tensors(dev, 10, 1.0), zeros(dev), zeros(dev), tensors(dev, 10, 1.0));
+        let scale = Tensor::new(&[0.8f32], dev).unwrap();
+        for k in 1..=3 {
+            let grads = tensors(dev, 100 * k, 0.1);
+            if dev.is_cpu() {
+                for i in 0..lens.len() {
+                    adamw_step_(&theta[i], &m[i], &v[i], &grads[i], &scale, &step(k)).unwrap();
+                    ema_update_(&ema[i], &theta[i], 0.99).unwrap();
+                }
+            } else {
+                let lists = [l(&theta), l(&m), l(&v), l(&grads)];
+                assert!(multi_tensor::available(&[&lists[0], &lists[1], &lists[2], &lists[3], &[&scale]]));
+                multi_tensor::adamw_(&lists[0], &lists[1], &lists[2], &lists[3], &scale, &step(k)).unwrap();
+                multi_tensor::ema_(&l(&ema), &lists[0], 0.99).unwrap();
+            }
+        }
+        [theta, m, v, ema].map(|ts| Tensor::cat(&ts, 0).unwrap())
+    };
+    let (on_gpu, on_cpu) = (run(&gpu), run(&Device::Cpu));
+    assert_close("multi-tensor AdamW and EMA", ["theta", "m", "v", "ema"], &on_gpu, &on_cpu, 1e-6);
+
+    // norm: sqrt of the sum of squares over every value of every tensor, in f64 on the host (about
+    // 1.3 for these values, so that a max norm of 0.5 clips and 1e3 does not)
+    let host: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &n)| values(n, 500 + i as u64, 0.003)).collect();
+    let grads: Vec<Tensor> = host.iter().map(|h| Tensor::from_vec(h.clone(), h.len(), &gpu).unwrap()).collect();
+    let expected = host.iter().flatten().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    assert!(expected > 0.5 && expected < 1e3, "test data: the norm {expected} should lie between the thresholds below");
+    for (max, clips) in [(0.0, false), (0.5, true), (1e3, false)] {
+        let (norm, scale) = multi_tensor::norm_and_clip_scale(&l(&grads), max).unwrap();
+        let (norm, scale) = (norm.to_scalar::<f64>().unwrap(), scale.to_vec1::<f32>().unwrap());
+        assert!((norm - expected).abs() <= 1e-12 * expected, "norm {norm}, expected {expected}");
+        // min(1, max / (n + 1e-6)) of the norm it returned; 1 when clipping is off
+        let want = if clips { (max / (norm + 1e-6)) as f32 } else { 1.0 };
+        assert_eq!(scale, [want], "clip scale for max norm {max}, norm {norm}");
+    }
+}
+
+#[test]
 fn clipped_adamw_on_the_device_matches_the_cpu() {
     // AdamW::step_clipped: the gradient norm and the clipping scale computed on the device and read
     // there by the moment kernels (no host round trip). Two variables, a loss whose gradient norm is

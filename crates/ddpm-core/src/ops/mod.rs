@@ -1,7 +1,8 @@
 //! The diffusion process's fused operations, with analytic backward passes and multi-threaded CPU
 //! kernels: the loss ([`weighted_mse`]), the DDPM sampler step ([`ddpm_step`]), and the optimizer
-//! and EMA updates ([`optim`]). Each falls back to the composed candle ops it replaces on devices and
-//! dtypes that it has no kernel for, so the same code runs everywhere.
+//! and EMA updates ([`optim`], and on CUDA [`multi_tensor`]: every parameter in one launch). Each
+//! falls back to the composed candle ops it replaces on devices and dtypes that it has no kernel for,
+//! so the same code runs everywhere.
 //!
 //! With the `cuda` feature they also have CUDA kernels (`ops/cuda/kernels.cu`), used when
 //! [`cuda_kernels_enabled`]; with the `metal` feature Metal kernels (`ops/metal/kernels.metal`),
@@ -19,6 +20,7 @@ pub mod ddpm_step;
 #[cfg(feature = "metal")]
 pub mod metal;
 pub mod mse;
+pub mod multi_tensor;
 pub mod optim;
 
 pub use mse::{weighted_mse, weighted_mse_composed};

@@ -41,7 +41,7 @@ pub struct AdamWStep {
 }
 
 /// keep = `beta`, take = 1 - `beta` (computed in f64, then rounded).
-fn keep_take(beta: f64) -> (f32, f32) {
+pub(crate) fn keep_take(beta: f64) -> (f32, f32) {
     (beta as f32, (1.0 - beta) as f32)
 }
 
@@ -125,14 +125,6 @@ struct Moment {
     square: bool,
 }
 
-impl Moment {
-    /// keep = `beta`, take = 1 - `beta`; the second moment (of g^2) when `square`.
-    fn new(beta: f64, square: bool) -> Self {
-        let (keep, take) = keep_take(beta);
-        Moment { keep, take, square }
-    }
-}
-
 impl InplaceOp3 for Moment {
     fn name(&self) -> &'static str {
         "ddpm-adamw-moment"
@@ -201,6 +193,48 @@ impl InplaceOp3 for Moment {
         }
         let args = [Arg::Out(avg, ao), Arg::In(g, go), Arg::In(scale, so), uint(metal::count(n, self.name())?), float(self.keep), float(self.take), uint(self.square as u32)];
         metal::launch(s1.device(), "ddpm_adamw_moment", Grid::Elementwise(n), &args)
+    }
+}
+
+/// The f32 scalars of one AdamW step, as its kernels take them (the per-tensor ones here and the
+/// multi-tensor one of [`super::multi_tensor`]): each computed in f64, then rounded.
+pub(crate) struct AdamWScalars {
+    /// beta1 (the first moment's keep).
+    pub keep1: f32,
+    /// 1 - beta1 (the first moment's take).
+    pub take1: f32,
+    /// beta2.
+    pub keep2: f32,
+    /// 1 - beta2.
+    pub take2: f32,
+    /// 1 - lr wd.
+    pub decay: f32,
+    /// The learning rate.
+    pub lr: f32,
+    /// 1 / (1 - beta1^k).
+    pub inv_bc1: f32,
+    /// 1 / (1 - beta2^k).
+    pub inv_bc2: f32,
+    /// Added to the root of the second moment.
+    pub eps: f32,
+}
+
+impl AdamWScalars {
+    /// The scalars of step `s` (k = `s.step`, at most i32::MAX).
+    pub(crate) fn new(s: &AdamWStep) -> Self {
+        let k = s.step.min(i32::MAX as u64) as i32;
+        let ((keep1, take1), (keep2, take2)) = (keep_take(s.beta1), keep_take(s.beta2));
+        AdamWScalars {
+            keep1,
+            take1,
+            keep2,
+            take2,
+            decay: (1.0 - s.lr * s.weight_decay) as f32,
+            lr: s.lr as f32,
+            inv_bc1: (1.0 / (1.0 - s.beta1.powi(k))) as f32,
+            inv_bc2: (1.0 / (1.0 - s.beta2.powi(k))) as f32,
+            eps: s.eps as f32,
+        }
     }
 }
 
@@ -297,17 +331,10 @@ pub fn adamw_step_(theta: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor, grad_s
     if !fused_available(&[theta, m, v, grad, grad_scale]) {
         candle_core::bail!("adamw_step_: the in-place step takes contiguous f32 tensors on the CPU (or CUDA unless DDPM_CUDA_KERNELS=0, or Metal with DDPM_METAL_KERNELS=1)");
     }
-    let k = s.step.min(i32::MAX as u64) as i32;
-    m.inplace_op3(grad, grad_scale, &Moment::new(s.beta1, false))?;
-    v.inplace_op3(grad, grad_scale, &Moment::new(s.beta2, true))?;
-    let apply = Apply {
-        decay: (1.0 - s.lr * s.weight_decay) as f32,
-        lr: s.lr as f32,
-        inv_bc1: (1.0 / (1.0 - s.beta1.powi(k))) as f32,
-        inv_bc2: (1.0 / (1.0 - s.beta2.powi(k))) as f32,
-        eps: s.eps as f32,
-    };
-    theta.inplace_op3(m, v, &apply)
+    let k = AdamWScalars::new(s);
+    m.inplace_op3(grad, grad_scale, &Moment { keep: k.keep1, take: k.take1, square: false })?;
+    v.inplace_op3(grad, grad_scale, &Moment { keep: k.keep2, take: k.take2, square: true })?;
+    theta.inplace_op3(m, v, &Apply { decay: k.decay, lr: k.lr, inv_bc1: k.inv_bc1, inv_bc2: k.inv_bc2, eps: k.eps })
 }
 
 /// The EMA update ema = d ema + (1 - d) theta written into `ema` (both must pass
