@@ -107,6 +107,12 @@ pub fn wrap(slice: CudaSlice<f32>, like: &CudaStorage) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, like.device().clone())
 }
 
+/// A tensor of `storage` with `shape` (contiguous, outside any graph): how a buffer that a kernel or a
+/// copy filled becomes a candle tensor.
+pub fn tensor(storage: CudaStorage, shape: impl Into<candle_core::Shape>) -> candle_core::Tensor {
+    candle_core::Tensor::from_storage(candle_core::Storage::Cuda(storage), shape, candle_core::op::BackpropOp::none(), false)
+}
+
 /// [`upload_pinned`] of `values` as a candle storage on `dev` when their type is f32, i64, u32 or
 /// u8 (`None` for another type: the caller copies those as candle does).
 pub fn upload_storage<T: 'static>(dev: &CudaDevice, values: &[T]) -> Result<Option<CudaStorage>> {

@@ -65,34 +65,10 @@ pub fn upload<T: candle_core::WithDType + 'static, S: Into<candle_core::Shape>>(
     #[cfg(feature = "cuda")]
     if let (true, Device::Cuda(dev)) = (cuda_kernels_enabled(device), device) {
         if let Some(storage) = cuda::upload_storage(dev, &values)? {
-            // a custom op that reads nothing of its input hands the storage to candle as a new tensor
-            let placeholder = candle_core::Tensor::zeros(1, candle_core::DType::U8, device)?;
-            return placeholder.apply_op1_no_bwd(&Uploaded(std::sync::Mutex::new(Some(storage)), shape));
+            return Ok(cuda::tensor(storage, shape));
         }
     }
     candle_core::Tensor::from_vec(values, shape, device)
-}
-
-/// The op that turns an uploaded buffer into a tensor (its input, a one-byte placeholder, is not read).
-#[cfg(feature = "cuda")]
-struct Uploaded(std::sync::Mutex<Option<candle_core::CudaStorage>>, candle_core::Shape);
-
-#[cfg(feature = "cuda")]
-impl candle_core::CustomOp1 for Uploaded {
-    fn name(&self) -> &'static str {
-        "ddpm-upload"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("ddpm-upload: the uploaded buffer is a CUDA buffer")
-    }
-
-    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        match self.0.lock().map_err(|_| candle_core::Error::Msg("ddpm-upload: poisoned lock".into()))?.take() {
-            Some(storage) => Ok((storage, self.1.clone())),
-            None => candle_core::bail!("ddpm-upload: the buffer was taken twice"),
-        }
-    }
 }
 
 /// Whether the fused ops run their own CUDA kernels on `device`: in a build with the `cuda` feature,

@@ -204,10 +204,8 @@ mod imp {
         let (mut norm, mut scale) = unsafe { (u.dev.alloc::<f64>(1)?, u.dev.alloc::<f32>(1)?) };
         let n = u.chunks as u64;
         launch!(&u.dev, "ddpm_clip_scale", cuda::per_block(1); &partials, &n, &max_norm, &mut norm, &mut scale);
-        let norm = candle_core::CudaStorage::wrap_cuda_slice(norm, u.dev.clone());
-        let scale = candle_core::CudaStorage::wrap_cuda_slice(scale, u.dev.clone());
-        let none = candle_core::op::BackpropOp::none;
-        Ok((Tensor::from_storage(Storage::Cuda(norm), (), none(), false), Tensor::from_storage(Storage::Cuda(scale), 1, none(), false)))
+        let (norm, scale) = (candle_core::CudaStorage::wrap_cuda_slice(norm, u.dev.clone()), candle_core::CudaStorage::wrap_cuda_slice(scale, u.dev.clone()));
+        Ok((cuda::tensor(norm, ()), cuda::tensor(scale, 1)))
     }
 }
 
