@@ -6,8 +6,8 @@
 //! (`new(vars, params)`, `step(&grads)`, `learning_rate`/`set_learning_rate`, `backward_step`); its
 //! [`AdamW::state`] and [`AdamW::load_state`] save and restore the moments and the step count for an
 //! exact resume. On contiguous f32 tensors (CPU, and CUDA or Metal when their kernels are enabled) each
-//! update is one in-place pass ([`crate::ops::optim`]); elsewhere it is composed of candle's ops, with
-//! the same formulas. [`AdamW::step_clipped`] computes the gradient norm and the clipping scale on the
+//! update is one in-place pass ([`crate::ops::optim`]), and on CUDA one launch updates every variable
+//! ([`crate::ops::multi_tensor`]); elsewhere it is composed of candle's ops, with the same formulas. [`AdamW::step_clipped`] computes the gradient norm and the clipping scale on the
 //! device and returns the norm as a device scalar, so a training loop on a GPU need not wait for the
 //! device at every step (`ddpm train` reads its losses and norms every 16 steps).
 //!
@@ -152,18 +152,21 @@ impl AdamW {
     /// [`Self::grad_norm`] as a scalar tensor on the variables' device (f64, or f32 on Metal):
     /// computing it queues work and never waits for the device.
     pub fn grad_norm_on_device(&self, grads: &GradStore) -> Result<Tensor> {
-        let present = self.present_grads(grads);
-        if multi::available(&[&present]) {
+        self.norm_of(&self.present_grads(grads)?)
+    }
+
+    /// [`Self::grad_norm_on_device`] of the gradients [`Self::present_grads`] gives.
+    fn norm_of(&self, present: &[(usize, Tensor)]) -> Result<Tensor> {
+        let gs: Vec<&Tensor> = present.iter().map(|(_, g)| g).collect();
+        if multi::available(&[&gs]) {
             // every gradient in two launches, summed in f64
-            return Ok(multi::norm_and_clip_scale(&present, 0.0)?.0);
+            return Ok(multi::norm_and_clip_scale(&gs, 0.0)?.0);
         }
         let device = self.device();
         let acc = scalar_dtype(&device);
         // sum(g_i^2) of each variable, in the gradient's dtype (f32 for f32 variables)
-        let sums = self
-            .vars
+        let sums = gs
             .iter()
-            .filter_map(|(_, var)| grads.get(var))
             .map(|g| g.sqr()?.sum_all()?.to_dtype(acc))
             .collect::<candle_core::Result<Vec<_>>>()?;
         if sums.is_empty() {
@@ -184,21 +187,22 @@ impl AdamW {
     /// there. Returns n as a device scalar (detached; read it whenever convenient).
     pub fn step_clipped(&mut self, grads: &GradStore) -> Result<Tensor> {
         let max = self.params.max_grad_norm.unwrap_or(0.0);
-        let present = self.present_grads(grads);
-        if multi::available(&[&present]) {
+        let present = self.present_grads(grads)?;
+        let gs: Vec<&Tensor> = present.iter().map(|(_, g)| g).collect();
+        if multi::available(&[&gs]) {
             // the norm and the scale in two launches (the same formulas, the sums in f64)
-            let (norm, scale) = multi::norm_and_clip_scale(&present, max)?;
-            self.step_scaled(grads, self.params.lr, &scale)?;
+            let (norm, scale) = multi::norm_and_clip_scale(&gs, max)?;
+            self.step_scaled(&present, self.params.lr, &scale)?;
             return Ok(norm);
         }
-        let norm = self.grad_norm_on_device(grads)?.detach();
+        let norm = self.norm_of(&present)?.detach();
         let scale = if max > 0.0 {
             // min(1, max / (n + 1e-6)), as clip_scale computes it on the host
             (norm.affine(1.0, 1e-6)?.recip()? * max)?.minimum(1.0)?
         } else {
             Tensor::ones((), norm.dtype(), norm.device())?
         };
-        self.step_scaled(grads, self.params.lr, &scale.reshape(1)?)?;
+        self.step_scaled(&present, self.params.lr, &scale.reshape(1)?)?;
         Ok(norm)
     }
 
@@ -208,12 +212,15 @@ impl AdamW {
     ///   theta = theta (1 - lr wd) - lr (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)
     pub fn step_with(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         let device = self.device();
-        self.step_scaled(grads, lr, &Tensor::new(&[grad_scale], &candle_core::Device::Cpu)?.to_dtype(scalar_dtype(&device))?.to_device(&device)?)
+        self.step_scaled(&self.present_grads(grads)?, lr, &Tensor::new(&[grad_scale], &candle_core::Device::Cpu)?.to_dtype(scalar_dtype(&device))?.to_device(&device)?)
     }
 
-    /// The gradients of the variables that have one, in the variables' order.
-    fn present_grads<'a>(&self, grads: &'a GradStore) -> Vec<&'a Tensor> {
-        self.vars.iter().filter_map(|(_, var)| grads.get(var)).collect()
+    /// The variables that have a gradient, in order: each one's index and its gradient, made
+    /// contiguous where it is not (a copy; candle's gradients are contiguous as a rule), as the
+    /// in-place kernels take it.
+    fn present_grads(&self, grads: &GradStore) -> Result<Vec<(usize, Tensor)>> {
+        let present = self.vars.iter().enumerate().filter_map(|(i, (_, var))| grads.get(var).map(|g| (i, g)));
+        Ok(present.map(|(i, g)| Ok((i, g.contiguous()?))).collect::<candle_core::Result<_>>()?)
     }
 
     /// The variables' device (the CPU when there are none).
@@ -223,7 +230,7 @@ impl AdamW {
 
     /// [`Self::step_with`] with the gradient scale c as a one-element tensor on the variables' device
     /// (so that clipping can compute it there), in [`scalar_dtype`].
-    fn step_scaled(&mut self, grads: &GradStore, lr: f64, grad_scale: &Tensor) -> Result<()> {
+    fn step_scaled(&mut self, present: &[(usize, Tensor)], lr: f64, grad_scale: &Tensor) -> Result<()> {
         // the in-place kernels read c in f32
         let scale32 = grad_scale.to_dtype(DType::F32)?;
         self.step += 1;
@@ -234,11 +241,9 @@ impl AdamW {
         let s = ops::AdamWStep { lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay, step: self.step };
         // (theta, m, v, g) of the variables that have a gradient
         let mut lists: [Vec<&Tensor>; 4] = Default::default();
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            if let Some(g) = grads.get(var) {
-                for (list, t) in lists.iter_mut().zip([var.as_tensor(), &self.m[i], &self.v[i], g]) {
-                    list.push(t);
-                }
+        for (i, g) in present {
+            for (list, t) in lists.iter_mut().zip([self.vars[*i].1.as_tensor(), &self.m[*i], &self.v[*i], g]) {
+                list.push(t);
             }
         }
         let [thetas, ms, vs, gs] = &lists;
@@ -246,8 +251,8 @@ impl AdamW {
             // every variable in one launch, the same formulas as below
             return Ok(multi::adamw_(thetas, ms, vs, gs, &scale32, &s)?);
         }
-        for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var) else { continue };
+        for (i, g) in present {
+            let (i, var) = (*i, &self.vars[*i].1);
             let theta = var.as_tensor();
             if ops::fused_available(&[theta, &self.m[i], &self.v[i], g, &scale32]) {
                 // One in-place pass per tensor, the same formulas as below.
@@ -413,9 +418,8 @@ impl Ema {
             return Ok(multi::ema_(emas, thetas, decay)?);
         }
         for (name, var) in vars {
-            let Some(e) = self.weights.get_mut(name) else {
-                return Err(Error::arg(format!("EMA weights lack `{name}`")));
-            };
+            // every name has an average (checked above)
+            let Some(e) = self.weights.get_mut(name) else { continue };
             if ops::fused_available(&[e, var.as_tensor()]) {
                 // in place, the same formula as below
                 ops::ema_update_(e, var.as_tensor(), decay)?;
