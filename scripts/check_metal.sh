@@ -31,7 +31,7 @@ mkdir -p "$BUILD"
 # [[buffer(0)]], [[thread_position_in_grid]], ... mean nothing to g++ (and `threadgroup` is a
 # qualifier there, a macro in the stand-in)
 cat "${KERNELS[@]}" | sed -E 's/\[\[[a-z_]+(\([0-9]+\))?\]\]//g' > "$BUILD/kernels.cpp"
-"${CXX:-g++}" -std=c++20 -O2 -Wall -Wextra -Werror -I "$EMU" -I "$BUILD" -o "$BUILD/harness" "$EMU/harness.cpp" -pthread
+"${CXX:-g++}" -std=c++20 -O2 -Wall -Wextra -Werror -I "$EMU" -I scripts/kernel_emu -I "$BUILD" -o "$BUILD/harness" "$EMU/harness.cpp" -pthread
 "$BUILD/harness"
 
 if ! rustup target list --installed | grep -qx aarch64-apple-darwin; then
