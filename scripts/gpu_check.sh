@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One pass over everything that needs a CUDA GPU, for a machine without a Rust toolchain: the CUDA tests
-# (the project's kernels and the whole UNet against the CPU and diffusers), then training and inference
-# images/s, GPU memory and the training step's phases (forward, backward, optimizer, the host's issue
-# time) of `ddpm bench` against the PyTorch peer on the same GPU (f32, TF32, bf16, and PyTorch at its
-# fastest: bf16 autocast + torch.compile + channels_last),
-# the fraction of the GPU's peak the training step reaches, and a short training run with sampling.
+# One pass over everything that needs a CUDA GPU, for a machine without a Rust toolchain, in order of
+# importance (items past $DEADLINE are skipped): the CUDA tests (the project's kernels and the whole UNet
+# against the CPU and diffusers); training and inference images/s, GPU memory and the training step's
+# phases (forward, backward, optimizer, the host's issue time) of `ddpm bench` against the PyTorch peer
+# on the same GPU (f32, TF32, bf16, and PyTorch at its fastest: bf16 autocast + torch.compile +
+# channels_last), with the fraction of the GPU's peak the training step reaches; a short training run
+# with sampling; then the diagnostic rows of each of our switches, and candle's own ops.
 #
 # Build where cargo is, with an nvcc no newer than the GPU driver's CUDA (the kernels ship as PTX for
 # the driver to compile) and CUDA_COMPUTE_CAP=90 for an H100/H200, then copy the binaries into $BIN
@@ -32,7 +33,7 @@ COMPILE_PRESETS=${COMPILE_PRESETS:-ddpm-cifar10}  # presets that get the torch.c
 PY=${PY:-python3}
 FLOPS=${FLOPS:-1}               # 0: skip counting FLOPs (no fraction of peak)
 TRAIN=${TRAIN:-1}               # 0: skip the training run with sampling
-UNET_PATHS=${UNET_PATHS:-"1 0"} # DDPM_CUDA_KERNELS values to run the UNet tests with
+UNET_PATHS=${UNET_PATHS:-"1"}   # DDPM_CUDA_KERNELS values to run the UNet tests with first (0 runs last, in 6)
 mkdir -p "$OUT"
 LOG=$OUT/log
 tmp=$(mktemp -d)
@@ -107,7 +108,38 @@ PYEOF
     say "$label $preset: $(tail -n1 "$OUT/bench.jsonl")"
 }
 
-# 3. A user's run: train the mnist preset on the GPU, then sample from its checkpoint.
+# The throughput of one config (preset:batch:steps): sets cfg, common (our bench's arguments) and peer
+# (the PyTorch peer's command).
+config() {
+    IFS=: read -r preset batch steps <<< "$1"
+    cfg=$tmp/$preset.json
+    # the step's phases too (forward, backward, optimizer; the host's issue time against the step's)
+    common=(--batch-size "$batch" --threads "$THREADS" --steps "$steps" --device cuda --phases)
+    peer=("$PY" scripts/peer_pytorch.py --config "$cfg" --batch "$batch" --threads "$THREADS" --steps "$steps" --device cuda --phases)
+}
+
+# 3. Throughput, the rows the issue's targets name first (every config, $RUNS times, ours and
+#    PyTorch's alternating), so that the deadline cuts the diagnostic rows below rather than these.
+for i in $(seq "$RUNS"); do
+    for case in $CASES; do
+        config "$case"
+        bench "ours f32" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
+        bench "pytorch f32" "$preset" "${peer[@]}"
+        bench "ours tf32" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
+        bench "ours bf16" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --dtype bf16
+        bench "pytorch bf16" "$preset" "${peer[@]}" --dtype bfloat16
+    done
+done
+# PyTorch at its fastest for $COMPILE_PRESETS (bf16 autocast, channels_last, torch.compile, whose
+# compilation takes a minute or more of its warm-up)
+for case in $CASES; do
+    config "$case"
+    case " $COMPILE_PRESETS " in *" $preset "*)
+        RUN_TIMEOUT=$COMPILE_TIMEOUT bench "pytorch bf16 compile" "$preset" "${peer[@]}" --dtype bfloat16 --compile --channels-last ;;
+    esac
+done
+
+# 4. A user's run: train the mnist preset on the GPU, then sample from its checkpoint.
 if [ "$TRAIN" = 1 ] && in_time "train + sample"; then
     say "ddpm train --device cuda (200 steps, batch 128)"
     DDPM_CUDA_KERNELS=1 timeout 90 "$BIN/ddpm" train --device cuda --steps 200 --batch-size 128 --sample-every 200 --save-every 200 --out "$tmp/run" 2>&1 | tail -n 5 | tee -a "$LOG"
@@ -121,51 +153,37 @@ if [ "$TRAIN" = 1 ] && in_time "train + sample"; then
     done
     cp "$tmp"/run/samples/*.png "$OUT/" 2>/dev/null
 fi
-# 4. Throughput: runs alternate between ours and PyTorch's.
+
+# 5. Diagnostic rows, once per config: what each of our switches changes.
 for case in $CASES; do
-    IFS=: read -r preset batch steps <<< "$case"
-    cfg=$tmp/$preset.json
-    # the step's phases too (forward, backward, optimizer; the host's issue time against the step's)
-    common=(--batch-size "$batch" --threads "$THREADS" --steps "$steps" --device cuda --phases)
-    peer=("$PY" scripts/peer_pytorch.py --config "$cfg" --batch "$batch" --threads "$THREADS" --steps "$steps" --device cuda --phases)
-    for i in $(seq "$RUNS"); do
-        bench "ours f32" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
-        bench "pytorch f32" "$preset" "${peer[@]}"
-        bench "ours tf32" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
-        bench "ours bf16" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --dtype bf16
-        bench "pytorch bf16" "$preset" "${peer[@]}" --dtype bfloat16
-        if [ "$i" = 1 ]; then
-            # once per config: our convolutions without cuDNN (the column kernels, DDPM_CUDNN=0), and,
-            # for $COMPILE_PRESETS, PyTorch at its fastest (bf16 autocast, channels_last, torch.compile,
-            # whose compilation takes a minute or more of its warm-up)
-            bench "ours f32 no cudnn" "$preset" env DDPM_CUDNN=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
-            # cudarc's per-buffer CUDA events kept on (DDPM_CUDA_EVENTS=1): the host work they cost
-            bench "ours tf32 cuda events" "$preset" env DDPM_CUDA_EVENTS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
-            # the residual blocks and attention node by node in candle's graph (DDPM_BLOCK_NODE=0):
-            # what their nodes save in time and memory
-            bench "ours tf32 no block node" "$preset" env DDPM_BLOCK_NODE=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
-            # AdamW, the EMA and the gradient norm tensor by tensor (DDPM_MULTI_TENSOR=0): what one
-            # launch for all the parameters saves (the optimizer phase)
-            bench "ours tf32 per-tensor optimizer" "$preset" env DDPM_MULTI_TENSOR=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
-            # cuDNN's non-deterministic algorithms allowed too, as PyTorch allows them by default
-            bench "ours tf32 nondeterministic" "$preset" env DDPM_CUDNN_DETERMINISTIC=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
-            # cuDNN's algorithms chosen by timing them (DDPM_CUDNN_BENCHMARK=1) instead of its heuristics
-            bench "ours tf32 cudnn benchmark" "$preset" env DDPM_CUDNN_BENCHMARK=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
-            case " $COMPILE_PRESETS " in *" $preset "*)
-                RUN_TIMEOUT=$COMPILE_TIMEOUT bench "pytorch bf16 compile" "$preset" "${peer[@]}" --dtype bfloat16 --compile --channels-last ;;
-            esac
-        fi
-    done
+    config "$case"
+    # our convolutions without cuDNN (the column kernels, DDPM_CUDNN=0)
+    bench "ours f32 no cudnn" "$preset" env DDPM_CUDNN=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
+    # cudarc's per-buffer CUDA events kept on (DDPM_CUDA_EVENTS=1): the host work they cost
+    bench "ours tf32 cuda events" "$preset" env DDPM_CUDA_EVENTS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
+    # the residual blocks and attention node by node in candle's graph (DDPM_BLOCK_NODE=0): what their
+    # nodes save in time and memory
+    bench "ours tf32 no block node" "$preset" env DDPM_BLOCK_NODE=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
+    # AdamW, the EMA and the gradient norm tensor by tensor (DDPM_MULTI_TENSOR=0): what one launch for
+    # all the parameters saves (the optimizer phase)
+    bench "ours tf32 per-tensor optimizer" "$preset" env DDPM_MULTI_TENSOR=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
+    # cuDNN's non-deterministic algorithms allowed too, as PyTorch allows them by default
+    bench "ours tf32 nondeterministic" "$preset" env DDPM_CUDNN_DETERMINISTIC=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
+    # cuDNN's algorithms chosen by timing them (DDPM_CUDNN_BENCHMARK=1) instead of its heuristics
+    bench "ours tf32 cudnn benchmark" "$preset" env DDPM_CUDNN_BENCHMARK=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32
 done
-# candle's own CUDA ops (the project's kernels off), once, 3 steps: its convolution gradient is a
-# direct transposed convolution, slow enough to need a short run.
+# 6. candle's own CUDA ops (the project's kernels off): the UNet tests, then a benchmark row per config
+#    (3 steps: candle's convolution gradient is a direct transposed convolution, slow enough to need a
+#    short run).
+in_time "unet_gpu DDPM_CUDA_KERNELS=0" && { say "unet_gpu with DDPM_CUDA_KERNELS=0";
+    DDPM_CUDA_KERNELS=0 timeout 120 "$BIN/unet_gpu" --test-threads 1 --nocapture 2>&1 | tee -a "$LOG" | grep -E 'difference|test result|panicked'; }
 for case in $CASES; do
     IFS=: read -r preset batch steps <<< "$case"
     RUN_TIMEOUT=45 bench "ours f32 candle ops" "$preset" env DDPM_CUDA_KERNELS=0 "$BIN/ddpm" bench --unet-config "$tmp/$preset.json" \
         --batch-size "$batch" --threads "$THREADS" --steps 3 --device cuda
 done
 
-# 5. Ratios and fraction of peak. Peaks: the H200's datasheet dense rates (f32 67, TF32 495,
+# 7. Ratios and fraction of peak. Peaks: the H200's datasheet dense rates (f32 67, TF32 495,
 #    bf16 989 TFLOP/s); PyTorch's f32 convolutions use TF32 by default, so its f32 row is held
 #    against the TF32 peak too.
 touch "$OUT/flops.jsonl"
@@ -176,7 +194,7 @@ flops = {}
 for l in open(sys.argv[2]):
     if l.strip():
         f = json.loads(l); flops[f["config"].rsplit("/", 1)[-1][:-5]] = f
-peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "ours tf32 no block node": 495e12, "ours tf32 cuda events": 495e12, "ours tf32 nondeterministic": 495e12, "pytorch f32": 495e12,
+peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "ours tf32 no block node": 495e12, "ours tf32 cuda events": 495e12, "ours tf32 nondeterministic": 495e12, "ours tf32 per-tensor optimizer": 495e12, "pytorch f32": 495e12,
         "ours bf16": 989e12, "pytorch bf16": 989e12, "pytorch bf16 compile": 989e12}
 out = []
 for preset in dict.fromkeys(r["preset"] for r in rows):
@@ -195,7 +213,7 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
     ratio = lambda a, b, k: round(med[a][k] / med[b][k], 3) if med.get(a) and med.get(b) and med[b].get(k) else None
     out.append({"preset": preset, "medians": med, "ratios": {
         f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib", "phase_forward_ms", "phase_backward_ms", "phase_optimizer_ms"]}
-        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours tf32 no block node", "pytorch f32"), ("ours tf32 cuda events", "pytorch f32"), ("ours tf32 nondeterministic", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
+        for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours tf32 no block node", "pytorch f32"), ("ours tf32 cuda events", "pytorch f32"), ("ours tf32 nondeterministic", "pytorch f32"), ("ours tf32 per-tensor optimizer", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
 print(json.dumps(out, indent=1))
 PYEOF
 cat "$OUT/summary.json" | tee -a "$LOG"
