@@ -15,9 +15,7 @@
 //! the project's kernels ([`super::cuda_kernels_enabled`]), unless `DDPM_MULTI_TENSOR=0` is set. Other
 //! devices keep the per-tensor updates; the functions here return an error for them.
 
-use candle_core::{DType, Tensor};
-
-use candle_core::Result;
+use candle_core::{DType, Result, Tensor};
 
 /// Elements of one tensor that one block of a multi-tensor launch updates (128 per thread).
 pub const CHUNK_LEN: usize = 1 << 15;
@@ -63,13 +61,15 @@ pub fn available(lists: &[&[&Tensor]]) -> bool {
 /// One AdamW step over the lists of parameters, first and second moments and gradients, written in
 /// place: for each tensor the update of [`super::optim::adamw_step_`] (same formulas, same f32
 /// arithmetic), with the gradient scale c read from `grad_scale` (one f32 value on the device).
-/// The four lists must pass [`available`] and hold tensors of equal lengths, position by position.
+/// The four lists must pass [`available`] and hold tensors of equal lengths, position by position;
+/// the tensors written (parameters and moments) must not share storage with any other tensor here.
 pub fn adamw_(thetas: &[&Tensor], ms: &[&Tensor], vs: &[&Tensor], grads: &[&Tensor], grad_scale: &Tensor, s: &super::optim::AdamWStep) -> Result<()> {
     imp::adamw(thetas, ms, vs, grads, grad_scale, s)
 }
 
 /// The EMA update ema = d ema + (1 - d) theta for every pair of `emas` and `thetas` (equal lengths,
-/// passing [`available`]), in place: [`super::optim::ema_update_`]'s arithmetic, in one launch.
+/// passing [`available`]; an average must not share storage with a weight), in place:
+/// [`super::optim::ema_update_`]'s arithmetic, in one launch.
 pub fn ema_(emas: &[&Tensor], thetas: &[&Tensor], decay: f64) -> Result<()> {
     imp::ema(emas, thetas, decay)
 }
@@ -91,14 +91,17 @@ mod imp {
         candle_core::bail!("multi-tensor updates run on CUDA only (this build has no `cuda` feature)")
     }
 
+    /// [`super::adamw_`]: an error.
     pub fn adamw(_: &[&Tensor], _: &[&Tensor], _: &[&Tensor], _: &[&Tensor], _: &Tensor, _: &crate::ops::optim::AdamWStep) -> Result<()> {
         unavailable()
     }
 
+    /// [`super::ema_`]: an error.
     pub fn ema(_: &[&Tensor], _: &[&Tensor], _: f64) -> Result<()> {
         unavailable()
     }
 
+    /// [`super::norm_and_clip_scale`]: an error.
     pub fn norm_and_clip_scale(_: &[&Tensor], _: f64) -> Result<(Tensor, Tensor)> {
         unavailable()
     }
@@ -123,10 +126,11 @@ mod imp {
     }
 
     /// The table of `lists` (checked with [`available`] and for equal lengths, position by position)
-    /// on their device; `None` when they hold no values (nothing to launch). The addresses are taken outside cudarc's event tracking, which is sound because
-    /// every use of a device's buffers is ordered by its one stream ([`crate::ops::cuda_device`]); the
-    /// callers' references keep the tensors alive until the launch is queued, and a buffer freed later
-    /// is freed in stream order, after the launch.
+    /// on their device; `None` when they hold no values (nothing to launch). The addresses are taken
+    /// outside cudarc's event tracking, which is sound because every use of a device's buffers is
+    /// ordered by its one stream ([`crate::ops::cuda_device`]); the callers' references keep the
+    /// tensors alive until the launch is queued, and a buffer freed later is freed in stream order,
+    /// after the launch.
     fn upload(op: &str, lists: &[&[&Tensor]]) -> Result<Option<Table>> {
         if !available(lists) {
             candle_core::bail!("{op}: the multi-tensor update takes contiguous f32 tensors on one CUDA device (with DDPM_CUDA_KERNELS and DDPM_MULTI_TENSOR not 0)");
@@ -163,6 +167,7 @@ mod imp {
         Ok(Some(Table { tensors: count(n)?, chunks: count(chunks)?, dev, table }))
     }
 
+    /// [`super::adamw_`]: kernel `ddpm_adamw_multi`, one block per chunk.
     pub fn adamw(thetas: &[&Tensor], ms: &[&Tensor], vs: &[&Tensor], grads: &[&Tensor], grad_scale: &Tensor, s: &crate::ops::optim::AdamWStep) -> Result<()> {
         let op = "ddpm-adamw-multi";
         if !available(&[&[grad_scale]]) || grad_scale.elem_count() != 1 {
@@ -180,6 +185,7 @@ mod imp {
         Ok(())
     }
 
+    /// [`super::ema_`]: kernel `ddpm_ema_multi`, one block per chunk.
     pub fn ema(emas: &[&Tensor], thetas: &[&Tensor], decay: f64) -> Result<()> {
         let Some(u) = upload("ddpm-ema-multi", &[emas, thetas])? else { return Ok(()) };
         let (keep, take) = crate::ops::optim::keep_take(decay);
@@ -188,6 +194,8 @@ mod imp {
         Ok(())
     }
 
+    /// [`super::norm_and_clip_scale`]: kernel `ddpm_sum_squares_multi` (a partial sum per chunk), then
+    /// `ddpm_clip_scale` (one block: their sum, its root and the scale).
     pub fn norm_and_clip_scale(grads: &[&Tensor], max_norm: f64) -> Result<(Tensor, Tensor)> {
         let op = "ddpm-clip-multi";
         let Some(u) = upload(op, &[grads])? else {
