@@ -217,9 +217,10 @@ impl TrainJob<'_> {
     /// The loss of one batch: x_t = q_sample(x0, t, eps) at random t, mean (model(x_t, t) - eps)^2.
     fn loss(&self, rng: &mut NoiseRng) -> Result<Tensor> {
         let (b, device) = (self.x0.dim(0)?, self.x0.device());
-        let t = rng.randint(b, 1000, device)?;
+        // the timesteps on the host too: q_sample needs no read back from the device
+        let (ts, t) = rng.timesteps(b, 1000, device)?;
         let eps = rng.randn(self.x0.shape(), DType::F32, device)?;
-        let xt = self.schedule.q_sample(self.x0, &t, &eps)?.to_dtype(self.dtype)?;
+        let xt = self.schedule.q_sample_at(self.x0, &ts, &eps)?.to_dtype(self.dtype)?;
         let pred = self.model.forward_train(&xt, &t, rng)?.to_dtype(DType::F32)?;
         Ok((pred - &eps)?.sqr()?.mean_all()?)
     }

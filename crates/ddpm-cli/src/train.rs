@@ -668,11 +668,12 @@ impl Trainer {
     fn step(&mut self, set: &ImageSet, idx: &[usize], schedule: &NoiseSchedule, args: &TrainArgs, s: &Setup, step: u64, device: &candle_core::Device) -> Result<StepStats> {
         let flips: Vec<bool> = (0..idx.len()).map(|_| args.random_flip && self.rng.uniform() < 0.5).collect();
         let x0 = set.batch(idx, &flips, device)?;
-        let t = self.rng.randint(idx.len(), s.sched_config.num_train_timesteps, device)?;
+        // the timesteps on the host too: their coefficients need no read back from the device
+        let (ts, t) = self.rng.timesteps(idx.len(), s.sched_config.num_train_timesteps, device)?;
         let noise = self.rng.randn(x0.shape(), DType::F32, device)?;
-        let x_t = schedule.q_sample(&x0, &t, &noise)?;
+        let x_t = schedule.q_sample_at(&x0, &ts, &noise)?;
         let pred = self.model.forward_train(&x_t, &t, &mut self.rng)?;
-        let loss = ddpm_core::loss::simple_loss(schedule, s.weighting.loss(args.snr_gamma), &pred, &x0, &noise, &t)?;
+        let loss = ddpm_core::loss::simple_loss_at(schedule, s.weighting.loss(args.snr_gamma), &pred, &x0, &noise, &ts)?;
         let grads = loss.backward()?;
         let lr = match args.lr_schedule {
             LrSchedule::Constant => warmup_lr(s.lr, step + 1, s.warmup),

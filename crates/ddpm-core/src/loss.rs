@@ -143,8 +143,7 @@ pub fn training_loss<P: NoisePredictor + ?Sized>(
         return Err(Error::arg("x0 must have a batch dimension"));
     }
     let n = x0.dim(0)?;
-    let t_host: Vec<usize> = (0..n).map(|_| rng.below(schedule.num_train_timesteps() as u64) as usize).collect();
-    let t = Tensor::from_vec(t_host.iter().map(|&v| v as i64).collect::<Vec<i64>>(), n, x0.device())?;
+    let (t_host, t) = rng.timesteps(n, schedule.num_train_timesteps(), x0.device())?;
     let noise = rng.randn(x0.shape(), x0.dtype(), x0.device())?;
     let x_t = schedule.q_sample_at(x0, &t_host, &noise)?;
     let out = predictor.predict_train(&x_t, &t, rng)?;

@@ -212,7 +212,12 @@ impl AdamW {
     ///   theta = theta (1 - lr wd) - lr (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)
     pub fn step_with(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         let device = self.device();
-        self.step_scaled(&self.present_grads(grads)?, lr, &Tensor::new(&[grad_scale], &candle_core::Device::Cpu)?.to_dtype(scalar_dtype(&device))?.to_device(&device)?)
+        // copied through page-locked memory on CUDA (crate::ops::upload): no wait for the device
+        let scale = match scalar_dtype(&device) {
+            DType::F32 => crate::ops::upload(vec![grad_scale as f32], 1, &device)?,
+            _ => crate::ops::upload(vec![grad_scale], 1, &device)?,
+        };
+        self.step_scaled(&self.present_grads(grads)?, lr, &scale)
     }
 
     /// The variables that have a gradient, in order: each one's index and its gradient, made

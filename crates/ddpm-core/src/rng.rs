@@ -109,10 +109,18 @@ impl NoiseRng {
 
     /// `n` integers drawn uniformly from [0, high), as an i64 tensor on `device` (training timesteps).
     pub fn randint(&mut self, n: usize, high: usize, device: &Device) -> candle_core::Result<Tensor> {
+        Ok(self.timesteps(n, high, device)?.1)
+    }
+
+    /// [`Self::randint`]'s draws both on the host and as the i64 tensor on `device` (the same draws):
+    /// training timesteps whose per-sample coefficients the host looks up without reading the tensor
+    /// back from the device (which would wait for the device's queued work).
+    pub fn timesteps(&mut self, n: usize, high: usize, device: &Device) -> candle_core::Result<(Vec<usize>, Tensor)> {
         if high == 0 {
             return Err(candle_core::Error::Msg("randint needs high > 0".into()));
         }
-        let v: Vec<i64> = (0..n).map(|_| self.below(high as u64) as i64).collect();
-        crate::ops::upload(v, n, device)
+        let host: Vec<usize> = (0..n).map(|_| self.below(high as u64) as usize).collect();
+        let t = crate::ops::upload(host.iter().map(|&v| v as i64).collect::<Vec<i64>>(), n, device)?;
+        Ok((host, t))
     }
 }

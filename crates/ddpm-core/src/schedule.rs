@@ -326,7 +326,8 @@ impl NoiseSchedule {
             .collect::<Result<Vec<f32>>>()?;
         let mut shape = vec![1usize; like.rank()];
         shape[0] = ts.len();
-        Ok(Tensor::from_vec(v, shape, like.device())?.to_dtype(like.dtype())?)
+        // through page-locked memory on CUDA: the copy does not wait for the device's queued work
+        Ok(crate::ops::upload(v, shape, like.device())?.to_dtype(like.dtype())?)
     }
 
     fn check_same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {

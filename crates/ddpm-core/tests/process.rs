@@ -20,6 +20,15 @@ fn rng_is_deterministic_and_resumable() {
     assert!(next_a.iter().all(|&t| (0..1000).contains(&t)));
     let z = NoiseRng::new(43).randn((2, 3), DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
     assert_ne!(x, z);
+    // timesteps(): randint's draws, on the host and as the tensor, leaving the generator where
+    // randint leaves it
+    let (mut d, mut e) = (NoiseRng::from_state(saved), NoiseRng::from_state(saved));
+    let (host, t) = d.timesteps(5, 1000, &Device::Cpu).unwrap();
+    assert_eq!(host.iter().map(|&v| v as i64).collect::<Vec<_>>(), next_a);
+    assert_eq!(t.to_vec1::<i64>().unwrap(), next_a);
+    e.randint(5, 1000, &Device::Cpu).unwrap();
+    assert_eq!(d.state(), e.state());
+    assert!(d.timesteps(2, 0, &Device::Cpu).is_err());
 }
 
 #[test]

@@ -97,9 +97,10 @@ pub fn zeros_f64(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f64>> {
     dev.alloc_zeros::<f64>(len)
 }
 
-/// Host values copied to `dev` (per-sample weights).
+/// Host values copied to `dev` (per-sample weights), through [`upload_pinned`]'s page-locked staging
+/// buffers (the copy does not wait for the device's queued work).
 pub fn upload_f32(dev: &CudaDevice, values: &[f32]) -> Result<CudaSlice<f32>> {
-    dev.cuda_stream().clone_htod(values).w()
+    upload_pinned(dev, values)
 }
 
 /// The storage of a result computed on the device of `like`.
@@ -113,8 +114,8 @@ pub fn tensor(storage: CudaStorage, shape: impl Into<candle_core::Shape>) -> can
     candle_core::Tensor::from_storage(candle_core::Storage::Cuda(storage), shape, candle_core::op::BackpropOp::none(), false)
 }
 
-/// [`upload_pinned`] of `values` as a candle storage on `dev` when their type is f32, i64, u32 or
-/// u8 (`None` for another type: the caller copies those as candle does).
+/// [`upload_pinned`] of `values` as a candle storage on `dev` when their type is f32, f64, i64, u32
+/// or u8 (`None` for another type: the caller copies those as candle does).
 pub fn upload_storage<T: 'static>(dev: &CudaDevice, values: &[T]) -> Result<Option<CudaStorage>> {
     /// `v` as a slice of `U` when `T` is `U` itself (same type, so the same layout).
     fn same<T: 'static, U: 'static>(v: &[T]) -> Option<&[U]> {
@@ -122,6 +123,8 @@ pub fn upload_storage<T: 'static>(dev: &CudaDevice, values: &[T]) -> Result<Opti
         (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()).then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<U>(), v.len()) })
     }
     Ok(if let Some(v) = same::<T, f32>(values) {
+        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
+    } else if let Some(v) = same::<T, f64>(values) {
         Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
     } else if let Some(v) = same::<T, i64>(values) {
         Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))

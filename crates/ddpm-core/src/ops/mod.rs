@@ -53,7 +53,7 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
 }
 
 /// `values` as a tensor of `shape` on `device`: `Tensor::from_vec`, except on CUDA with the project's
-/// kernels ([`cuda_kernels_enabled`]), where f32, i64, u32 and u8 values are copied through
+/// kernels ([`cuda_kernels_enabled`]), where f32, f64, i64, u32 and u8 values are copied through
 /// page-locked staging buffers ([`cuda::upload_pinned`]) so that the copy does not wait for the GPU's
 /// queued work (the training loop uploads each step's batch, noise and timesteps while the previous
 /// step still runs).
