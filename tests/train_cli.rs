@@ -283,6 +283,29 @@ fn bench_reports_the_steps_phases_when_asked() {
 }
 
 #[test]
+fn bench_profiles_the_step_by_kind_of_op_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_unet_config(tmp.path()).display().to_string();
+    let args = ["bench", "--unet-config", cfg.as_str(), "--steps", "2", "--batch-size", "2", "--threads", "1", "--profile"];
+    let line = match parse(&args) {
+        ddpm_cli::Cli::Bench(a) => ddpm_cli::bench::measure(a).unwrap().expect("a figures line"),
+        _ => unreachable!("a bench command"),
+    };
+    let kinds = line["profile_ms"].as_object().unwrap_or_else(|| panic!("no profile: {line}"));
+    let step = line["profile_step_ms"].as_f64().unwrap();
+    // every kind of op that the tiny UNet's training step runs (the bench's loss is candle's, as the
+    // peer's), each a part of the step
+    for k in ["conv forward", "conv backward", "group norm forward", "group norm backward", "attention forward", "attention backward", "optimizer"] {
+        let ms = kinds.get(k).and_then(|v| v.as_f64()).unwrap_or_else(|| panic!("{k} missing: {line}"));
+        assert!(ms > 0.0 && ms < step, "{k}: {ms} ms of a {step} ms step: {line}");
+    }
+    // the kinds and `other` add up to the step (on the CPU the spans are wall-clock time, not nested)
+    let total: f64 = kinds.values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - step).abs() <= 0.01 * step + 0.01, "{total} vs {step}: {line}");
+    assert!(kinds["other"].as_f64().unwrap() >= 0.0, "{line}");
+}
+
+#[test]
 fn a_diverging_run_stops_at_its_first_non_finite_step_and_saves_nothing_after_it() {
     // The losses and gradient norms are read from the device in batches of steps; a learning rate of
     // 1e3 overflows within a few steps, and the run must stop there naming that step, with every

@@ -55,6 +55,11 @@ pub struct BenchArgs {
     /// a whole step against the step's time (medians, in ms, as `phase_*_ms`).
     #[arg(long)]
     pub phases: bool,
+    /// Also time each kind of op over `--steps` more steps (ddpm_core::ops::profile: convolutions,
+    /// group norm, attention, dropout, the loss, the optimizer, the EMA; on CUDA by events on the
+    /// stream): ms per step as `profile_ms`, with `other` for the rest of the step (candle's own ops).
+    #[arg(long)]
+    pub profile: bool,
     /// Only write the UNet config.json (for the PyTorch peer) to this path and exit.
     #[arg(long)]
     pub write_config: Option<std::path::PathBuf>,
@@ -165,6 +170,7 @@ pub fn measure(a: BenchArgs) -> Result<Option<serde_json::Value>> {
     sync(&device)?;
     let train = (a.batch_size * a.steps) as f64 / t0.elapsed().as_secs_f64();
     let phases = if a.phases { Some(job.phases(&mut opt, &mut rng, a.steps, &device)?) } else { None };
+    let profile = if a.profile { Some(job.profile(&mut opt, &mut rng, a.steps, &device)?) } else { None };
     let t = rng.randint(a.batch_size, 1000, &device)?;
     let x0 = x0.to_dtype(dtype)?;
     let infer_once = || -> Result<Tensor> { Ok(model.forward(&x0, &t)?) };
@@ -195,6 +201,16 @@ pub fn measure(a: BenchArgs) -> Result<Option<serde_json::Value>> {
         for (name, ms) in PHASES.iter().zip(p) {
             obj.insert(format!("phase_{name}_ms"), round3(ms).into());
         }
+    }
+    if let (Some((kinds, step_ms)), Some(obj)) = (profile, line.as_object_mut()) {
+        let mut ms = serde_json::Map::new();
+        for (name, v) in &kinds {
+            ms.insert(name.to_string(), round3(*v).into());
+        }
+        // the step's time that no kind claims: candle's own ops (negative only by timing noise)
+        ms.insert("other".into(), round3(step_ms - kinds.iter().map(|(_, v)| v).sum::<f64>()).into());
+        obj.insert("profile_ms".into(), ms.into());
+        obj.insert("profile_step_ms".into(), round3(step_ms).into());
     }
     Ok(Some(line))
 }
@@ -261,6 +277,24 @@ impl TrainJob<'_> {
             runs.push([forward, backward, optimizer, issue, since(t)]);
         }
         Ok(std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect())))
+    }
+}
+
+impl TrainJob<'_> {
+    /// Each kind of op's time per step in ms over `steps` steps ([`ddpm_core::ops::profile`], in order
+    /// of first appearance), and the steps' own time per step (the device synchronised at both ends).
+    fn profile(&self, opt: &mut AdamW, rng: &mut NoiseRng, steps: usize, device: &Device) -> Result<(Vec<(&'static str, f64)>, f64)> {
+        use ddpm_core::ops::profile;
+        sync(device)?;
+        profile::report()?;
+        profile::set_enabled(true);
+        let t = Instant::now();
+        let run = (0..steps).try_for_each(|_| self.step(opt, rng)).and_then(|()| sync(device));
+        let step_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        profile::set_enabled(false);
+        run?;
+        let kinds = profile::report()?.into_iter().map(|(name, ms, _)| (name, ms / steps as f64)).collect();
+        Ok((kinds, step_ms))
     }
 }
 

@@ -186,6 +186,7 @@ impl AdamW {
     /// min(1, max_grad_norm / (n + 1e-6)) are computed on the device and the step reads the scale
     /// there. Returns n as a device scalar (detached; read it whenever convenient).
     pub fn step_clipped(&mut self, grads: &GradStore) -> Result<Tensor> {
+        let _span = crate::ops::profile::span(&self.device(), "optimizer");
         let max = self.params.max_grad_norm.unwrap_or(0.0);
         let present = self.present_grads(grads)?;
         let gs: Vec<&Tensor> = present.iter().map(|(_, g)| g).collect();
@@ -212,6 +213,7 @@ impl AdamW {
     ///   theta = theta (1 - lr wd) - lr (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps)
     pub fn step_with(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         let device = self.device();
+        let _span = crate::ops::profile::span(&device, "optimizer");
         // copied through page-locked memory on CUDA (crate::ops::upload): no wait for the device
         let scale = match scalar_dtype(&device) {
             DType::F32 => crate::ops::upload(vec![grad_scale as f32], 1, &device)?,
@@ -409,6 +411,8 @@ impl Ema {
     /// Moves the average towards the variables: ema = d ema + (1 - d) theta for each of `vars`, with
     /// d = `decay` (see [`ema_decay`] for the warm-up). Every variable must have an average.
     pub fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
+        let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let _span = crate::ops::profile::span(&device, "ema");
         let mut lists: [Vec<&Tensor>; 2] = Default::default();
         for (name, var) in vars {
             let Some(e) = self.weights.get(name) else {

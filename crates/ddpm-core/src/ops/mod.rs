@@ -22,6 +22,7 @@ pub mod metal;
 pub mod mse;
 pub mod multi_tensor;
 pub mod optim;
+pub mod profile;
 
 pub use mse::{weighted_mse, weighted_mse_composed};
 

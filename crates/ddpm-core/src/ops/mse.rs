@@ -118,6 +118,7 @@ impl CustomOp2 for Mse {
     }
 
     fn bwd(&self, p: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = super::profile::span(p.device(), "loss");
         let op = MseBackward(self.clone());
         let dp = p.detach().apply_op3_no_bwd(&y.detach(), &grad.detach(), &op)?;
         Ok((Some(dp), None))
@@ -213,6 +214,7 @@ impl CustomOp3 for MseBackward {
 /// For f32 tensors on the CPU (or CUDA or Metal with the project's kernels, see [`super::cuda_kernels_enabled`] and [`super::metal_kernels_enabled`]) this is one fused op with a fused backward; otherwise it is
 /// [`weighted_mse_composed`].
 pub fn weighted_mse(p: &Tensor, y: &Tensor, weights: Option<&[f32]>) -> Result<Tensor> {
+    let _span = super::profile::span(p.device(), "loss");
     if p.dims() != y.dims() || p.rank() == 0 {
         candle_core::bail!("weighted_mse: prediction {:?} and target {:?} must have the same shape (N, ...)", p.dims(), y.dims());
     }

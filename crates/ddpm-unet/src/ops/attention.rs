@@ -112,6 +112,7 @@ impl CustomOp1 for AttentionOp {
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = ddpm_core::ops::profile::span(qkv.device(), "attention backward");
         let dqkv = qkv.detach().apply_op2_no_bwd(&grad.detach().contiguous()?, &AttentionGrad(*self))?;
         Ok(Some(dqkv))
     }
@@ -179,6 +180,7 @@ impl CustomOp2 for AttentionGrad {
 /// when qkv is differentiated (`ops/attention_node.rs`),
 /// [`attention_composed`] elsewhere; differentiable every way.
 pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let _span = ddpm_core::ops::profile::span(qkv.device(), "attention forward");
     let op = AttentionOp { heads, scale: scale as f32 };
     let dims = op.dims(qkv.shape())?;
     let fused = qkv.device().is_cpu() && qkv.dtype() == DType::F32 && qkv.is_contiguous() && dims.d > 0 && dims.l > 0;

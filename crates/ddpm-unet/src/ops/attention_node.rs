@@ -100,6 +100,7 @@ impl CustomOp1 for AttentionNode {
     }
 
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = ddpm_core::ops::profile::span(qkv.device(), "attention backward");
         let (n, c3, l) = qkv.dims3()?;
         let (c, dtype) = (c3 / 3, qkv.dtype());
         let [q, k, v] = split_heads(&qkv.detach(), self.heads)?;

@@ -295,6 +295,7 @@ impl CustomOp3 for ConvOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = ddpm_core::ops::profile::span(x.device(), "conv backward");
         let (dx, dw, dbias) = gradients(self.0, x, w, bias.shape(), grad)?;
         Ok((Some(dx), Some(dw), Some(dbias)))
     }
@@ -334,6 +335,7 @@ pub fn conv2d_backward_per_image_bias(x: &Tensor, w: &Tensor, dy: &Tensor, strid
 /// The checks of [`conv2d_backward`], then [`gradients`] (CPU) or cuDNN's passes and the bias' sums
 /// (CUDA), with a shared or a per-image bias.
 fn checked_gradients(x: &Tensor, w: &Tensor, dy: &Tensor, stride: usize, pad: usize, per_image: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    let _span = ddpm_core::ops::profile::span(x.device(), "conv backward");
     let w = &super::cast_like(w, x)?;
     let (b, c, h, wd, k, _) = check_conv(x, w, None, stride, pad)?;
     let g = Geometry::new((b, c, h, wd), k, stride, pad);
@@ -538,6 +540,7 @@ pub(crate) fn flip_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 /// elsewhere candle's `conv2d`. All are differentiable in x, w and bias. Weight and bias in another
 /// dtype than x (f32 master weights under mixed precision) are cast to x's ([`super::cast_like`]).
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let _span = ddpm_core::ops::profile::span(x.device(), "conv forward");
     let (w, bias) = params_like(x, w, bias)?;
     let (w, bias) = (&w, bias.as_ref());
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, stride, pad)?;
@@ -573,6 +576,7 @@ pub fn conv2d_columns(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usi
 /// the flops and no upsampled image (`ops/upsample_conv.rs`); elsewhere it upsamples with
 /// [`upsample_nearest2x`] and convolves as [`conv2d`] does there. Differentiable in x, w and bias.
 pub fn upsample2x_conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let _span = ddpm_core::ops::profile::span(x.device(), "conv forward");
     let (w, bias) = params_like(x, w, bias)?;
     let (w, bias) = (&w, bias.as_ref());
     let (b, c, h, wd, k, bias_rows) = check_conv(x, w, bias, 1, 1)?;

@@ -77,6 +77,7 @@ pub(super) fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, plan: Arc<Co
 /// The gradients (dx, dw) of [`conv2d`] with `plan` for the output gradient `dy`, by cuDNN's backward
 /// data and backward filter passes outside candle's graph (no bias: its gradient is a sum of dy).
 pub(super) fn gradients(x: &Tensor, w: &Tensor, dy: &Tensor, plan: &Arc<ConvPlan>) -> Result<(Tensor, Tensor)> {
+    let _span = ddpm_core::ops::profile::span(x.device(), "conv backward");
     let dy = dy.detach().contiguous()?;
     let dx = w.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(plan.clone(), Pass::BackwardData))?;
     let dw = x.detach().contiguous()?.apply_op2_no_bwd(&dy, &Backward(plan.clone(), Pass::BackwardFilter))?;

@@ -58,6 +58,7 @@ pub fn dropout_mask(n: usize, p: f64, seed: u64) -> Vec<f32> {
 /// by the f32 mask made there); elsewhere the mask is made on the host and multiplied in. The same
 /// (seed, shape) gives the same mask on every device.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let _span = ddpm_core::ops::profile::span(x.device(), "dropout");
     if !(0.0..1.0).contains(&p) {
         candle_core::bail!("dropout: p = {p} must be in [0, 1)");
     }
@@ -120,6 +121,7 @@ impl CustomOp1 for Dropout {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = ddpm_core::ops::profile::span(grad.device(), "dropout");
         Ok(Some(grad.contiguous()?.apply_op1(Dropout(self.0))?))
     }
 }

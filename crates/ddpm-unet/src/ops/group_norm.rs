@@ -598,6 +598,7 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    let _span = ddpm_core::ops::profile::span(x.device(), "group norm forward");
     let (gamma, beta) = (&super::cast_like(gamma, x)?, &super::cast_like(beta, x)?);
     if let Some(op) = fused_op(x, num_groups, gamma, beta, (eps, silu), &[])? {
         return x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op);
@@ -626,6 +627,7 @@ pub fn group_norm(
 /// x and dout there run it in f32 between casts, as [`group_norm`] does (gamma and beta rounded to
 /// x's dtype first, as there), with dx in x's dtype and dgamma, dbeta in f32.
 pub fn group_norm_backward(x: &Tensor, num_groups: usize, gamma: &Tensor, beta: &Tensor, eps: f64, silu: bool, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let _span = ddpm_core::ops::profile::span(x.device(), "group norm backward");
     let half = matches!(x.dtype(), DType::BF16 | DType::F16) && dout.dtype() == x.dtype();
     if half && super::fused_device(x.device()) && x.elem_count() > 0 {
         let f = |t: &Tensor| t.to_dtype(DType::F32);

@@ -96,6 +96,8 @@ impl CustomOp1 for SoftmaxRows {
 /// `p` for the incoming gradient `dp`, outside candle's graph: one fused op where
 /// [`softmax_last_dim`] runs one (f32, p and dp of one shape), else composed from candle's ops.
 pub(crate) fn softmax_last_dim_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    // attention's, where candle's graph runs attention op by op (inside attention's own span otherwise)
+    let _span = ddpm_core::ops::profile::span(p.device(), "attention backward");
     let (p, dp) = (p.detach(), dp.detach());
     let fused = p.dtype() == DType::F32 && dp.dtype() == DType::F32 && super::fused_device(p.device()) && p.rank() > 0 && p.elem_count() > 0 && p.shape() == dp.shape();
     if !fused {
