@@ -160,6 +160,8 @@ for case in $CASES; do
     config "$case"
     # the time of each kind of op per step (--profile: events around each op on the stream)
     bench "ours tf32 profile" "$preset" env DDPM_CUDA_KERNELS=1 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}" --tf32 --profile
+    # PyTorch's, in the same kinds (torch.profiler: its kernels' time by the op that launched them)
+    bench "pytorch f32 profile" "$preset" "${peer[@]}" --profile
     # our convolutions without cuDNN (the column kernels, DDPM_CUDNN=0)
     bench "ours f32 no cudnn" "$preset" env DDPM_CUDNN=0 "$BIN/ddpm" bench --unet-config "$cfg" "${common[@]}"
     # cudarc's per-buffer CUDA events kept on (DDPM_CUDA_EVENTS=1): the host work they cost
@@ -197,7 +199,7 @@ flops = {}
 for l in open(sys.argv[2]):
     if l.strip():
         f = json.loads(l); flops[f["config"].rsplit("/", 1)[-1][:-5]] = f
-peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "ours tf32 no block node": 495e12, "ours tf32 cuda events": 495e12, "ours tf32 nondeterministic": 495e12, "ours tf32 per-tensor optimizer": 495e12, "ours tf32 profile": 495e12, "pytorch f32": 495e12,
+peak = {"ours f32": 67e12, "ours f32 candle ops": 67e12, "ours f32 no cudnn": 67e12, "ours tf32": 495e12, "ours tf32 cudnn benchmark": 495e12, "ours tf32 no block node": 495e12, "ours tf32 cuda events": 495e12, "ours tf32 nondeterministic": 495e12, "ours tf32 per-tensor optimizer": 495e12, "ours tf32 profile": 495e12, "pytorch f32 profile": 495e12, "pytorch f32": 495e12,
         "ours bf16": 989e12, "pytorch bf16": 989e12, "pytorch bf16 compile": 989e12}
 out = []
 for preset in dict.fromkeys(r["preset"] for r in rows):
@@ -214,8 +216,8 @@ for preset in dict.fromkeys(r["preset"] for r in rows):
             m["fraction_of_peak"] = round(m["train_img_per_s"] * flops[preset]["train_flops_per_image"] / peak[label], 5)
         med[label] = m
     ratio = lambda a, b, k: round(med[a][k] / med[b][k], 3) if med.get(a) and med.get(b) and med[b].get(k) else None
-    # where our step's time goes (the profile row's ms per kind of op)
-    profile = next((r.get("profile_ms") for r in rows if r["preset"] == preset and r["label"] == "ours tf32 profile"), None)
+    # where each step's time goes (the profile rows' ms per kind of op)
+    profile = {r["label"]: r.get("profile_ms") for r in rows if r["preset"] == preset and r["label"].endswith(" profile")}
     out.append({"preset": preset, "medians": med, "profile_ms": profile, "ratios": {
         f"{a} / {b}": {k: ratio(a, b, k) for k in ["train_img_per_s", "infer_img_per_s", "gpu_mem_peak_mib", "alloc_peak_mib", "phase_forward_ms", "phase_backward_ms", "phase_optimizer_ms"]}
         for a, b in [("ours f32", "pytorch f32"), ("ours tf32", "pytorch f32"), ("ours bf16", "pytorch bf16"), ("ours bf16", "pytorch bf16 compile"), ("ours f32 no cudnn", "pytorch f32"), ("ours tf32 cudnn benchmark", "pytorch f32"), ("ours tf32 no block node", "pytorch f32"), ("ours tf32 cuda events", "pytorch f32"), ("ours tf32 nondeterministic", "pytorch f32"), ("ours tf32 per-tensor optimizer", "pytorch f32"), ("ours f32 candle ops", "pytorch f32")]}})
