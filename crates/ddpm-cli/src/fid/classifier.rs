@@ -197,8 +197,8 @@ impl Classifier {
 }
 
 /// Trains the classifier's weights on `train`: seeded initial weights (PyTorch's default
-/// U(-1/sqrt(fan_in), 1/sqrt(fan_in))), [`EPOCHS`] passes in seeded orders of batches of [`BATCH`],
-/// cross-entropy, Adam at [`LR`].
+/// U(-1/sqrt(fan_in), 1/sqrt(fan_in))), `EPOCHS` passes in seeded orders of batches of `BATCH`,
+/// cross-entropy, Adam at `LR`.
 pub fn train_weights(train: &ImageSet, device: &Device) -> Result<HashMap<String, Tensor>> {
     let k = num_classes(&train.labels);
     let varmap = VarMap::new();

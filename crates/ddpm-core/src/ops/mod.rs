@@ -55,7 +55,7 @@ pub fn cuda_device(ordinal: usize) -> Result<Device> {
 
 /// `values` as a tensor of `shape` on `device`: `Tensor::from_vec`, except on CUDA with the project's
 /// kernels ([`cuda_kernels_enabled`]), where f32, f64, i64, u32 and u8 values are copied through
-/// page-locked staging buffers ([`cuda::upload_pinned`]) so that the copy does not wait for the GPU's
+/// page-locked staging buffers (`cuda::upload_pinned`) so that the copy does not wait for the GPU's
 /// queued work (the training loop uploads each step's batch, noise and timesteps while the previous
 /// step still runs).
 pub fn upload<T: candle_core::WithDType + 'static, S: Into<candle_core::Shape>>(values: Vec<T>, shape: S, device: &Device) -> Result<candle_core::Tensor> {

@@ -6,8 +6,9 @@
 //! sum, cast, and its share of the stack): about 8 launches per tensor, a couple of thousand per
 //! training step, each with its host-side cost, where the step of a small model is itself a few
 //! milliseconds of GPU work. Here a table of the tensors' device addresses and lengths is uploaded
-//! once per call ([`super::cuda::upload_pinned`], so the copy does not wait for the device), and each
-//! block of one launch updates one chunk of [`CHUNK_LEN`] elements of one tensor ([`chunks`]). The
+//! once per call (`ops::cuda::upload_pinned`, with the `cuda` feature, so the copy does not wait for
+//! the device), and each block of one launch updates one chunk of [`CHUNK_LEN`] elements of one
+//! tensor ([`chunks`]). The
 //! arithmetic per element is that of the per-tensor kernels, so the results are the same; the
 //! gradient norm sums in f64 in a fixed order (deterministic).
 //!

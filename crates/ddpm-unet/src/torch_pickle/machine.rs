@@ -7,7 +7,7 @@
 //! later, by the caller, from the zip entries, after every size has been checked.
 //!
 //! Bounds, all checked before anything is allocated (P is the pickle's size in bytes):
-//! - every opcode pushes or stores at most one value, and [`Machine::push`] and the memo count
+//! - every opcode pushes or stores at most one value, and `Machine::push` and the memo count
 //!   them: at most P values in all, on the stack, in the memo and in containers. A value is 24
 //!   bytes; the stack holds at most P of them, with at most twice that capacity, so the largest
 //!   single allocation is at most 48 P. A new container adds a header of about 56 bytes, a string
