@@ -278,9 +278,7 @@ impl TrainJob<'_> {
         }
         Ok(std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect())))
     }
-}
 
-impl TrainJob<'_> {
     /// Each kind of op's time per step in ms over `steps` steps ([`ddpm_core::ops::profile`], in order
     /// of first appearance), and the steps' own time per step (the device synchronised at both ends).
     fn profile(&self, opt: &mut AdamW, rng: &mut NoiseRng, steps: usize, device: &Device) -> Result<(Vec<(&'static str, f64)>, f64)> {

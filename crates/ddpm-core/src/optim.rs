@@ -7,9 +7,10 @@
 //! [`AdamW::state`] and [`AdamW::load_state`] save and restore the moments and the step count for an
 //! exact resume. On contiguous f32 tensors (CPU, and CUDA or Metal when their kernels are enabled) each
 //! update is one in-place pass ([`crate::ops::optim`]), and on CUDA one launch updates every variable
-//! ([`crate::ops::multi_tensor`]); elsewhere it is composed of candle's ops, with the same formulas. [`AdamW::step_clipped`] computes the gradient norm and the clipping scale on the
-//! device and returns the norm as a device scalar, so a training loop on a GPU need not wait for the
-//! device at every step (`ddpm train` reads its losses and norms every 16 steps).
+//! ([`crate::ops::multi_tensor`]); elsewhere it is composed of candle's ops, with the same formulas.
+//! [`AdamW::step_clipped`] computes the gradient norm and the clipping scale on the device and
+//! returns the norm as a device scalar, so a training loop on a GPU need not wait for the device at
+//! every step (`ddpm train` reads its losses and norms every 16 steps).
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};

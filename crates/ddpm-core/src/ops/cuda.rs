@@ -122,19 +122,16 @@ pub fn upload_storage<T: 'static>(dev: &CudaDevice, values: &[T]) -> Result<Opti
         // SAFETY: T and U are one type (equal TypeIds)
         (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()).then(|| unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<U>(), v.len()) })
     }
-    Ok(if let Some(v) = same::<T, f32>(values) {
-        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
-    } else if let Some(v) = same::<T, f64>(values) {
-        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
-    } else if let Some(v) = same::<T, i64>(values) {
-        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
-    } else if let Some(v) = same::<T, u32>(values) {
-        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
-    } else if let Some(v) = same::<T, u8>(values) {
-        Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone()))
-    } else {
-        None
-    })
+    // the first of these types that T is
+    macro_rules! upload_as {
+        ($($u:ty),*) => {$(
+            if let Some(v) = same::<T, $u>(values) {
+                return Ok(Some(CudaStorage::wrap_cuda_slice(upload_pinned(dev, v)?, dev.clone())));
+            }
+        )*};
+    }
+    upload_as!(f32, f64, i64, u32, u8);
+    Ok(None)
 }
 
 /// Which staging ring: the device, the element type and the number of elements.

@@ -8,9 +8,8 @@
 //! milliseconds of GPU work. Here a table of the tensors' device addresses and lengths is uploaded
 //! once per call (`ops::cuda::upload_pinned`, with the `cuda` feature, so the copy does not wait for
 //! the device), and each block of one launch updates one chunk of [`CHUNK_LEN`] elements of one
-//! tensor ([`chunks`]). The
-//! arithmetic per element is that of the per-tensor kernels, so the results are the same; the
-//! gradient norm sums in f64 in a fixed order (deterministic).
+//! tensor ([`chunks`]). The arithmetic per element is that of the per-tensor kernels, so the results
+//! are the same; the gradient norm sums in f64 in a fixed order (deterministic).
 //!
 //! [`available`] says whether a set of tensors qualifies: contiguous f32 tensors on one CUDA device with
 //! the project's kernels ([`super::cuda_kernels_enabled`]), unless `DDPM_MULTI_TENSOR=0` is set. Other
@@ -205,9 +204,8 @@ mod imp {
             return Ok((Tensor::zeros((), candle_core::DType::F64, &dev)?, Tensor::ones(1, candle_core::DType::F32, &dev)?));
         };
         // SAFETY: each of the `chunks` blocks writes its own partial sum before the second kernel reads them
-        let partials = unsafe { u.dev.alloc::<f64>(u.chunks as usize) }?;
+        let mut partials = unsafe { u.dev.alloc::<f64>(u.chunks as usize) }?;
         let chunk_len = CHUNK_LEN as u64;
-        let mut partials = partials;
         launch!(&u.dev, "ddpm_sum_squares_multi", cuda::per_block(u.chunks as usize); &u.table, &u.tensors, &u.chunks, &chunk_len, &mut partials);
         // SAFETY: the one block of the second kernel writes both values
         let (mut norm, mut scale) = unsafe { (u.dev.alloc::<f64>(1)?, u.dev.alloc::<f32>(1)?) };
